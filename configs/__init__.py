@@ -1,0 +1,1 @@
+"""Built-in TOML recipes (installed as fastmim.recipes); see README "Configuration"."""

@@ -1,0 +1,329 @@
+"""Typed run configuration: dataclasses, TOML recipes, ``--section.key=value`` overrides, validation, dump.
+
+Precedence is CLI override > TOML recipe > dataclass default. Every field's docstring (the string literal placed
+right after it) is its documentation: ``fastmim config --help-keys`` prints them and the README reference table is
+generated from the same text. Unknown sections/keys and wrong types are :class:`FastmimError` with a close-match
+suggestion, so a typo never silently trains with a default.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.resources
+import inspect
+import itertools
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from fastmim.errors import FastmimError
+
+# `fastmim pretrain` with no --config trains this built-in recipe (configs/tiny_cpu.toml).
+DEFAULT_RECIPE = "tiny_cpu"
+
+
+def _recipe_dir() -> Path:
+    """configs/ is installed as the package fastmim.recipes (see pyproject.toml), also in editable installs."""
+    return Path(str(importlib.resources.files("fastmim.recipes")))
+
+
+def list_recipes() -> list[str]:
+    """Names of the built-in TOML recipes (configs/*.toml)."""
+    return sorted(p.stem for p in _recipe_dir().glob("*.toml"))
+
+
+@dataclass
+class ModelConfig:
+    name: str = "localmim_vit_base_patch16"
+    """Registered model name (`fastmim list-models`), e.g. localmim_vit_base_patch16 or mae_vit_base_patch16."""
+    impl: str = "reference"
+    """"reference" (plain PyTorch, the specification) or "fast" (Triton kernels where available)."""
+    img_size: int = 0
+    """Input resolution in pixels (0 = 224); every target cell size (patch / scale) must divide it."""
+    mask_ratio: float = 0.75
+    """Fraction of patches removed per image, in [0, 1)."""
+    target: str = ""
+    """"hog" or "pixel"; empty = the model's default (HOG for LocalMIM, normalised pixels for MAE)."""
+    nbins: int = 0
+    """HOG orientation bins; 0 = the model's default (9 for ViT-S/B, 18 for ViT-L)."""
+    hog_bias: str = "default"
+    """"default", "on" or "off": the frozen random Sobel bias per scale (SPEC 3.3); default = on for ViT-L."""
+    decoder_dim: int = 0
+    """Decoder width; 0 = the model's default (256 for LocalMIM, 512 for MAE)."""
+
+
+@dataclass
+class DataConfig:
+    source: str = "demo"
+    """"demo" (built-in images, no download), "folder" (an ImageFolder tree at data.path) or "synthetic"."""
+    path: str = ""
+    """Root directory of the images for source "folder"."""
+    num_workers: int = 0
+    """DataLoader worker processes (0 = load in the main process)."""
+    num_images: int = 512
+    """Number of images in the demo and synthetic datasets."""
+    min_scale: float = 0.2
+    """Lower bound of RandomResizedCrop's area scale (SPEC 5: 0.2)."""
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    """Images per optimizer micro-step on each process."""
+    accum_steps: int = 1
+    """Micro-batches accumulated per optimizer step (effective batch = batch_size * accum_steps * world size)."""
+    steps: int = 0
+    """Stop after this many optimizer steps (overrides epochs when > 0)."""
+    epochs: int = 1
+    """Training length in epochs (used when train.steps is 0); also the cosine schedule's length."""
+    warmup_epochs: float = 0.0
+    """Linear learning-rate warm-up length in epochs (fractions allowed); see warmup_steps."""
+    warmup_steps: int = -1
+    """Warm-up length in optimizer steps; -1 = derive it from warmup_epochs."""
+    blr: float = 2e-4
+    """Base learning rate; the actual lr is blr * effective_batch / 256 (SPEC 5)."""
+    lr: float = 0.0
+    """Absolute peak learning rate; 0 = derive it from blr."""
+    min_lr: float = 1e-6
+    """Floor of the half-cycle cosine schedule."""
+    weight_decay: float = 0.05
+    """AdamW weight decay, applied to every trainable tensor except 1-D ones and biases (SPEC 5)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    clip_grad: float = 0.0
+    """Clip the global gradient norm to this value; 0 = no clipping (the published recipes)."""
+    precision: str = "auto"
+    """"bf16" (autocast), "fp16" (autocast + GradScaler), "fp32", or "auto" (bf16 on CUDA, fp32 on CPU)."""
+    device: str = "auto"
+    """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
+    seed: int = 0
+    """Seed for initialisation, data order, augmentation and masks."""
+    out_dir: str = "runs/tiny_cpu"
+    """Run directory: config.toml, metrics.jsonl, checkpoints and the loss plot go here."""
+    log_every: int = 10
+    """Log metrics (and synchronise with the device) every this many optimizer steps."""
+    save_every: int = 0
+    """Save a checkpoint every this many optimizer steps (0 = only at the end)."""
+    resume: str = ""
+    """A checkpoint path to continue from, "auto" (newest checkpoint in out_dir, if any) or empty."""
+    dist: str = "none"
+    """Distributed execution: "none" (later "ddp" or "deepspeed")."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0-3); used only with train.dist = "deepspeed"."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_CHOICES = {
+    ("model", "impl"): ("reference", "fast"),
+    ("model", "target"): ("", "hog", "pixel"),
+    ("model", "hog_bias"): ("default", "on", "off"),
+    ("data", "source"): ("demo", "folder", "synthetic"),
+    ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),
+    ("train", "device"): ("auto", "cpu", "cuda"),
+    ("train", "dist"): ("none",),
+}
+
+
+def _section_types(name: str) -> dict[str, type]:
+    cls = type(getattr(Config(), name))
+    return get_type_hints(cls)
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Map each field of a config dataclass to the docstring written under it in this module."""
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body
+    docs = {}
+    for prev, node in itertools.pairwise(body):
+        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            docs[prev.target.id] = node.value.value
+    return docs
+
+
+def _suggest(word: str, options) -> str:
+    close = difflib.get_close_matches(word, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (valid: {', '.join(sorted(options))})"
+
+
+def _coerce(section: str, key: str, value: Any, typ: type, where: str, from_cli: bool) -> Any:
+    """Check/convert one value to the field's type; TOML values must be typed, CLI values arrive as strings."""
+    if from_cli and typ is not str:
+        text = value.strip()
+        try:
+            if typ is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return text.lower() in ("true", "1")
+            return typ(text)
+        except ValueError:
+            raise FastmimError(
+                f"{where}: {section}.{key} must be {typ.__name__}, got '{value}'; write e.g. "
+                f"--{section}.{key}={_example(typ)}"
+            ) from None
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, typ) or (typ is int and isinstance(value, bool)):
+        raise FastmimError(
+            f"{where}: {section}.{key} must be {typ.__name__}, got {type(value).__name__} {value!r}; "
+            f"write e.g. {section}.{key} = {_example(typ)}"
+        )
+    return value
+
+
+def _example(typ: type) -> str:
+    return {int: "8", float: "0.5", bool: "true", str: '"text"'}[typ]
+
+
+def apply_mapping(cfg: Config, mapping: dict[str, Any], where: str) -> None:
+    """Apply a nested {section: {key: value}} mapping (from TOML) to cfg, checking names and types."""
+    for section, values in mapping.items():
+        if section not in SECTIONS:
+            raise FastmimError(f"{where}: unknown config section '{section}'{_suggest(section, SECTIONS)}.")
+        if not isinstance(values, dict):
+            raise FastmimError(f"{where}: '{section}' must be a table like [{section}].")
+        for key, value in values.items():
+            set_value(cfg, section, key, value, where, from_cli=False)
+
+
+def set_value(cfg: Config, section: str, key: str, value: Any, where: str, from_cli: bool) -> None:
+    types = _section_types(section)
+    if key not in types:
+        raise FastmimError(f"{where}: unknown config key '{section}.{key}'{_suggest(key, types)}.")
+    setattr(getattr(cfg, section), key, _coerce(section, key, value, types[key], where, from_cli))
+
+
+def parse_overrides(cfg: Config, args: list[str]) -> None:
+    """Apply ``--section.key=value`` arguments (also ``--section.key value``) to cfg."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise FastmimError(f"unexpected argument '{arg}'; config overrides look like --train.steps=100.")
+        name, sep, value = arg[2:].partition("=")
+        if not sep:
+            if i + 1 >= len(args):
+                raise FastmimError(f"override --{name} has no value; write --{name}=VALUE.")
+            value, i = args[i + 1], i + 1
+        section, _, key = name.partition(".")
+        if section not in SECTIONS:
+            raise FastmimError(f"unknown config section '{section}' in --{name}{_suggest(section, SECTIONS)}.")
+        set_value(cfg, section, key, value, "command line", from_cli=True)
+        i += 1
+
+
+def resolve_recipe(path_or_name: str) -> Path:
+    """A recipe argument is a TOML path, or the name of a built-in recipe (configs/<name>.toml)."""
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    builtin = _recipe_dir() / f"{path_or_name.removesuffix('.toml')}.toml"
+    if builtin.is_file():
+        return builtin
+    hint = _suggest(path.stem, list_recipes())
+    raise FastmimError(f"config file '{path_or_name}' not found; give a TOML path or a built-in recipe{hint}.")
+
+
+def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Build the resolved config: defaults, then the recipe (default: the tiny CPU recipe), then overrides."""
+    cfg = Config()
+    path = resolve_recipe(recipe or DEFAULT_RECIPE)
+    try:
+        mapping = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise FastmimError(f"{path}: not valid TOML ({e}); fix the file's syntax.") from None
+    apply_mapping(cfg, mapping, str(path))
+    parse_overrides(cfg, overrides or [])
+    validate(cfg)
+    return cfg
+
+
+def config_from_toml(text: str, where: str = "checkpoint") -> Config:
+    """Rebuild a Config from the TOML text saved with a run or checkpoint."""
+    cfg = Config()
+    apply_mapping(cfg, tomllib.loads(text), where)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Range and combination checks; every message names the key and a valid value."""
+    for (section, key), choices in _CHOICES.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in choices:
+            raise FastmimError(f"{section}.{key} = '{value}' is not one of {', '.join(repr(c) for c in choices)}.")
+    m, d, t = cfg.model, cfg.data, cfg.train
+    checks = [
+        (0.0 <= m.mask_ratio < 1.0, "model.mask_ratio must be in [0, 1), e.g. 0.75"),
+        (m.img_size >= 0, "model.img_size must be positive (or 0 = 224)"),
+        (m.nbins >= 0, "model.nbins must be >= 0 (0 = the model's default)"),
+        (m.decoder_dim >= 0, "model.decoder_dim must be >= 0 (0 = the model's default)"),
+        (d.num_workers >= 0, "data.num_workers must be >= 0"),
+        (d.num_images > 0, "data.num_images must be positive"),
+        (0.0 < d.min_scale <= 1.0, "data.min_scale must be in (0, 1], e.g. 0.2"),
+        (t.batch_size > 0, "train.batch_size must be positive"),
+        (t.accum_steps > 0, "train.accum_steps must be positive"),
+        (t.steps >= 0, "train.steps must be >= 0 (0 = use train.epochs)"),
+        (t.epochs > 0 or t.steps > 0, "train.epochs must be positive when train.steps is 0"),
+        (t.warmup_epochs >= 0 and t.warmup_steps >= -1, "warm-up lengths must be >= 0"),
+        (t.blr > 0 or t.lr > 0, "train.blr (or train.lr) must be positive"),
+        (t.lr >= 0 and t.min_lr >= 0, "train.lr and train.min_lr must be >= 0"),
+        (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
+        (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)"),
+        (t.clip_grad >= 0, "train.clip_grad must be >= 0 (0 = off)"),
+        (t.log_every > 0, "train.log_every must be positive"),
+        (t.save_every >= 0, "train.save_every must be >= 0 (0 = save at the end only)"),
+        (0 <= t.zero_stage <= 3, "train.zero_stage must be 0, 1, 2 or 3"),
+        (t.zero_stage == 0 or t.dist == "deepspeed", "train.zero_stage needs train.dist = 'deepspeed'"),
+        (bool(t.out_dir), "train.out_dir must not be empty"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise FastmimError(message + ".")
+
+
+def to_dict(cfg: Config) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(cfg)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def dump_toml(cfg: Config) -> str:
+    """The resolved config as TOML text (round-trips through load/config_from_toml)."""
+    lines = []
+    for section, values in to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def reference_markdown() -> str:
+    """The configuration reference table (README and `fastmim config --keys`)."""
+    rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    defaults = to_dict(Config())
+    for section in SECTIONS:
+        cls = type(getattr(Config(), section))
+        docs, types = field_docs(cls), get_type_hints(cls)
+        for key, doc in docs.items():
+            default = _toml_value(defaults[section][key])
+            rows.append(f"| `{section}.{key}` | {types[key].__name__} | `{default}` | {doc} |")
+    return "\n".join(rows)
