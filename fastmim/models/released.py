@@ -1,0 +1,185 @@
+"""Import and export of the authors' released LocalMIM and MAE checkpoints (SPEC section 9).
+
+One table of name templates per family drives both directions, so import and export cannot drift apart. The
+released HOG layers (``hog_enc.{k}.conv``) hold the fixed Sobel kernels, checked on import and written back on export,
+and (ViT-L) the frozen per-scale bias, which becomes the target's ``bias`` buffer [4, 2].
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fastmim.errors import FastmimError
+from fastmim.models.registry import create_model, name_is_localmim
+from fastmim.targets.hog import SOBEL_WEIGHT
+
+_COMMON = [
+    ("patch_embed.proj.{p}", "encoder.patch_embed.proj.{p}"),
+    ("cls_token", "encoder.cls_token"),
+    ("pos_embed", "encoder.pos_embed"),
+    ("blocks.{i}.{r}", "encoder.blocks.{i}.{r}"),
+]
+# (released, fastmim). In the released heads `pred` is a Sequential: s = 4: 0 ConvT, 1 LN2d, 2 GELU, 3 ConvT,
+# 4 1x1 conv; s = 2: 0 ConvT, 1 conv; s = 1: 0 conv; s = 1/2: 0 AvgPool, 1 conv.
+_LOCALMIM = _COMMON + [
+    ("norm.{k}.{p}", "tap_norms.{k}.{p}"),
+    ("decoder.{k}.embed.{p}", "decoders.{k}.embed.{p}"),
+    ("decoder.{k}.mask_token", "decoders.{k}.mask_token"),
+    ("decoder.{k}.pos_embed", "decoders.{k}.pos_embed"),
+    ("decoder.{k}.blocks.{i}.{r}", "decoders.{k}.blocks.{i}.{r}"),
+    ("decoder.{k}.norm.{p}", "decoders.{k}.norm.{p}"),
+    ("decoder.0.pred.0.{p}", "decoders.0.head.up1.{p}"),
+    ("decoder.0.pred.1.{p}", "decoders.0.head.norm.{p}"),
+    ("decoder.0.pred.3.{p}", "decoders.0.head.up2.{p}"),
+    ("decoder.0.pred.4.{p}", "decoders.0.head.proj.{p}"),
+    ("decoder.1.pred.0.{p}", "decoders.1.head.up1.{p}"),
+    ("decoder.1.pred.1.{p}", "decoders.1.head.proj.{p}"),
+    ("decoder.2.pred.0.{p}", "decoders.2.head.proj.{p}"),
+    ("decoder.3.pred.1.{p}", "decoders.3.head.proj.{p}"),
+]
+_MAE = _COMMON + [
+    ("norm.{p}", "norm.{p}"),
+    ("decoder_embed.{p}", "decoder.embed.{p}"),
+    ("mask_token", "decoder.mask_token"),
+    ("decoder_pos_embed", "decoder.pos_embed"),
+    ("decoder_blocks.{i}.{r}", "decoder.blocks.{i}.{r}"),
+    ("decoder_norm.{p}", "decoder.norm.{p}"),
+    ("decoder_pred.{p}", "pred.{p}"),
+]
+_FIELDS = {"p": r"(weight|bias)", "i": r"\d+", "k": r"[0-3]", "r": r"[a-z0-9_.]+"}
+_HOG = re.compile(r"hog_enc\.([0-3])\.conv\.(weight|bias)")
+
+
+def _compile(template: str) -> re.Pattern[str]:
+    pattern = re.escape(template)
+    for name, regex in _FIELDS.items():
+        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{regex})")
+    return re.compile(pattern)
+
+
+def _rules(name: str, to_fastmim: bool) -> list[tuple[re.Pattern[str], str]]:
+    table = _LOCALMIM if name_is_localmim(name) else _MAE
+    return [(_compile(src if to_fastmim else dst), dst if to_fastmim else src) for src, dst in table]
+
+
+def _translate(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
+    for pattern, template in rules:
+        match = pattern.fullmatch(key)
+        if match:
+            return template.format(**match.groupdict())
+    return None
+
+
+def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
+    """Accept a bare state dict or a checkpoint dict with a "model" entry; strip a DDP "module." prefix."""
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise FastmimError("this is not a state dict or a released checkpoint (a dict with a 'model' entry).")
+    return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def convert_released_state_dict(state_dict: dict[str, Tensor], name: str) -> dict[str, Tensor]:
+    """Translate a released LocalMIM / MAE state dict (SPEC 9 names) to fastmim names for model ``name``.
+
+    Every key is mapped or checked: the Sobel weights must be the fixed kernels, per-scale HOG biases are stacked
+    into ``target.bias`` [4, 2]. Unknown keys are refused.
+    """
+    state_dict = unwrap_state_dict(state_dict)
+    rules, out, biases = _rules(name, to_fastmim=True), {}, {}
+    for key, value in state_dict.items():
+        hog = _HOG.fullmatch(key) if name_is_localmim(name) else None
+        if hog and hog.group(2) == "weight":
+            # values can only be checked on real tensors (the translation also runs on the meta device)
+            if value.shape != SOBEL_WEIGHT.shape or (
+                not value.is_meta and not torch.equal(value.float().cpu(), SOBEL_WEIGHT)
+            ):
+                raise FastmimError(
+                    f"{key} is not the fixed Sobel kernel of SPEC 3.1; this checkpoint is not LocalMIM's."
+                )
+            continue
+        if hog:
+            biases[int(hog.group(1))] = value
+            continue
+        new = _translate(key, rules)
+        if new is None:
+            raise FastmimError(f"unexpected key '{key}' for {name}: this is not a released {name} checkpoint.")
+        out[new] = value
+    if biases:
+        if sorted(biases) != [0, 1, 2, 3]:
+            raise FastmimError(f"the checkpoint has HOG biases for scales {sorted(biases)}, expected all of 0-3.")
+        out["target.bias"] = torch.stack([biases[k].reshape(2) for k in range(4)])
+    return out
+
+
+def export_released_state_dict(state_dict: dict[str, Tensor], name: str) -> dict[str, Tensor]:
+    """The reverse of :func:`convert_released_state_dict`: fastmim names -> released names (with Sobel weights)."""
+    rules, out = _rules(name, to_fastmim=False), {}
+    for key, value in state_dict.items():
+        if key == "target.bias":
+            out.update({f"hog_enc.{k}.conv.bias": value[k].clone() for k in range(4)})
+            continue
+        new = _translate(key, rules)
+        if new is None:
+            raise FastmimError(f"'{key}' has no released counterpart for {name}.")
+        out[new] = value
+    if name_is_localmim(name) and _has_hog(state_dict):
+        out.update({f"hog_enc.{k}.conv.weight": SOBEL_WEIGHT.clone() for k in range(4)})
+    return out
+
+
+def _has_hog(fastmim_sd: dict[str, Tensor]) -> bool:
+    """A LocalMIM state dict predicts HOG unless its s = 1 head emits p * p * 3 pixel values."""
+    patch = fastmim_sd["encoder.patch_embed.proj.weight"].shape[-1]
+    return fastmim_sd["decoders.2.head.proj.weight"].shape[0] != 3 * patch * patch
+
+
+def _infer_overrides(sd: dict[str, Tensor], name: str) -> dict[str, Any]:
+    """Constructor overrides that the released shapes imply (image size, decoder width, bins, bias, target)."""
+    patch = sd["encoder.patch_embed.proj.weight"].shape[-1]
+    grid = round((sd["encoder.pos_embed"].shape[1] - 1) ** 0.5)
+    kw: dict[str, Any] = {"img_size": grid * patch}
+    if name_is_localmim(name):
+        kw["decoder_dim"] = sd["decoders.0.embed.weight"].shape[0]
+        if _has_hog(sd):
+            kw.update(target="hog", nbins=sd["decoders.0.head.proj.weight"].shape[0] // 3, hog_bias="target.bias" in sd)
+        else:
+            kw["target"] = "pixel"
+    else:
+        kw["decoder_dim"] = sd["decoder.embed.weight"].shape[0]
+        kw["decoder_depth"] = len({k.split(".")[2] for k in sd if k.startswith("decoder.blocks.")})
+    return kw
+
+
+def import_released(state_dict: dict[str, Tensor], name: str, impl: str = "reference", **overrides: Any) -> nn.Module:
+    """Build model ``name`` from a released state dict; it computes the authors' loss and gradients.
+
+    Image size, decoder width, HOG bins and bias are read off the tensors; ``overrides`` set what shapes cannot
+    tell (head counts) or a non-registered size.
+    """
+    converted = convert_released_state_dict(state_dict, name)
+    try:
+        model = create_model(name, impl=impl, **{**_infer_overrides(converted, name), **overrides})
+    except KeyError as e:
+        raise FastmimError(f"the checkpoint lacks {e} : it is not a released {name} checkpoint.") from None
+    load_checked(model, converted, name)
+    return model
+
+
+def load_checked(model: nn.Module, state_dict: dict[str, Tensor], name: str) -> None:
+    """load_state_dict(strict) with one clear sentence on missing, unexpected or mis-shaped tensors."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or wrong:
+        detail = (
+            f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+            else f"{wrong[0]} has shape {list(state_dict[wrong[0]].shape)}, {name} needs {list(own[wrong[0]].shape)}"
+        )  # fmt: skip
+        raise FastmimError(f"the weights do not fit {name} ({detail}); pick the model the checkpoint was made for.")
+    model.load_state_dict(state_dict, strict=True)
