@@ -1,0 +1,318 @@
+"""Image sources: where pre-training images come from, before augmentation.
+
+A source is a finite, indexable collection: ``len(source)`` images, and ``source.load(index)`` returns
+``(PIL RGB image, int label)``. Loading is a pure function of the index, so any process (the main one or a
+DataLoader worker) gets the same image for the same index.
+
+- ``demo``: built in, no download. Even indices are random crops of the photographs that ship with matplotlib;
+  odd indices are procedural images (gratings, shapes, blobs, rings) with edges at many orientations, so HOG
+  targets are meaningful. Label = which photo or pattern produced the image.
+- ``folder``: an ImageFolder tree (``root/<class>/**/<image>``, labels = sorted class folders) or a flat folder of
+  images (all label 0).
+- ``synthetic``: cheap structured noise generated from the index, label 0; for throughput measurements.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image, ImageDraw, UnidentifiedImageError
+
+from fastmim.errors import FastmimError
+
+SOURCES: tuple[str, ...] = ("demo", "folder", "synthetic")
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+# Photos in matplotlib's sample_data directory; a label is the position in this tuple, so labels stay fixed even if
+# a matplotlib build lacks one of them.
+_PHOTO_FILES: tuple[str, ...] = ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png", "logo2.png")
+_PATTERNS: tuple[str, ...] = ("gratings", "shapes", "blobs", "rings")
+
+# Salts keep the demo and synthetic per-index random streams unrelated to each other.
+_DEMO_SALT = 0x5EED_DE30
+_SYNTHETIC_SALT = 0x5EED_5717
+
+
+class ImageSource(Protocol):
+    """What the loader needs from a source."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        """Return image ``index`` as an RGB PIL image and its integer label."""
+        ...
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Return a new RGB copy of ``img`` whatever its mode (L, LA, P, RGBA, CMYK, I;16, ...)."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # PIL's own I;16 -> RGB conversion saturates at 255 instead of rescaling, turning most 16-bit images white.
+        arr = np.asarray(img).astype(np.int64)
+        return Image.fromarray((np.clip(arr, 0, 65535) >> 8).astype(np.uint8), "L").convert("RGB")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        # The stored colour of fully transparent pixels is arbitrary (often black); composite onto white so the
+        # image looks as it does in a viewer.
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Decode the image file at ``path`` into RGB; an unreadable file raises :class:`FastmimError` naming it."""
+    try:
+        with Image.open(path) as img:
+            # Decode now, so a truncated file fails here with its name rather than later inside the transform.
+            img.load()
+            return to_rgb(img)
+    except (OSError, ValueError, EOFError, SyntaxError, Image.DecompressionBombError) as exc:
+        # PIL's "cannot identify image file '<path>'" would repeat the path; say what it means instead.
+        reason = "not a recognised image" if isinstance(exc, UnidentifiedImageError) else str(exc).splitlines()[0]
+        raise FastmimError(f"cannot read image {path} ({reason}); remove or replace that file.") from exc
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _images_under(directory: str) -> list[str]:
+    """All image files below ``directory`` (recursive, hidden entries skipped), in sorted order."""
+    found: list[str] = []
+    for current, subdirs, files in os.walk(directory, followlinks=True):
+        # Sorting subdirs in place fixes os.walk's visiting order, so the listing is the same on every machine.
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+        found.extend(os.path.join(current, f) for f in sorted(files) if _is_image(f))
+    return found
+
+
+class FolderSource:
+    """Images on disk: ImageFolder layout (``root/<class>/...``) or a flat folder of images (all label 0).
+
+    Attributes:
+        paths: image file paths, sorted by class then path.
+        labels: class index of each path.
+        classes: class folder names in label order (``[""]`` for a flat folder).
+    """
+
+    def __init__(self, root: str) -> None:
+        if not root:
+            raise FastmimError("data.path is empty; set data.path=/path/to/images or use data.source=demo.")
+        if not os.path.exists(root):
+            raise FastmimError(f"data.path {root} does not exist; set data.path to an existing folder of images.")
+        if not os.path.isdir(root):
+            raise FastmimError(
+                f"data.path {root} is a file, not a directory; set data.path to the folder that holds the images."
+            )
+        entries = sorted(os.scandir(root), key=lambda e: e.name)
+        class_dirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+        loose = [e.path for e in entries if e.is_file() and _is_image(e.name)]
+        self.paths: list[str] = []
+        self.labels: list[int] = []
+        if not class_dirs:
+            self.classes = [""]
+            self.paths, self.labels = loose, [0] * len(loose)
+        elif loose:
+            raise FastmimError(
+                f"data.path {root} mixes {len(loose)} image files with class folders; "
+                "move the loose images into a class folder or remove them."
+            )
+        else:
+            self.classes = [d.name for d in class_dirs]
+            for label, class_dir in enumerate(class_dirs):
+                images = _images_under(class_dir.path)
+                if not images:
+                    raise FastmimError(f"class folder {class_dir.path} contains no images; remove it or add images.")
+                self.paths.extend(images)
+                self.labels.extend([label] * len(images))
+        if not self.paths:
+            raise FastmimError(
+                f"data.path {root} contains no images ({', '.join(IMAGE_EXTENSIONS)}); "
+                "add images or point data.path at the folder that holds them."
+            )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        return load_rgb(self.paths[index]), self.labels[index]
+
+
+@functools.lru_cache(maxsize=1)
+def _demo_photos() -> tuple[tuple[int, Image.Image], ...]:
+    """Decoded matplotlib sample photos as ``(label, RGB image)``, those that exist; decoded once per process."""
+    try:
+        from matplotlib import cbook
+    except ImportError:
+        return ()
+    photos = []
+    for label, name in enumerate(_PHOTO_FILES):
+        path = Path(cbook.get_sample_data(name, asfileobj=False))
+        if path.is_file():
+            photos.append((label, load_rgb(str(path))))
+    return tuple(photos)
+
+
+def _two_colours(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A dark and a light RGB colour in [0, 1] (random order): every channel differs by at least 0.2."""
+    dark, light = rng.uniform(0.0, 0.4, 3), rng.uniform(0.6, 1.0, 3)
+    return (dark, light) if rng.random() < 0.5 else (light, dark)
+
+
+def _colourise(field: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Map a ``[H, W]`` field to ``[H, W, 3]`` uint8 between two contrasting colours, plus faint sensor-like noise."""
+    lo, hi = float(field.min()), float(field.max())
+    t = (field - lo) / max(hi - lo, 1e-6)
+    c0, c1 = _two_colours(rng)
+    rgb = c0 + t[..., None] * (c1 - c0) + rng.normal(0.0, 0.02, (*field.shape, 3))
+    return (np.clip(rgb, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+
+
+def _coords(h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+    """Broadcastable pixel coordinates ``y [H, 1]``, ``x [1, W]`` (float32)."""
+    return np.arange(h, dtype=np.float32)[:, None], np.arange(w, dtype=np.float32)[None, :]
+
+
+def _gratings(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Sum of 1-3 oriented sine or square-wave gratings: straight edges at random orientations."""
+    y, x = _coords(h, w)
+    field = np.zeros((h, w), np.float32)
+    for _ in range(int(rng.integers(1, 4))):
+        theta = rng.uniform(0.0, math.pi)
+        period = rng.uniform(4.0, max(6.0, min(h, w) / 3))
+        wave = np.sin(2 * math.pi * (x * math.cos(theta) + y * math.sin(theta)) / period + rng.uniform(0, 2 * math.pi))
+        field += rng.uniform(0.3, 1.0) * (np.sign(wave) if rng.random() < 0.5 else wave)
+    return _colourise(field, rng)
+
+
+def _shapes(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Rotated rectangles, ellipses, triangles and thick lines in random colours over a linear gradient."""
+    y, x = _coords(h, w)
+    theta = rng.uniform(0.0, 2 * math.pi)
+    img = Image.fromarray(_colourise(x * math.cos(theta) + y * math.sin(theta), rng), "RGB")
+    draw = ImageDraw.Draw(img)
+    size = min(h, w)
+    for _ in range(int(rng.integers(5, 16))):
+        fill = tuple(int(c) for c in rng.integers(0, 256, 3))
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        rx, ry = rng.uniform(0.05, 0.3, 2) * size
+        kind = int(rng.integers(4))
+        if kind == 0:  # rotated rectangle: edges at an arbitrary angle, not just the pixel axes
+            a = rng.uniform(0.0, math.pi)
+            ca, sa = math.cos(a), math.sin(a)
+            corners = [(-rx, -ry), (rx, -ry), (rx, ry), (-rx, ry)]
+            draw.polygon([(cx + u * ca - v * sa, cy + u * sa + v * ca) for u, v in corners], fill=fill)
+        elif kind == 1:
+            draw.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=fill)
+        elif kind == 2:
+            angles = rng.uniform(0.0, 2 * math.pi, 3)
+            draw.polygon([(cx + rx * math.cos(a), cy + ry * math.sin(a)) for a in angles], fill=fill)
+        else:
+            draw.line([cx - rx, cy - ry, cx + rx, cy + ry], fill=fill, width=int(rng.integers(2, max(3, size // 16))))
+    return np.asarray(img)
+
+
+def _blobs(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Thresholded multi-octave value noise: curved region boundaries (edges at every orientation) with texture."""
+    field = np.zeros((h, w), np.float32)
+    for octave in range(3):
+        cells = 3 * 2**octave
+        coarse = rng.random((cells, cells)).astype(np.float32)
+        field += np.asarray(Image.fromarray(coarse, "F").resize((w, h), Image.BICUBIC)) / 2**octave
+    regions = (field > np.median(field)).astype(np.float32)
+    return _colourise(regions + 0.25 * field, rng)
+
+
+def _rings(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
+    """Concentric rings or spokes around a random centre: edges that sweep through all orientations."""
+    y, x = _coords(h, w)
+    dy, dx = y - rng.uniform(0, h), x - rng.uniform(0, w)
+    if rng.random() < 0.5:
+        wave = np.sin(2 * math.pi * np.hypot(dx, dy) / rng.uniform(6.0, max(8.0, min(h, w) / 4)))
+    else:
+        wave = np.sin(int(rng.integers(3, 16)) * np.arctan2(dy, dx) + rng.uniform(0, 2 * math.pi))
+    return _colourise(np.sign(wave) if rng.random() < 0.5 else wave, rng)
+
+
+_PATTERN_FNS = (_gratings, _shapes, _blobs, _rings)
+
+
+class DemoSource:
+    """The built-in demo set: ``num_images`` deterministic images, each a function of its index only.
+
+    Image sizes vary between ``img_size`` and ``2 * img_size`` per side (aspect ratios up to 2:1), like ImageNet
+    photos relative to a 224 crop, so RandomResizedCrop behaves as it does on real data.
+    """
+
+    def __init__(self, num_images: int, img_size: int) -> None:
+        self.num_images = num_images
+        self.img_size = img_size
+        # Decode the photos here so forked workers inherit them instead of each decoding its own copy.
+        self._photo_labels = [label for label, _ in _demo_photos()]
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        rng = np.random.default_rng((_DEMO_SALT, index))
+        if index % 2 == 0 and self._photo_labels:
+            return self._photo_crop(rng)
+        kind = int(rng.integers(len(_PATTERN_FNS)))
+        h, w = (self.img_size * rng.uniform(1.0, 2.0, 2)).astype(int)
+        return Image.fromarray(_PATTERN_FNS[kind](rng, int(h), int(w)), "RGB"), len(_PHOTO_FILES) + kind
+
+    def _photo_crop(self, rng: np.random.Generator) -> tuple[Image.Image, int]:
+        """A random crop (30-100% of the area, aspect 1:2 to 2:1) of one photo, resized to a short side in
+        [img_size, 2 * img_size]."""
+        photos = _demo_photos()
+        label, photo = photos[int(rng.integers(len(photos)))]
+        area = photo.width * photo.height * rng.uniform(0.3, 1.0)
+        aspect = math.exp(rng.uniform(-math.log(2), math.log(2)))
+        cw = int(np.clip(round(math.sqrt(area * aspect)), 1, photo.width))
+        ch = int(np.clip(round(math.sqrt(area / aspect)), 1, photo.height))
+        left = int(rng.integers(0, photo.width - cw + 1))
+        top = int(rng.integers(0, photo.height - ch + 1))
+        short = self.img_size * rng.uniform(1.0, 2.0)
+        factor = short / min(cw, ch)
+        size = (max(1, round(cw * factor)), max(1, round(ch * factor)))
+        return photo.resize(size, Image.BICUBIC, box=(left, top, left + cw, top + ch)), label
+
+
+class SyntheticSource:
+    """``num_images`` square ``img_size`` images of coloured smooth noise plus pixel noise, label 0.
+
+    Generated from the index in well under a millisecond, with no storage; meant for measuring throughput.
+    """
+
+    def __init__(self, num_images: int, img_size: int) -> None:
+        self.num_images = num_images
+        self.img_size = img_size
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        rng = np.random.default_rng((_SYNTHETIC_SALT, index))
+        s = self.img_size
+        cells = max(2, s // 16)
+        coarse = Image.fromarray(rng.integers(0, 256, (cells, cells, 3), dtype=np.uint8), "RGB")
+        smooth = np.asarray(coarse.resize((s, s), Image.BILINEAR), dtype=np.int16)
+        noisy = smooth + rng.integers(-24, 25, (s, s, 3), dtype=np.int16)
+        return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB"), 0
+
+
+def build_source(cfg: Any, img_size: int) -> ImageSource:
+    """Build the source named by ``cfg.source`` (reads ``cfg.path`` and ``cfg.num_images``)."""
+    if cfg.source == "folder":
+        return FolderSource(cfg.path)
+    if cfg.source in ("demo", "synthetic"):
+        if cfg.num_images < 1:
+            raise FastmimError(f"data.num_images is {cfg.num_images}; set it to a positive number of images.")
+        cls = DemoSource if cfg.source == "demo" else SyntheticSource
+        return cls(cfg.num_images, img_size)
+    raise FastmimError(f"data.source {cfg.source!r} is unknown; set data.source to one of {', '.join(SOURCES)}.")

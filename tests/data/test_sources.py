@@ -1,0 +1,208 @@
+"""Tests for fastmim.data.sources: folder scanning and its errors, image decoding, demo and synthetic images."""
+
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fastmim.data.sources import DemoSource, FolderSource, SyntheticSource, build_source, load_rgb
+from fastmim.errors import FastmimError
+
+
+def _save(path: Path, mode: str = "RGB", size: tuple[int, int] = (12, 10), fmt: str | None = None) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new(mode, size, {"RGB": (10, 20, 30), "L": 77}.get(mode, 0)).save(path, format=fmt)
+    return path
+
+
+def _cfg(**overrides: object) -> SimpleNamespace:
+    base = {"source": "folder", "path": "", "num_workers": 0, "num_images": 8, "min_scale": 0.2}
+    return SimpleNamespace(**{**base, **overrides})
+
+
+def _gray_std(img: Image.Image) -> float:
+    return float(np.asarray(img.convert("L"), dtype=np.float32).std())
+
+
+# ----- folder layout -------------------------------------------------------------------------------------------
+
+
+def test_folder_class_layout_is_sorted_recursive_and_case_insensitive(tmp_path: Path) -> None:
+    _save(tmp_path / "dogs" / "b.png")
+    _save(tmp_path / "dogs" / "nested" / "a.JPEG", fmt="JPEG")
+    _save(tmp_path / "cats" / "z.BMP", fmt="BMP")
+    (tmp_path / "cats" / "notes.txt").write_text("not an image")
+    (tmp_path / ".cache").mkdir()  # hidden folders are not classes
+    source = FolderSource(str(tmp_path))
+    assert source.classes == ["cats", "dogs"]
+    rel = [str(Path(p).relative_to(tmp_path)) for p in source.paths]
+    assert rel == ["cats/z.BMP", "dogs/b.png", "dogs/nested/a.JPEG"]
+    assert source.labels == [0, 1, 1]
+    img, label = source.load(2)
+    assert img.mode == "RGB" and img.size == (12, 10) and label == 1
+
+
+def test_flat_folder_gives_label_zero(tmp_path: Path) -> None:
+    for name in ("b.webp", "a.tif", "c.gif"):
+        _save(tmp_path / name)
+    source = build_source(_cfg(path=str(tmp_path)), img_size=32)
+    assert len(source) == 3
+    assert [Path(p).name for p in source.paths] == ["a.tif", "b.webp", "c.gif"]
+    assert [source.load(i)[1] for i in range(3)] == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "make,expected",
+    [
+        (lambda root: "", "set data.path=/path/to/images or use data.source=demo"),
+        (lambda root: str(root / "missing"), "does not exist"),
+        (lambda root: str(_save(root / "one.png")), "not a directory"),
+        (lambda root: str(root), "contains no images"),
+    ],
+)
+def test_folder_path_errors(tmp_path: Path, make, expected: str) -> None:
+    with pytest.raises(FastmimError, match=expected):
+        FolderSource(make(tmp_path))
+
+
+def test_folder_without_images_but_with_other_files_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "readme.txt").write_text("hi")
+    with pytest.raises(FastmimError, match="contains no images"):
+        FolderSource(str(tmp_path))
+
+
+def test_empty_class_folder_is_named(tmp_path: Path) -> None:
+    _save(tmp_path / "full" / "x.png")
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(FastmimError, match="empty_class contains no images; remove it or add images"):
+        FolderSource(str(tmp_path))
+
+
+def test_loose_images_next_to_class_folders_are_an_error(tmp_path: Path) -> None:
+    _save(tmp_path / "cls" / "x.png")
+    _save(tmp_path / "stray.png")
+    with pytest.raises(FastmimError, match="move the loose images into a class folder"):
+        FolderSource(str(tmp_path))
+
+
+def test_unknown_source_lists_the_valid_ones() -> None:
+    with pytest.raises(FastmimError, match="demo, folder, synthetic"):
+        build_source(_cfg(source="ffcv"), img_size=32)
+
+
+# ----- decoding ------------------------------------------------------------------------------------------------
+
+
+def _zero_byte(path: Path) -> None:
+    path.write_bytes(b"")
+
+
+def _text_png(path: Path) -> None:
+    path.write_text("this is not a png")
+
+
+def _truncated_jpeg(path: Path) -> None:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8), "RGB").save(path, format="JPEG")
+    path.write_bytes(path.read_bytes()[:600])
+
+
+@pytest.mark.parametrize(
+    "name,write", [("zero.jpg", _zero_byte), ("text.png", _text_png), ("cut.jpg", _truncated_jpeg)]
+)
+def test_unreadable_image_names_the_file_and_the_fix(tmp_path: Path, name: str, write) -> None:
+    path = tmp_path / name
+    write(path)
+    with pytest.raises(FastmimError) as info:
+        load_rgb(str(path))
+    message = str(info.value)
+    assert str(path) in message and "remove or replace" in message
+    assert "\n" not in message
+
+
+def test_image_modes_are_converted_to_rgb(tmp_path: Path) -> None:
+    gray = _save(tmp_path / "gray.png", "L")
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (12, 10), (0, 255, 255, 0)).save(cmyk, format="JPEG")  # pure red in CMYK
+    palette = tmp_path / "palette.gif"
+    Image.new("RGB", (12, 10), (0, 0, 255)).convert("P").save(palette)
+    for path in (gray, cmyk, palette):
+        img = load_rgb(str(path))
+        assert img.mode == "RGB" and img.size == (12, 10)
+    assert load_rgb(str(gray)).getpixel((3, 3)) == (77, 77, 77)
+    r, g, b = load_rgb(str(cmyk)).getpixel((3, 3))
+    assert r > 200 and g < 60 and b < 60
+    assert load_rgb(str(palette)).getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_transparent_pixels_become_white(tmp_path: Path) -> None:
+    path = tmp_path / "rgba.png"
+    rgba = Image.new("RGBA", (4, 2), (255, 0, 0, 255))
+    rgba.putpixel((0, 0), (0, 0, 0, 0))  # transparent black: must not show up as black
+    rgba.save(path)
+    img = load_rgb(str(path))
+    assert img.getpixel((0, 0)) == (255, 255, 255) and img.getpixel((1, 1)) == (255, 0, 0)
+
+
+def test_sixteen_bit_png_is_rescaled_not_saturated(tmp_path: Path) -> None:
+    path = tmp_path / "deep.png"
+    ramp = np.linspace(0, 65535, 256).astype(np.uint16)
+    Image.fromarray(np.tile(ramp, (4, 1))).save(path)
+    with Image.open(path) as raw:
+        assert raw.mode.startswith("I")
+    row = np.asarray(load_rgb(str(path)))[0, :, 0].astype(int)
+    assert row[0] == 0 and row[-1] == 255 and abs(row[128] - 128) <= 1
+    assert np.all(np.diff(row) >= 0)
+
+
+# ----- demo and synthetic --------------------------------------------------------------------------------------
+
+
+def test_demo_is_deterministic_per_index() -> None:
+    a, b = DemoSource(12, 32), DemoSource(12, 32)
+    for i in (0, 1, 7):
+        (img_a, label_a), (img_b, label_b) = a.load(i), b.load(i)
+        assert label_a == label_b and np.array_equal(np.asarray(img_a), np.asarray(img_b))
+    assert not np.array_equal(np.asarray(a.load(2)[0].resize((8, 8))), np.asarray(a.load(4)[0].resize((8, 8))))
+
+
+def test_demo_images_have_structure_at_many_orientations() -> None:
+    source = DemoSource(24, 48)
+    labels, hist = set(), np.zeros(6)
+    for i in range(len(source)):
+        img, label = source.load(i)
+        labels.add(label)
+        assert img.mode == "RGB" and min(img.size) >= 48 and max(img.size) <= 2 * 48 * 2
+        assert _gray_std(img) > 12, f"demo image {i} is nearly flat"
+        # Magnitude-weighted histogram of gradient orientations (mod 180 degrees), as HOG would see them.
+        gray = np.asarray(img.convert("L"), dtype=np.float32)
+        gy, gx = np.gradient(gray)
+        angle = np.mod(np.arctan2(gy, gx), np.pi)
+        hist += np.histogram(angle, bins=6, range=(0, np.pi), weights=np.hypot(gx, gy))[0]
+    assert (hist / hist.sum()).min() > 0.08, "demo edges are concentrated at a few orientations"
+    assert len(labels) >= 4
+
+
+def test_demo_alternates_photos_and_patterns() -> None:
+    source = DemoSource(10, 32)
+    labels = [source.load(i)[1] for i in range(10)]
+    assert all(label >= 3 for label in labels[1::2])  # odd indices: procedural patterns (labels 3..6)
+    # Even indices: crops of matplotlib's sample photos (labels 0..2); matplotlib is a declared dependency.
+    assert all(label < 3 for label in labels[0::2])
+
+
+def test_synthetic_images_are_cheap_deterministic_and_not_flat() -> None:
+    source = build_source(_cfg(source="synthetic", num_images=5), img_size=40)
+    assert isinstance(source, SyntheticSource) and len(source) == 5
+    img, label = source.load(3)
+    assert img.size == (40, 40) and img.mode == "RGB" and label == 0
+    assert np.array_equal(np.asarray(img), np.asarray(source.load(3)[0]))
+    assert not np.array_equal(np.asarray(img), np.asarray(source.load(4)[0]))
+    assert _gray_std(img) > 10
+
+
+def test_demo_needs_at_least_one_image() -> None:
+    with pytest.raises(FastmimError, match=r"data\.num_images"):
+        build_source(_cfg(source="demo", num_images=0), img_size=32)
