@@ -1,0 +1,137 @@
+"""The ``fastmim`` command line.
+
+    fastmim pretrain [--config RECIPE] [--section.key=value ...]   pre-train (default: tiny recipe, built-in data)
+    fastmim config [--config RECIPE] [--section.key=value ...]     print the resolved config as TOML
+    fastmim config --keys                                          print every config key with its meaning
+    fastmim list-models                                            registered model names
+    fastmim import-checkpoint SRC --model NAME --out DST           released LocalMIM/MAE weights -> fastmim
+    fastmim export-released SRC --out DST                          fastmim weights -> the released layout
+
+User errors print one line (``fastmim: error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from fastmim.errors import FastmimError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="RECIPE", help="TOML file or built-in recipe name (default: tiny CPU recipe)")
+    p.epilog = "Any config key can be overridden as --section.key=value (see `fastmim config --keys`)."
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastmim", description="Fast LocalMIM masked-image-modeling pre-training.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("pretrain", help="pre-train a model (no arguments: the tiny recipe on built-in images)")
+    _add_config_args(p)
+    p = sub.add_parser("config", help="print the resolved config (TOML) or, with --keys, the key reference")
+    _add_config_args(p)
+    p.add_argument("--keys", action="store_true", help="print every config key, its type, default and meaning")
+    sub.add_parser("list-models", help="list registered model names")
+    p = sub.add_parser("import-checkpoint", help="convert the authors' released weights to a fastmim weights file")
+    p.add_argument("src", help="released checkpoint (.pth), a dict with a 'model' entry")
+    p.add_argument("--model", required=True, help="fastmim model name, e.g. localmim_vit_base_patch16")
+    p.add_argument("--out", required=True, help="output file (fastmim weights)")
+    p = sub.add_parser("export-released", help="write fastmim weights in the authors' released layout")
+    p.add_argument("src", help="fastmim checkpoint or weights file")
+    p.add_argument("--out", required=True, help="output .pth file ({'model': state_dict} with released names)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    try:
+        if args.command is None:
+            parser.print_help()
+            return 0
+        if extra and args.command not in ("pretrain", "config"):
+            raise FastmimError(f"unexpected arguments {' '.join(extra)}; see `fastmim {args.command} --help`.")
+        return _COMMANDS[args.command](args, extra)
+    except FastmimError as e:
+        print(f"fastmim: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fastmim: interrupted", file=sys.stderr)
+        return 130
+
+
+def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
+    from fastmim.config import dump_toml, load_config
+    from fastmim.train import train
+
+    cfg = load_config(args.config, overrides)
+    print("resolved config:\n" + dump_toml(cfg))
+    summary = train(cfg)
+    print(
+        f"done: {summary['model']} trained to step {summary['steps']} ({summary['steps_this_run']} steps this run) "
+        f"on {summary['device']} at {summary['img_per_s']:.1f} img/s; final loss {summary['final_loss']:.4f}\n"
+        f"  checkpoint: {summary['checkpoint']}\n  metrics:    {summary['metrics']}\n"
+        f"  loss plot:  {summary['plot']}\n  resume with: fastmim pretrain --train.out_dir={summary['out_dir']} "
+        "--train.resume=auto --train.steps=N"
+    )
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:
+    from fastmim.config import dump_toml, load_config, reference_markdown
+
+    print(reference_markdown() if args.keys else dump_toml(load_config(args.config, overrides)))
+    return 0
+
+
+def cmd_list_models(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastmim.models import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def cmd_import_checkpoint(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastmim.models.released import import_released
+    from fastmim.train.checkpoint import atomic_save
+    from fastmim.weights import WEIGHTS_FORMAT, load_released_file
+
+    out = _fresh_output(args.out)
+    model = import_released(load_released_file(args.src), args.model)
+    state = {"format": WEIGHTS_FORMAT, "model_name": args.model, "model": model.state_dict()}
+    atomic_save(state, out)
+    n = sum(p.numel() for p in model.parameters())
+    print(f"imported {args.src} as {args.model} ({n / 1e6:.1f} M parameters) -> {out}")
+    return 0
+
+
+def cmd_export_released(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastmim.models.released import export_released_state_dict
+    from fastmim.train.checkpoint import atomic_save
+    from fastmim.weights import load_fastmim_weights
+
+    out = _fresh_output(args.out)
+    name, state_dict = load_fastmim_weights(args.src)
+    atomic_save({"model": export_released_state_dict(state_dict, name)}, out)
+    print(f"exported {args.src} ({name}) in the released layout -> {out}")
+    return 0
+
+
+def _fresh_output(path: str) -> Path:
+    """Outputs never overwrite an existing file."""
+    out = Path(path)
+    if out.exists():
+        raise FastmimError(f"{out} already exists; choose another --out (fastmim never overwrites files).")
+    if not out.parent.is_dir():
+        raise FastmimError(f"directory {out.parent} does not exist; create it or choose another --out.")
+    return out
+
+
+_COMMANDS = {
+    "pretrain": cmd_pretrain,
+    "config": cmd_config,
+    "list-models": cmd_list_models,
+    "import-checkpoint": cmd_import_checkpoint,
+    "export-released": cmd_export_released,
+}
