@@ -8,6 +8,7 @@ micro-batch, below), so a resumed run continues exactly where the checkpoint lef
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -214,12 +215,14 @@ def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 
 def train(cfg: Config) -> dict[str, Any]:
     """Pre-train per cfg; returns a summary (steps, img/s, final loss, paths)."""
-    run = build_run(cfg)
-    t = cfg.train
-    log = MetricsLog(run.out_dir, run.pos.step if run.resumed_from else None)
+    run, t = build_run(cfg), cfg.train
+    # On resume (also "auto" that found no checkpoint yet) logged rows past the restart step are recomputed.
+    log = MetricsLog(run.out_dir, run.pos.step if t.resume else None)
     batches = _batches(run)
     images_per_step = t.batch_size * t.accum_steps
-    bar = tqdm(total=run.total_steps, initial=run.pos.step, desc="pretrain", unit="step", dynamic_ncols=True)
+    # A live bar on a terminal; in logs (CI, SLURM) one plain line per log step instead of carriage-return noise.
+    interactive = sys.stderr.isatty()
+    bar = tqdm(total=run.total_steps, initial=run.pos.step, desc="pretrain", unit="step", disable=not interactive)
     start, window_start, window_step = time.perf_counter(), time.perf_counter(), run.pos.step
     first_step, row, ckpt = run.pos.step, None, None
     all_finite = torch.ones((), dtype=torch.bool, device=run.device)
@@ -247,6 +250,12 @@ def train(cfg: Config) -> dict[str, Any]:
                 }
                 log.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
+                if not interactive:
+                    print(
+                        f"step {row['step']}/{run.total_steps}  loss {row['loss']:.4f}  lr {row['lr']:.3g}  "
+                        f"{row['img_per_s']:.1f} img/s  mem {row['mem_gib']:.2f} GiB",
+                        flush=True,
+                    )
                 window_start, window_step = now, run.pos.step
             if t.save_every and run.pos.step % t.save_every == 0:
                 ckpt = save_checkpoint(run)
