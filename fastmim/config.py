@@ -136,9 +136,13 @@ _CHOICES = {
 }
 
 
-def _section_types(name: str) -> dict[str, type]:
-    cls = type(getattr(Config(), name))
-    return get_type_hints(cls)
+def _section_types(cfg: Any, name: str) -> dict[str, type]:
+    return get_type_hints(type(getattr(cfg, name)))
+
+
+def _sections(cfg: Any) -> list[str]:
+    """Section names of a config tree (Config here; fastmim.eval has its own tree and reuses these helpers)."""
+    return [f.name for f in dataclasses.fields(cfg)]
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -188,9 +192,10 @@ def _example(typ: type) -> str:
 
 def apply_mapping(cfg: Config, mapping: dict[str, Any], where: str) -> None:
     """Apply a nested {section: {key: value}} mapping (from TOML) to cfg, checking names and types."""
+    sections = _sections(cfg)
     for section, values in mapping.items():
-        if section not in SECTIONS:
-            raise FastmimError(f"{where}: unknown config section '{section}'{_suggest(section, SECTIONS)}.")
+        if section not in sections:
+            raise FastmimError(f"{where}: unknown config section '{section}'{_suggest(section, sections)}.")
         if not isinstance(values, dict):
             raise FastmimError(f"{where}: '{section}' must be a table like [{section}].")
         for key, value in values.items():
@@ -198,7 +203,7 @@ def apply_mapping(cfg: Config, mapping: dict[str, Any], where: str) -> None:
 
 
 def set_value(cfg: Config, section: str, key: str, value: Any, where: str, from_cli: bool) -> None:
-    types = _section_types(section)
+    types = _section_types(cfg, section)
     if key not in types:
         raise FastmimError(f"{where}: unknown config key '{section}.{key}'{_suggest(key, types)}.")
     setattr(getattr(cfg, section), key, _coerce(section, key, value, types[key], where, from_cli))
@@ -217,8 +222,9 @@ def parse_overrides(cfg: Config, args: list[str]) -> None:
                 raise FastmimError(f"override --{name} has no value; write --{name}=VALUE.")
             value, i = args[i + 1], i + 1
         section, _, key = name.partition(".")
-        if section not in SECTIONS:
-            raise FastmimError(f"unknown config section '{section}' in --{name}{_suggest(section, SECTIONS)}.")
+        sections = _sections(cfg)
+        if section not in sections:
+            raise FastmimError(f"unknown config section '{section}' in --{name}{_suggest(section, sections)}.")
         set_value(cfg, section, key, value, "command line", from_cli=True)
         i += 1
 
@@ -316,12 +322,12 @@ def dump_toml(cfg: Config) -> str:
     return "\n".join(lines)
 
 
-def reference_markdown() -> str:
-    """The configuration reference table (README and `fastmim config --keys`)."""
+def reference_markdown(root: type = Config) -> str:
+    """The configuration reference table of a config tree (README and `fastmim config --keys`)."""
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
-    defaults = to_dict(Config())
-    for section in SECTIONS:
-        cls = type(getattr(Config(), section))
+    defaults = to_dict(root())
+    for section in _sections(root):
+        cls = type(getattr(root(), section))
         docs, types = field_docs(cls), get_type_hints(cls)
         for key, doc in docs.items():
             default = _toml_value(defaults[section][key])
