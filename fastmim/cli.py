@@ -6,6 +6,8 @@
     fastmim list-models                                            registered model names
     fastmim import-checkpoint SRC --model NAME --out DST           released LocalMIM/MAE weights -> fastmim
     fastmim export-released SRC --out DST                          fastmim weights -> the released layout
+    fastmim bench step|data [--config RECIPE] [overrides] [--out DIR] [--plot]   throughput benchmarks (JSON)
+    fastmim profile [--config RECIPE] [overrides] [--steps N]       profiler trace + per-stage table
 
 User errors print one line (``fastmim: error: ...``) and exit with status 2.
 """
@@ -33,6 +35,27 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--keys", action="store_true", help="print every config key, its type, default and meaning")
     sub.add_parser("list-models", help="list registered model names")
+    p = sub.add_parser("bench", help="benchmarks: `bench step` (training-step throughput), `bench data` (loaders)")
+    which = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    for name, text in (("step", "reference vs fast training-step throughput, one process, one device"),
+                       ("data", "loader throughput of each available data source")):  # fmt: skip
+        q = which.add_parser(name, help=text)
+        _add_config_args(q)
+        q.add_argument("--out", help="directory for the JSON record (default benchmarks/results)")
+        q.add_argument("--plot", action="store_true", help="also write a PNG chart next to the JSON")
+        q.add_argument("--steps", type=int, help="timed steps / batches (default 20 on CUDA, 8 on CPU)")
+        q.add_argument("--warmup", type=int, help="untimed steps / batches first (default 5 on CUDA, 2 on CPU)")
+    which.choices["step"].add_argument("--impls", default="reference,fast", help="comma-separated impls to compare")
+    which.choices["step"].add_argument(
+        "--fixed-batch", action="store_true", help="reuse one batch kept on the device: time the step without input"
+    )
+    which.choices["data"].add_argument("--sources", help="comma-separated sources (default: every available one)")
+    p = sub.add_parser("profile", help="torch.profiler trace of a few steps and a per-stage time table")
+    _add_config_args(p)
+    p.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
+    p.add_argument("--warmup", type=int, default=2, help="unprofiled steps first (default 2)")
+    p.add_argument("--out", default="profiles", help="parent directory of the output folder (default profiles/)")
+    p.add_argument("--top", type=int, default=25, help="rows of the top-ops table (default 25)")
     p = sub.add_parser("import-checkpoint", help="convert the authors' released weights to a fastmim weights file")
     p.add_argument("src", help="released checkpoint (.pth), a dict with a 'model' entry")
     p.add_argument("--model", required=True, help="fastmim model name, e.g. localmim_vit_base_patch16")
@@ -50,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-        if extra and args.command not in ("pretrain", "config"):
+        if extra and args.command not in ("pretrain", "config", "bench", "profile"):
             raise FastmimError(f"unexpected arguments {' '.join(extra)}; see `fastmim {args.command} --help`.")
         return _COMMANDS[args.command](args, extra)
     except FastmimError as e:
@@ -128,10 +151,64 @@ def _fresh_output(path: str) -> Path:
     return out
 
 
+def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    import torch
+
+    from fastmim.bench.harness import format_table, write_record
+    from fastmim.config import load_config
+
+    cfg = load_config(args.config, overrides)
+    cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
+    steps = args.steps or (20 if cuda else 8)
+    warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
+    if args.bench == "step":
+        from fastmim.bench.plots import plot_step_breakdown
+        from fastmim.bench.step import STEP_COLUMNS, run_step_bench
+
+        rows, device = run_step_bench(cfg, args.impls.split(","), steps, warmup, 3, args.fixed_batch)
+        columns, plot = STEP_COLUMNS, plot_step_breakdown
+    else:
+        from fastmim.bench.data import DATA_COLUMNS, run_data_bench
+
+        rows = run_data_bench(cfg, args.sources.split(",") if args.sources else None, steps, warmup)
+        device, columns, plot = torch.device("cpu"), DATA_COLUMNS, None
+    print(format_table(rows, columns))
+    argv = ["fastmim", *sys.argv[1:]]
+    path = write_record(args.bench, rows, device, args.out, argv=argv, extra={"config": _toml(cfg)})
+    print(f"wrote {path}")
+    if args.plot and plot is not None:
+        print(f"wrote {plot(path)}")
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace, overrides: list[str]) -> int:
+    import datetime
+
+    from fastmim.bench.harness import device_name, slug
+    from fastmim.bench.profile import run_profile
+    from fastmim.config import load_config
+    from fastmim.train.trainer import resolve_device
+
+    cfg = load_config(args.config, overrides)
+    gpu = slug(device_name(resolve_device(cfg.train.device)))
+    out = Path(args.out) / f"{cfg.model.name}-{cfg.model.impl}-{gpu}-{datetime.datetime.now():%Y%m%d-%H%M%S}"
+    result = run_profile(cfg, args.steps, args.warmup, out, args.top)
+    print(f"wrote {result['trace']} (open in chrome://tracing or ui.perfetto.dev), stages.txt, ops.txt")
+    return 0
+
+
+def _toml(cfg) -> str:
+    from fastmim.config import dump_toml
+
+    return dump_toml(cfg)
+
+
 _COMMANDS = {
     "pretrain": cmd_pretrain,
     "config": cmd_config,
     "list-models": cmd_list_models,
     "import-checkpoint": cmd_import_checkpoint,
     "export-released": cmd_export_released,
+    "bench": cmd_bench,
+    "profile": cmd_profile,
 }

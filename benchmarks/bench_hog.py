@@ -1,0 +1,70 @@
+"""bench "hog": multi-scale HOG targets (SPEC 3.1), every scale of a ViT batch.
+
+Providers:
+- released: the released code's way, transcribed from SPEC: one pass per scale and colour (4 x 3 = 12), each
+  reflect-padding, convolving, zero-filling a [B, nbins, H, W] fp32 tensor, scattering magnitudes into it, pooling
+  and normalising;
+- eager: fastmim's reference (fastmim.targets.HOGTarget: one pass at the finest cell, pooled for coarser cells);
+- compile: torch.compile of the reference;
+- triton: the fused kernel (timed on a GPU only).
+Bytes per call: the image read once (fp32) + every target written once (fp32): the floor a fused kernel can reach.
+
+    python benchmarks/bench_hog.py [--providers released,eager] [--quick] [--out DIR] [--plot]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+from fastmim.bench.harness import Case, KernelBench, kernel_main
+from fastmim.targets import HOGTarget
+from fastmim.targets.hog import SOBEL_WEIGHT
+
+CELLS = (4, 8, 16, 32)
+NBINS = 9
+
+
+def released_hog(img: torch.Tensor, cells=CELLS, nbins: int = NBINS) -> list[torch.Tensor]:
+    """12 passes (scale x colour), zero-fill + scatter per pass, as the released code computes HOG targets."""
+    weight = SOBEL_WEIGHT.to(img.device)
+    out = []
+    for cell in cells:
+        channels = []
+        for c in range(3):
+            x = F.pad(img[:, c : c + 1].float(), (1, 1, 1, 1), mode="reflect")
+            g = F.conv2d(x, weight)
+            mag = torch.sqrt(g[:, 0:1] ** 2 + g[:, 1:2] ** 2)
+            phase = torch.atan2(g[:, 0:1], g[:, 1:2])
+            bins = torch.remainder(torch.floor(phase / torch.pi * nbins), nbins).long()
+            hist = torch.zeros(img.shape[0], nbins, img.shape[2], img.shape[3], device=img.device)
+            hist.scatter_(1, bins, mag)
+            hist = F.normalize(F.avg_pool2d(hist, cell, cell), p=2, dim=1)
+            channels.append(hist.flatten(2).transpose(1, 2))
+        out.append(torch.cat(channels, dim=-1))
+    return out
+
+
+def make_bench(device: torch.device, quick: bool) -> KernelBench:
+    """HOG targets for cells 4/8/16/32 px, 9 bins, 224 px images (quick: 64 px, B = 2)."""
+    reference = HOGTarget(CELLS, NBINS).to(device)
+    providers = {"released": released_hog, "eager": reference, "compile": torch.compile(reference.forward)}
+    shapes = [(2, 64)] if quick else [(64, 224), (256, 224)]
+    cases = []
+    for batch, size in shapes:
+        n_out = sum((size // c) ** 2 for c in CELLS) * 3 * NBINS
+        cases.append(
+            Case(
+                shape={"B": batch, "H": size, "W": size},
+                dtype=torch.float32,
+                make=lambda b=batch, s=size: (torch.randn(b, 3, s, s, device=device),),
+                bytes=(batch * 3 * size * size + batch * n_out) * 4,
+            )
+        )
+    return KernelBench("hog", providers, cases, modes=("fwd",), reference="eager", atol=1e-4, rtol=1e-4)
+
+
+if __name__ == "__main__":
+    sys.exit(kernel_main(make_bench))

@@ -1,0 +1,1 @@
+"""pytest-benchmark collection for `pytest benchmarks --benchmark-only` (not part of the CI test suite)."""

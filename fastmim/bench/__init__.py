@@ -1,0 +1,1 @@
+"""Measuring instruments: the kernel benchmark harness, ``bench step``, ``bench data``, ``profile``, plots."""

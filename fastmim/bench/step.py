@@ -1,0 +1,198 @@
+"""``fastmim bench step``: end-to-end training-step throughput, reference and fast impls side by side.
+
+Both impls run in one process on one device with the same config, data and seed. For each impl:
+
+1. Throughput: ``warmup`` steps untimed, then ``steps`` steps of the production step
+   (:func:`fastmim.train.trainer.train_step`: data, forward, backward, optimizer) timed as a whole, with one device
+   synchronisation at each end: ``ms_per_step`` and ``img_per_s``.
+2. Breakdown: a few more steps with a synchronisation at every stage boundary (which costs some overlap, so these
+   numbers are for attribution, not throughput): data wait / forward / backward / optimizer, in ms.
+3. FLOPs of one forward + backward, counted once with torch.utils.flop_counter (never hand-typed); MFU = FLOPs per
+   step / step time / the device's dense peak for the step's dtype (CUDA only; the peak used is in the row).
+4. Peak GPU memory of the timed steps (CUDA, all impls together: the larger one sets it); on CPU the process's peak
+   resident set.
+
+Timed steps alternate between impls in rounds, so drift does not favour the impl that runs first.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastmim.config import Config
+from fastmim.data import build_loader
+from fastmim.models import model_from_config
+from fastmim.train.metrics import peak_memory_gib
+from fastmim.train.optim import build_optimizer
+from fastmim.train.trainer import Run, amp_dtype, mask_noise, resolve_device, train_step
+
+from .harness import quantiles, synchronize
+
+# Dense tensor-core peaks (TFLOP/s, no sparsity) used for MFU; from the vendors' data sheets.
+PEAK_TFLOPS = {
+    ("h100", "bf16"): 989.4,
+    ("h100", "fp16"): 989.4,
+    ("h200", "bf16"): 989.4,
+    ("h200", "fp16"): 989.4,
+    ("a100", "bf16"): 312.0,
+    ("a100", "fp16"): 312.0,
+    ("h100", "fp32"): 494.7,  # TF32
+    ("h200", "fp32"): 494.7,
+    ("a100", "fp32"): 156.0,
+}
+STAGES = ("data", "forward", "backward", "optimizer")
+
+
+def peak_tflops(device: torch.device, dtype_name: str) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    return next((v for (gpu, dt), v in PEAK_TFLOPS.items() if gpu in name and dt == dtype_name), None)
+
+
+def build_bench_run(cfg: Config, impl: str, device: torch.device) -> Run:
+    """A trainer Run for benchmarking: no run directory, constant learning rate, nothing written."""
+    cfg = copy.deepcopy(cfg)
+    cfg.model.impl = impl
+    t = cfg.train
+    torch.manual_seed(t.seed)
+    model = model_from_config(cfg.model).to(device)
+    loader = build_loader(cfg.data, cfg.model.img_size or 224, t.batch_size, t.seed)
+    lr = t.lr if t.lr > 0 else t.blr * t.batch_size * t.accum_steps / 256
+    optimizer = build_optimizer(model, lr, t.weight_decay, (t.beta1, t.beta2))
+    dtype = amp_dtype(t.precision, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
+    return Run(cfg, device, model, optimizer, scaler, loader, Path("."), 10**9, 0, lr, dtype)
+
+
+def device_batches(run: Run, fixed: bool = False) -> Iterator[torch.Tensor]:
+    """Batches on the device from the configured loader; ``fixed``: the first batch, reused every step (measures
+    the step without input loading, as PERFORMANCE.md's step figures do)."""
+    if fixed:
+        images, _ = next(run.loader.iterate(0))
+        yield from itertools.repeat(images.to(run.device))
+    for epoch in itertools.count():
+        for images, _ in run.loader.iterate(epoch):
+            yield images.to(run.device, non_blocking=True)
+
+
+def count_flops(run: Run, images: torch.Tensor) -> int:
+    """FLOPs of one forward + backward of the model on ``images`` (optimizer excluded)."""
+    noise = mask_noise(0, 0, 0, images.shape[0], run.model.num_patches).to(run.device)
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            loss = run.model(images, noise).loss
+        loss.backward()
+    run.optimizer.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def stage_breakdown(run: Run, batches: Iterator[torch.Tensor], steps: int) -> dict[str, float]:
+    """Median ms per stage over ``steps`` steps, synchronising at each stage boundary.
+
+    Mirrors train_step with accum_steps = 1; only the throughput pass uses the production step itself.
+    """
+    samples: dict[str, list[float]] = {s: [] for s in STAGES}
+    for _ in range(steps):
+        t0 = _now(run.device)
+        images = next(batches)
+        t1 = _now(run.device)
+        noise = mask_noise(run.cfg.train.seed, run.pos.step, 0, images.shape[0], run.model.num_patches)
+        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
+            out = run.model(images, noise.to(run.device))
+        t2 = _now(run.device)
+        run.scaler.scale(out.loss).backward()
+        t3 = _now(run.device)
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+        run.optimizer.zero_grad(set_to_none=True)
+        t4 = _now(run.device)
+        run.pos.step += 1
+        for stage, (a, b) in zip(STAGES, itertools.pairwise((t0, t1, t2, t3, t4))):
+            samples[stage].append((b - a) * 1e3)
+    return {f"{s}_ms": sorted(v)[len(v) // 2] for s, v in samples.items()}
+
+
+def _now(device: torch.device) -> float:
+    synchronize(device)
+    return time.perf_counter()
+
+
+def _timed_steps(run: Run, batches: Iterator[torch.Tensor], steps: int) -> float:
+    """ms per production step over ``steps`` steps, synchronised only at both ends."""
+    start = _now(run.device)
+    for _ in range(steps):
+        train_step(run, batches)
+    return (_now(run.device) - start) * 1e3 / steps
+
+
+def run_step_bench(
+    cfg: Config, impls: list[str], steps: int, warmup: int, breakdown_steps: int, fixed_batch: bool = False,
+    rounds: int = 4, log=print,
+) -> tuple[list[dict[str, Any]], torch.device]:  # fmt: skip
+    """Time every impl in ``rounds`` alternating rounds (A B, B A, ...) so that drift (thermal, caches, other
+    processes) does not favour whichever runs first; ms_per_step is the median round, p20/p80 the spread."""
+    device = resolve_device(cfg.train.device)
+    runs, streams, rows = {}, {}, {}
+    for impl in impls:
+        log(f"bench step: building {cfg.model.name} impl={impl} batch={cfg.train.batch_size} on {device} ...")
+        runs[impl] = build_bench_run(cfg, impl, device)
+        streams[impl] = device_batches(runs[impl], fixed_batch)
+        flops = count_flops(runs[impl], next(streams[impl])) * cfg.train.accum_steps
+        for _ in range(warmup):
+            train_step(runs[impl], streams[impl])
+        rows[impl] = {"flops_per_step": flops, "round_ms": []}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    per_round = max(1, steps // rounds)
+    for r in range(rounds):
+        for impl in impls if r % 2 == 0 else impls[::-1]:
+            rows[impl]["round_ms"].append(_timed_steps(runs[impl], streams[impl], per_round))
+    out = [_row(cfg, impl, runs[impl], rows[impl], device, per_round * rounds, fixed_batch) for impl in impls]
+    for impl, row in zip(impls, out):
+        row.update(stage_breakdown(runs[impl], streams[impl], breakdown_steps))
+    base = next((r["img_per_s"] for r in out if r["impl"] == "reference"), None)
+    for row in out:
+        row["speedup_vs_reference"] = row["img_per_s"] / base if base else None
+    return out, device
+
+
+def _row(cfg: Config, impl: str, run: Run, timing: dict[str, Any], device: torch.device, steps: int,
+         fixed_batch: bool) -> dict[str, Any]:  # fmt: skip
+    ms, p20, p80 = quantiles(timing["round_ms"])
+    batch = cfg.train.batch_size * cfg.train.accum_steps
+    flops = timing["flops_per_step"]
+    dtype_name = {torch.bfloat16: "bf16", torch.float16: "fp16", None: "fp32"}[run.amp_dtype]
+    peak = peak_tflops(device, dtype_name)
+    return {
+        "impl": impl,
+        "model": cfg.model.name,
+        "batch": batch,
+        "dtype": dtype_name,
+        "img_size": cfg.model.img_size or 224,
+        "data_source": cfg.data.source,
+        "data_mode": "fixed batch on device" if fixed_batch else "loader",
+        "img_per_s": batch / (ms / 1e3),
+        "ms_per_step": ms,
+        "ms_p20": p20,
+        "ms_p80": p80,
+        "steps": steps,
+        "flops_per_step": flops,
+        "tflops": flops / (ms / 1e3) / 1e12,
+        "peak_tflops": peak,
+        "mfu": flops / (ms / 1e3) / (peak * 1e12) if peak else None,
+        "peak_mem_gib": peak_memory_gib(device) if device.type == "cuda" else None,
+        "peak_rss_gib": peak_memory_gib(torch.device("cpu")),
+    }
+
+
+STEP_COLUMNS = ("impl", "model", "batch", "dtype", "img_per_s", "ms_per_step", "speedup_vs_reference", "mfu",
+                "peak_mem_gib", "data_ms", "forward_ms", "backward_ms", "optimizer_ms")  # fmt: skip

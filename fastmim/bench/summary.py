@@ -1,0 +1,64 @@
+"""Summarise benchmark JSON records: ``python -m fastmim.bench.summary DIR_OR_FILES...``.
+
+Prints one markdown table for step records (img/s, ms/step, speedup, MFU, memory) and one for kernel records
+(each provider's median ms and speedup over the reference), each line naming its GPU and torch version. The README
+results table is pasted from this output, so it only ever quotes committed JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def load_records(paths: list[Path]) -> list[dict]:
+    files = [f for p in paths for f in (sorted(p.glob("*.json")) if p.is_dir() else [p])]
+    return [{**json.loads(f.read_text()), "_file": f.name} for f in files]
+
+
+def _fmt(value, spec: str = ".3g") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def step_table(records: list[dict]) -> list[str]:
+    lines = ["| model | impl | batch | dtype | img/s | ms/step | x reference | MFU | peak GiB | GPU | torch | file |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for rec in records:
+        if rec.get("bench") != "step":
+            continue
+        for r in rec["rows"]:
+            lines.append(
+                f"| {r['model']} | {r['impl']} | {r['batch']} | {r['dtype']} | {r['img_per_s']:.0f} | "
+                f"{r['ms_per_step']:.2f} | {_fmt(r.get('speedup_vs_reference'), '.2f')} | {_fmt(r.get('mfu'), '.1%')} "
+                f"| {_fmt(r.get('peak_mem_gib'), '.1f')} | {rec['gpu']} | {rec['torch']} | {rec['_file']} |"
+            )
+    return lines if len(lines) > 2 else []
+
+
+def kernel_table(records: list[dict]) -> list[str]:
+    lines = ["| bench | provider | mode | shape | dtype | ms (p50) | GB/s | x reference | GPU | torch | file |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for rec in records:
+        if rec.get("bench") in ("step", "data"):
+            continue
+        for r in rec["rows"]:
+            if "ms_p50" not in r:
+                continue
+            shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
+            lines.append(
+                f"| {rec['bench']} | {r['provider']} | {r['mode']} | {shape} | {r['dtype']} | {r['ms_p50']:.3f} | "
+                f"{_fmt(r.get('gbps'), '.0f')} | {_fmt(r.get('speedup'), '.2f')} | {rec['gpu']} | {rec['torch']} | "
+                f"{rec['_file']} |"
+            )
+    return lines if len(lines) > 2 else []
+
+
+def summarize(paths: list[Path]) -> str:
+    records = load_records(paths)
+    parts = [step_table(records), kernel_table(records)]
+    return "\n\n".join("\n".join(p) for p in parts if p) or "no benchmark records found"
+
+
+if __name__ == "__main__":
+    print(summarize([Path(p) for p in sys.argv[1:]] or [Path("benchmarks/results")]))

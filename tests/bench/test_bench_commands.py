@@ -1,0 +1,92 @@
+"""`fastmim bench step`, `bench data` and `profile` run on CPU with the tiny recipe and write what they promise."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from fastmim.cli import main
+
+TINY = ["--model.img_size=32", "--model.decoder_dim=32", "--data.num_images=16", "--train.batch_size=4"]
+
+
+def _record(out: Path, bench: str) -> dict:
+    (path,) = out.glob(f"{bench}-cpu-*.json")
+    return json.loads(path.read_text())
+
+
+def test_bench_step_rows_side_by_side(tmp_path, capsys):
+    assert main(["bench", "step", *TINY, "--steps", "4", "--warmup", "1", "--out", str(tmp_path), "--plot"]) == 0
+    record = _record(tmp_path, "step")
+    assert record["bench"] == "step" and record["gpu"] == "cpu" and "[model]" in record["config"]
+    impls = [r["impl"] for r in record["rows"]]
+    assert impls == ["reference", "fast"]
+    for row in record["rows"]:
+        for key in ("model", "batch", "dtype", "img_per_s", "ms_per_step", "mfu", "peak_mem_gib", "data_ms",
+                    "forward_ms", "backward_ms", "optimizer_ms", "flops_per_step"):  # fmt: skip
+            assert key in row
+        assert row["batch"] == 4 and row["dtype"] == "fp32" and row["img_per_s"] > 0 and row["flops_per_step"] > 0
+        assert row["mfu"] is None  # no peak is claimed for a CPU
+    assert record["rows"][0]["speedup_vs_reference"] == 1.0
+    # the FLOP count is a property of the model and batch, identical for both impls
+    assert record["rows"][0]["flops_per_step"] == record["rows"][1]["flops_per_step"]
+    assert (tmp_path / next(tmp_path.glob("step-*.json")).name.replace(".json", ".png")).exists()
+    assert "speedup_vs_reference" in capsys.readouterr().out
+
+
+def test_bench_data(tmp_path):
+    assert main(["bench", "data", *TINY, "--steps", "2", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    rows = _record(tmp_path, "data")["rows"]
+    assert [r["source"] for r in rows] == ["demo", "synthetic"]
+    assert all(r["img_per_s"] > 0 and r["img_per_s_per_worker"] == r["img_per_s"] for r in rows)
+
+
+def test_profile_trace_and_stage_table(tmp_path, capsys):
+    assert main(["profile", *TINY, "--steps", "1", "--warmup", "1", "--out", str(tmp_path)]) == 0
+    (run_dir,) = tmp_path.iterdir()
+    trace = json.loads((run_dir / "trace.json").read_text())
+    assert trace["traceEvents"]
+    stages = (run_dir / "stages.txt").read_text()
+    for stage in ("patch embed", "encoder blocks", "decoders", "heads", "targets", "optimizer", "data"):
+        assert stage in stages
+    assert "aten::" in (run_dir / "ops.txt").read_text()
+
+
+def test_wrong_provider_fails_the_kernel_command(tmp_path, monkeypatch):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import bench_hog
+
+    original = bench_hog.make_bench
+
+    def broken(device, quick):
+        bench = original(device, quick)
+        bench.providers["compile"] = lambda img: [t + 1 for t in bench.providers["eager"](img)]
+        return bench
+
+    monkeypatch.setattr(bench_hog, "make_bench", broken)
+    code = bench_hog.kernel_main(bench_hog.make_bench, ["--quick", "--providers", "eager,compile", "--out",
+                                                        str(tmp_path)])  # fmt: skip
+    rows = _record(tmp_path, "hog")["rows"]
+    assert code == 1 and [r.get("ok") for r in rows] == [True, False]
+
+
+def test_gpu_suite_script_is_valid_bash():
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_suite.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+
+
+def test_summary_tables(tmp_path):
+    from fastmim.bench.harness import write_record
+    from fastmim.bench.summary import summarize
+
+    step = {"impl": "fast", "model": "m", "batch": 8, "dtype": "bf16", "img_per_s": 1234.4, "ms_per_step": 6.48,
+            "speedup_vs_reference": 2.5, "mfu": 0.41, "peak_mem_gib": 3.21}  # fmt: skip
+    kernel = {"provider": "triton", "mode": "fwd", "shape": {"B": 2}, "dtype": "float32", "ms_p50": 0.1234,
+              "gbps": 2500.0, "speedup": 51.0}  # fmt: skip
+    write_record("step", [step], torch.device("cpu"), tmp_path)
+    write_record("hog", [kernel], torch.device("cpu"), tmp_path)
+    text = summarize([tmp_path])
+    assert "| m | fast | 8 | bf16 | 1234 | 6.48 | 2.50 | 41.0% | 3.2 | cpu |" in text
+    assert "| hog | triton | fwd | B=2 | float32 | 0.123 | 2500 | 51.00 | cpu |" in text
