@@ -37,7 +37,7 @@ def _kernel_benches():
 
 @pytest.mark.parametrize("bench,provider,case,mode", list(_kernel_benches()))
 def test_kernel(benchmark, bench, provider, case, mode):
-    reason = refusal(provider, DEVICE)
+    reason = refusal(provider, DEVICE, bench.cuda_only)
     if reason:
         pytest.skip(reason)
     check_provider(bench, provider, case, mode)

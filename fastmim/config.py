@@ -14,6 +14,7 @@ import difflib
 import importlib.resources
 import inspect
 import itertools
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,11 +49,16 @@ class ModelConfig:
     target: str = ""
     """"hog" or "pixel"; empty = the model's default (HOG for LocalMIM, normalised pixels for MAE)."""
     nbins: int = 0
-    """HOG orientation bins; 0 = the model's default (9 for ViT-S/B, 18 for ViT-L)."""
+    """HOG orientation bins; 0 = the model's default (9 for ViT-S/B, 18 for ViT-L and Swin)."""
     hog_bias: str = "default"
-    """"default", "on" or "off": the frozen random Sobel bias per scale (SPEC 3.3); default = on for ViT-L."""
+    """"default", "on" or "off": the frozen random Sobel bias per scale (SPEC 3.3); default = on for ViT-L and Swin."""
+    attn: str = "sdpa"
+    """Attention backend: "sdpa" (torch picks per call), "flash", "cudnn", "efficient", "math" (SDPA forced to
+    that kernel) or "xformers"; CUDA-only choices fall back to "sdpa" on CPU with a warning."""
     decoder_dim: int = 0
-    """Decoder width; 0 = the model's default (256 for LocalMIM, 512 for MAE)."""
+    """Decoder width; 0 = the model's default (256 for LocalMIM ViT, 512 for MAE, 128 for Swin, whose first is half)."""
+    mask_rule: str = "exact"
+    """Swin (one mask of 32 px units per batch): "exact" masks round(ratio * units), "released" int(ratio*units) + 1."""
 
 
 @dataclass
@@ -109,8 +115,12 @@ class TrainConfig:
     """Log metrics (and synchronise with the device) every this many optimizer steps."""
     save_every: int = 0
     """Save a checkpoint every this many optimizer steps (0 = only at the end)."""
+    keep_last: int = 3
+    """Checkpoints kept in out_dir: the newest keep_last ones plus the one with the lowest training loss; 0 = all."""
     resume: str = ""
-    """A checkpoint path to continue from, "auto" (newest checkpoint in out_dir, if any) or empty."""
+    """A checkpoint path to continue from, "auto" (newest intact checkpoint in out_dir, if any) or empty."""
+    max_nonfinite: int = 20
+    """Save and stop after this many consecutive steps with a non-finite loss or gradient (each one is skipped)."""
     dist: str = "none"
     """Distributed execution: "none" (later "ddp" or "deepspeed")."""
     zero_stage: int = 0
@@ -127,8 +137,10 @@ class Config:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _CHOICES = {
     ("model", "impl"): ("reference", "fast"),
+    ("model", "attn"): ("sdpa", "flash", "cudnn", "efficient", "math", "xformers"),
     ("model", "target"): ("", "hog", "pixel"),
     ("model", "hog_bias"): ("default", "on", "off"),
+    ("model", "mask_rule"): ("exact", "released"),
     ("data", "source"): ("demo", "folder", "synthetic"),
     ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),
     ("train", "device"): ("auto", "cpu", "cuda"),
@@ -264,12 +276,22 @@ def config_from_toml(text: str, where: str = "checkpoint") -> Config:
 
 
 def validate(cfg: Config) -> None:
-    """Range and combination checks; every message names the key and a valid value."""
+    """Type, range and combination checks; every message names the key and a valid value."""
+    for section in _sections(cfg):  # types again: a Config built in Python never went through _coerce
+        values = getattr(cfg, section)
+        for key, typ in _section_types(cfg, section).items():
+            value = _coerce(section, key, getattr(values, key), typ, "config", from_cli=False)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise FastmimError(f"{section}.{key} = {value} is not a finite number; give e.g. {_example(typ)}.")
+            if isinstance(value, str) and not value.isprintable():
+                raise FastmimError(f"{section}.{key} = {value!r} has control or undecodable characters; use text.")
+            setattr(values, key, value)
     for (section, key), choices in _CHOICES.items():
         value = getattr(getattr(cfg, section), key)
         if value not in choices:
             raise FastmimError(f"{section}.{key} = '{value}' is not one of {', '.join(repr(c) for c in choices)}.")
     m, d, t = cfg.model, cfg.data, cfg.train
+    peak_lr = t.lr if t.lr > 0 else t.blr * t.batch_size * t.accum_steps / 256
     checks = [
         (0.0 <= m.mask_ratio < 1.0, "model.mask_ratio must be in [0, 1), e.g. 0.75"),
         (m.img_size >= 0, "model.img_size must be positive (or 0 = 224)"),
@@ -285,11 +307,15 @@ def validate(cfg: Config) -> None:
         (t.warmup_epochs >= 0 and t.warmup_steps >= -1, "warm-up lengths must be >= 0"),
         (t.blr > 0 or t.lr > 0, "train.blr (or train.lr) must be positive"),
         (t.lr >= 0 and t.min_lr >= 0, "train.lr and train.min_lr must be >= 0"),
+        (t.min_lr <= peak_lr, f"train.min_lr must not exceed the peak learning rate ({peak_lr:.3g})"),
         (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
         (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)"),
         (t.clip_grad >= 0, "train.clip_grad must be >= 0 (0 = off)"),
         (t.log_every > 0, "train.log_every must be positive"),
         (t.save_every >= 0, "train.save_every must be >= 0 (0 = save at the end only)"),
+        (t.keep_last >= 0, "train.keep_last must be >= 0 (0 = keep every checkpoint)"),
+        (t.max_nonfinite > 0, "train.max_nonfinite must be positive, e.g. 20"),
+        (0 <= t.seed < 2**63, "train.seed must be in [0, 2**63)"),
         (0 <= t.zero_stage <= 3, "train.zero_stage must be 0, 1, 2 or 3"),
         (t.zero_stage == 0 or t.dist == "deepspeed", "train.zero_stage needs train.dist = 'deepspeed'"),
         (bool(t.out_dir), "train.out_dir must not be empty"),

@@ -158,6 +158,7 @@ class KernelBench:
     atol: float = 1e-4
     rtol: float = 1e-4
     tolerances: dict[str, tuple[float, float]] = field(default_factory=dict)  # per-provider (atol, rtol)
+    cuda_only: tuple[str, ...] = ("triton",)  # providers that are refused on CPU
 
 
 def _outputs(out: Any) -> list[torch.Tensor]:
@@ -226,10 +227,12 @@ def _timed_fn(fn: Callable, inputs: tuple, mode: str) -> Callable[[], Any]:
     return lambda: torch.autograd.grad(outs, grad_inputs, upstream, retain_graph=True, allow_unused=True)
 
 
-def refusal(provider: str, device: torch.device) -> str | None:
+def refusal(provider: str, device: torch.device, cuda_only: Sequence[str] = ("triton",)) -> str | None:
     """Why a provider cannot be timed here, or None."""
     if provider == "triton" and (interpreter_active() or device.type != "cuda"):
         return "the triton provider is only timed on a GPU, never under the interpreter"
+    if provider in cuda_only and device.type != "cuda":
+        return f"the {provider} provider runs on CUDA only"
     return None
 
 
@@ -244,7 +247,7 @@ def run_kernel_bench(bench: KernelBench, device: torch.device, providers: Sequen
             for provider in providers or list(bench.providers):
                 row: dict[str, Any] = {"provider": provider, "mode": mode, "shape": case.shape,
                                        "dtype": str(case.dtype).removeprefix("torch.")}  # fmt: skip
-                reason = refusal(provider, device)
+                reason = refusal(provider, device, bench.cuda_only)
                 if reason:
                     rows.append({**row, "skipped": reason})
                     continue

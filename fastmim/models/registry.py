@@ -1,7 +1,7 @@
 """Model registry: ``@register_model`` entrypoints, ``create_model(name, impl=..., **overrides)``, ``list_models()``.
 
 Entrypoint names follow the architecture (timm style). Sizes: ViT-Ti 192/12/3 (a CPU-friendly debug size),
-ViT-S 384/12/6, ViT-B 768/12/12, ViT-L 1024/24/16, all patch 16 (SPEC 2.1).
+ViT-S 384/12/6, ViT-B 768/12/12, ViT-L 1024/24/16, all patch 16 (SPEC 2.1). The Swin entrypoints live in swin.py.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from torch import nn
 from fastmim.errors import FastmimError
 from fastmim.models.localmim import LocalMIMViT
 from fastmim.models.mae import MAEViT
+from fastmim.models.vit import set_attention_backend
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 IMPLS = ("reference", "fast")
@@ -57,11 +58,19 @@ def model_from_config(mcfg: Any) -> nn.Module:
             overrides["hog_bias"] = mcfg.hog_bias == "on"
     elif mcfg.target not in ("", "pixel") or mcfg.nbins or mcfg.hog_bias != "default":
         raise FastmimError(f"{mcfg.name} always uses normalised-pixel targets; unset model.target/nbins/hog_bias.")
-    return create_model(mcfg.name, impl=mcfg.impl, **overrides)
+    if name_is_swin(mcfg.name):
+        overrides["mask_rule"] = mcfg.mask_rule
+    elif mcfg.mask_rule != "exact":
+        raise FastmimError(f"model.mask_rule applies to Swin models only; unset it for {mcfg.name}.")
+    return set_attention_backend(create_model(mcfg.name, impl=mcfg.impl, **overrides), mcfg.attn)
 
 
 def name_is_localmim(name: str) -> bool:
     return name.startswith("localmim_")
+
+
+def name_is_swin(name: str) -> bool:
+    return name.startswith("localmim_swin_")
 
 
 def _vit(depth: int, dim: int, heads: int) -> dict[str, int]:

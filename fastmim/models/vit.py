@@ -7,11 +7,15 @@ outputs of the requested blocks.
 
 from __future__ import annotations
 
+import functools
+import importlib
+import warnings
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastmim.masking import Masking
 
@@ -41,22 +45,75 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> Tensor:
     return emb.float()
 
 
-class Attention(nn.Module):
-    """Multi-head self-attention through torch's scaled_dot_product_attention. [B, N, C] -> [B, N, C]."""
+# model.attn: "sdpa" lets torch choose per call; the others force one SDPA backend or use xformers.
+ATTN_BACKENDS = ("sdpa", "flash", "cudnn", "efficient", "math", "xformers")
+_FORCED = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+_CUDA_ONLY = ("flash", "cudnn", "efficient", "xformers")
+_fallback_warned: set[str] = set()
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+
+@functools.cache
+def _xformers_ops():
+    """xformers.ops, or None when xformers is not installed or does not import (it has no CPU kernels anyway)."""
+    try:
+        return importlib.import_module("xformers.ops")
+    except Exception:  # an installed xformers built for another torch can fail with any error at import
+        return None
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
+    """softmax(q k^T / sqrt(d)) v for q, k, v [B, H, N, d] through the chosen backend.
+
+    Forced CUDA backends (flash, cudnn, efficient, xformers) fall back to automatic SDPA on CPU tensors, and
+    xformers also when it is not installed, with a one-time warning naming the fallback.
+    """
+    if backend in _CUDA_ONLY and (not q.is_cuda or (backend == "xformers" and _xformers_ops() is None)):
+        if backend not in _fallback_warned:
+            _fallback_warned.add(backend)
+            why = "runs on CUDA only" if not q.is_cuda else "is not installed (pip install fastmim[xformers])"
+            warnings.warn(f"model.attn={backend!r} {why}; using torch SDPA instead", stacklevel=2)
+        backend = "sdpa"
+    if backend == "xformers":
+        out = _xformers_ops().memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v)
+    with sdpa_kernel(_FORCED[backend]):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention. [B, N, C] -> [B, N, C]. ``backend``: one of ATTN_BACKENDS (see attention())."""
+
+    def __init__(self, dim: int, num_heads: int, backend: str = "sdpa") -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads = num_heads
+        self.backend = backend
         self.qkv = nn.Linear(dim, 3 * dim, bias=True)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         b, n, c = x.shape
         q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attention(q, k, v, self.backend)
         return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+
+def set_attention_backend(model: nn.Module, backend: str) -> nn.Module:
+    """Use ``backend`` in every Attention module of ``model`` (encoder and decoders); returns the model."""
+    if backend not in ATTN_BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; use one of {', '.join(ATTN_BACKENDS)}")
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.backend = backend
+    return model
 
 
 class Mlp(nn.Module):

@@ -1,0 +1,49 @@
+"""bench "attention": every attention backend on LocalMIM ViT-B's shapes, forward and forward + backward.
+
+Shapes (PERFORMANCE.md section 2): the encoder sees 1 + 49 tokens (12 heads of 64), each decoder 1 + 196 tokens
+(8 heads of 32). Providers: eager (explicit softmax(q k^T / sqrt(d)) v, as the released code computes it), sdpa
+(torch picks), flash / cudnn / efficient / math (SDPA forced), xformers (when installed). At these short sequence
+lengths the win is avoiding materialised scores and copies, not FLOPs: measure all, keep the fastest as model.attn.
+
+    python benchmarks/bench_attention.py [--providers ...] [--modes fwd,full] [--quick] [--out DIR] [--plot]
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from fastmim.bench.harness import Case, KernelBench, kernel_main
+from fastmim.models.vit import _xformers_ops, attention
+
+
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+    return scores.softmax(dim=-1) @ v
+
+
+def make_bench(device: torch.device, quick: bool) -> KernelBench:
+    """Attention over encoder (B x 12 x 50 x 64) and decoder (B x 8 x 197 x 32) shapes."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    backends = ["sdpa", "flash", "cudnn", "efficient", "math"] + (["xformers"] if _xformers_ops() else [])
+    providers = {"eager": eager_attention}
+    providers.update({b: (lambda q, k, v, b=b: attention(q, k, v, b)) for b in backends})
+    batch = 2 if quick else 256
+    cases = []
+    for name, heads, tokens, dim in (("encoder", 12, 50, 64), ("decoder", 8, 197, 32)):
+
+        def make(h=heads, n=tokens, d=dim):
+            return tuple(torch.randn(batch, h, n, d, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+
+        elem = batch * heads * tokens * dim
+        shape = {"where": name, "B": batch, "H": heads, "N": tokens, "d": dim}
+        flops = 4 * batch * heads * tokens * tokens * dim
+        cases.append(Case(shape, dtype, make, bytes=4 * elem * dtype.itemsize, flops=flops))
+    tol = (2e-2, 2e-2) if dtype == torch.bfloat16 else (1e-4, 1e-4)
+    return KernelBench("attention", providers, cases, modes=("fwd", "full"), reference="eager", atol=tol[0],
+                       rtol=tol[1], cuda_only=("flash", "cudnn", "efficient", "xformers"))  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(kernel_main(make_bench))
