@@ -1,0 +1,42 @@
+"""Execution wrappers applied to a model from outside it (models contain no parallelism or compilation code).
+
+Regional compilation: each transformer block is compiled on its own (``Block.compile()``), so identical blocks
+share one compiled graph (parameters are graph inputs), compile time stays a few blocks' worth instead of a whole
+model's, and anything outside the blocks (masking, gathers, fastmim's Triton custom ops) stays eager without
+breaking a graph.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from fastmim.models.vit import Block
+
+
+def compile_wanted(setting: str, device: torch.device) -> bool:
+    """train.compile: "auto" = on for CUDA, off on CPU (inductor's CPU compile costs more than it saves on the
+    tiny CPU recipe); "on"; "off"."""
+    return setting == "on" or (setting == "auto" and device.type == "cuda")
+
+
+def apply_compile(model: nn.Module, backend: str = "inductor") -> int:
+    """Compile every transformer Block of ``model`` in place; returns how many were wrapped. Compilation itself
+    happens lazily at the first forward (see :func:`timed_first_call` to report its cost)."""
+    blocks = [m for m in model.modules() if isinstance(m, Block)]
+    for block in blocks:
+        block.compile(backend=backend, dynamic=False)
+    return len(blocks)
+
+
+def timed_first_call(fn, *args, **kwargs) -> tuple[object, float]:
+    """(result, seconds) of one call, synchronised on CUDA: the compile time when it is the first step."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = fn(*args, **kwargs)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - start
