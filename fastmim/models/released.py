@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from fastmim.errors import FastmimError
-from fastmim.models.registry import create_model, name_is_localmim
+from fastmim.models.registry import create_model, name_is_localmim, name_is_swin
 from fastmim.targets.hog import SOBEL_WEIGHT
 
 _COMMON = [
@@ -87,8 +87,12 @@ def convert_released_state_dict(state_dict: dict[str, Tensor], name: str) -> dic
     """Translate a released LocalMIM / MAE state dict (SPEC 9 names) to fastmim names for model ``name``.
 
     Every key is mapped or checked: the Sobel weights must be the fixed kernels, per-scale HOG biases are stacked
-    into ``target.bias`` [4, 2]. Unknown keys are refused.
+    into ``target.bias`` [4, 2]. Unknown keys are refused. Swin models: see fastmim.models.swin_weights.
     """
+    if name_is_swin(name):
+        from fastmim.models.swin_weights import convert_released_swin  # imports this module: load it lazily
+
+        return convert_released_swin(state_dict)
     state_dict = unwrap_state_dict(state_dict)
     rules, out, biases = _rules(name, to_fastmim=True), {}, {}
     for key, value in state_dict.items():
@@ -118,6 +122,10 @@ def convert_released_state_dict(state_dict: dict[str, Tensor], name: str) -> dic
 
 def export_released_state_dict(state_dict: dict[str, Tensor], name: str) -> dict[str, Tensor]:
     """The reverse of :func:`convert_released_state_dict`: fastmim names -> released names (with Sobel weights)."""
+    if name_is_swin(name):
+        from fastmim.models.swin_weights import export_released_swin
+
+        return export_released_swin(state_dict)
     rules, out = _rules(name, to_fastmim=False), {}
     for key, value in state_dict.items():
         if key == "target.bias":
@@ -140,6 +148,10 @@ def _has_hog(fastmim_sd: dict[str, Tensor]) -> bool:
 
 def _infer_overrides(sd: dict[str, Tensor], name: str) -> dict[str, Any]:
     """Constructor overrides that the released shapes imply (image size, decoder width, bins, bias, target)."""
+    if name_is_swin(name):
+        from fastmim.models.swin_weights import infer_swin_overrides
+
+        return infer_swin_overrides(sd)
     patch = sd["encoder.patch_embed.proj.weight"].shape[-1]
     grid = round((sd["encoder.pos_embed"].shape[1] - 1) ** 0.5)
     kw: dict[str, Any] = {"img_size": grid * patch}

@@ -1,0 +1,207 @@
+"""LocalMIM for Swin (SPEC section 4): a sparse Swin encoder, four stage taps, light decoders, multi-scale targets.
+
+Masking is per batch: the image is cut into 32 px mask units (7 x 7 at 224 px) and one set of units is removed from
+every image of the batch, so the encoder packs the same visible tokens for all images (see swin_encoder.py).
+
+The ``noise`` contract (what the trainer passes as ``model(images, noise)``): a tensor of shape [num_units] or
+[B, num_units] (``model.num_patches == model.num_units``); only its first row is used. ids = argsort(noise)
+ascending; the first ``num_units - n_masked`` units are kept, the rest masked. n_masked = round(ratio * units) (halves
+round up) with ``mask_rule = "exact"`` (the default), or int(ratio * units) + 1 with ``mask_rule = "released"`` (the
+authors' ``randperm(L) <= int(ratio * L)`` test, which masks one unit more: 37 of 49 at 0.75, 30 of 49 at 0.6); at
+least one unit always stays visible. The same noise row reproduces the mask exactly. The mask is computed on the
+host: noise on a GPU costs one small device-to-host copy per step (pass CPU noise to avoid it).
+
+Taps: the outputs of the four stages, after patch merging for stages 1-3 (28 x 28, 14 x 14, 7 x 7, 7 x 7 tokens at
+224 px), each through its own LayerNorm, feed one decoder each: Linear in -> w (w = decoder_dim / 2, then
+decoder_dim: 64, 128, 128, 128), the decoder's mask token at masked positions, raster order, fixed 2-D sin-cos
+position embedding (no cls), one block (4 heads), LayerNorm, Linear head to 3 * nbins (HOG) or 3 * p * p (pixels).
+Targets at 8 / 16 / 32 / 32 px cells; loss weights are the unit mask upsampled (nearest, binary) x4, x2, x1, x1.
+Total loss = the unweighted sum of the four masked MSEs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from fastmim.masking import scale_weights
+from fastmim.models.base import MIMOutput, masked_mse
+from fastmim.models.decoder import MaskedDecoder
+from fastmim.models.registry import register_model
+from fastmim.models.swin_encoder import SparseSwinEncoder
+from fastmim.models.vit import LN_EPS, init_weights, sincos_pos_embed
+from fastmim.targets import HOGTarget, PixelTarget
+
+MASK_RULES = ("exact", "released")
+
+
+class UnitMasking(NamedTuple):
+    visible: Tensor  # [V] int64 (CPU): kept unit indices, raster order, ascending
+    mask: Tensor  # [num_units] float (CPU): 1 = masked, 0 = kept
+
+
+def num_masked_units(num_units: int, mask_ratio: float, rule: str = "exact") -> int:
+    """Units masked per batch: round(ratio * units) ("exact") or int(ratio * units) + 1 ("released"), at most
+    units - 1."""
+    if rule not in MASK_RULES:
+        raise ValueError(f"unknown mask rule '{rule}'; use one of {', '.join(MASK_RULES)}")
+    n = math.floor(mask_ratio * num_units + 0.5) if rule == "exact" else int(mask_ratio * num_units) + 1
+    return min(n, num_units - 1)
+
+
+def unit_masking(noise: Tensor | None, num_units: int, mask_ratio: float, rule: str = "exact") -> UnitMasking:
+    """The batch's unit mask from ``noise`` ([num_units] or [B, num_units]; first row used) or fresh U[0, 1) noise
+    (module docstring)."""
+    if noise is None:
+        noise = torch.rand(num_units)
+    elif noise.ndim not in (1, 2) or noise.shape[-1] != num_units or noise.numel() == 0:
+        raise ValueError(f"noise must have shape [{num_units}] or [B, {num_units}], got {list(noise.shape)}")
+    row = noise.reshape(-1, num_units)[0].detach().cpu()
+    keep = num_units - num_masked_units(num_units, mask_ratio, rule)
+    visible = torch.argsort(row, stable=True)[:keep].sort().values
+    mask = torch.ones(num_units)
+    mask[visible] = 0.0
+    return UnitMasking(visible, mask)
+
+
+def restore_index(visible: Tensor, units_per_side: int, r: int) -> Tensor:
+    """For a map of units_per_side * r tokens per side: index [L] into [visible tokens (unit-major order), then the
+    masked positions in raster order] that puts every token at its raster position."""
+    side = units_per_side * r
+    uy, ux = (visible // units_per_side) * r, (visible % units_per_side) * r
+    a = torch.arange(r)
+    pos = ((uy[:, None, None] + a[None, :, None]) * side + ux[:, None, None] + a[None, None, :]).flatten()
+    restore = torch.empty(side * side, dtype=torch.long)
+    restore[pos] = torch.arange(pos.numel())
+    masked = torch.ones(side * side, dtype=torch.bool)
+    masked[pos] = False
+    restore[masked] = pos.numel() + torch.arange(side * side - pos.numel())
+    return restore
+
+
+class SwinDecoder(MaskedDecoder):
+    """A MaskedDecoder without cls (SPEC 4) and with a Linear ``head``:
+    ``forward(x [B, N_vis, D_in] unit-major, restore [L]) -> [B, L, out_dim]`` in raster order."""
+
+    def __init__(self, in_dim: int, dim: int, num_heads: int, grid: int, out_dim: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__(in_dim, dim, 1, num_heads, grid, mlp_ratio)
+        self.register_buffer("pos_embed", sincos_pos_embed(dim, grid, cls_token=False).unsqueeze(0))
+        self.head = nn.Linear(dim, out_dim)
+        init_weights(self.head)
+
+    def forward(self, x: Tensor, restore: Tensor) -> Tensor:
+        x = self.embed(x)
+        b, n, c = x.shape
+        x = torch.cat([x, self.mask_token.expand(b, restore.numel() - n, c)], dim=1)[:, restore] + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        return self.head(self.norm(x))
+
+
+class LocalMIMSwin(nn.Module):
+    """LocalMIM Swin. ``forward(imgs [B, 3, H, W] normalised, noise [U] | [B, U] | None) -> MIMOutput`` with
+    ``mask`` [B, U] (the batch's unit mask, the same row for every image), U = (H / 32)^2 = ``num_patches``."""
+
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 4,
+        embed_dim: int = 128,
+        depths: Sequence[int] = (2, 2, 18, 2),
+        num_heads: Sequence[int] = (4, 8, 16, 32),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        decoder_dim: int = 128,
+        decoder_heads: int = 4,
+        target: str = "hog",
+        nbins: int = 18,
+        hog_bias: bool = True,
+        mask_ratio: float = 0.75,
+        mask_rule: str = "exact",
+        impl: str = "reference",
+    ) -> None:
+        super().__init__()
+        if len(depths) != 4:
+            raise ValueError(f"LocalMIM-Swin taps four stages: depths must have 4 entries, got {list(depths)}")
+        num_masked_units(1, mask_ratio, mask_rule)  # validates the rule
+        self.mask_ratio, self.mask_rule, self.impl = mask_ratio, mask_rule, impl
+        self.encoder = SparseSwinEncoder(img_size, patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio)
+        # Tap k: 2^(k+1) times coarser than the patch grid, except the last stage, which has no merging.
+        levels = [min(k + 1, 3) for k in range(4)]
+        self.tokens_per_unit = [8 // 2**lv for lv in levels]  # r: 4, 2, 1, 1 tokens per unit side
+        self.cell_sizes = [patch_size * 2**lv for lv in levels]  # 8, 16, 32, 32 px
+        dims = [embed_dim * 2**lv for lv in levels]
+        if target == "hog":
+            self.target = HOGTarget(self.cell_sizes, nbins=nbins, bias=hog_bias)
+        elif target == "pixel":
+            self.target = PixelTarget(self.cell_sizes, norm_pix=True)
+        else:
+            raise ValueError(f"unknown target '{target}'; use 'hog' or 'pixel'")
+        u = self.encoder.units_per_side
+        self.tap_norms = nn.ModuleList(nn.LayerNorm(d, eps=LN_EPS) for d in dims)
+        self.decoders = nn.ModuleList(
+            SwinDecoder(d, decoder_dim // 2 if k == 0 else decoder_dim, decoder_heads, u * r, out, mlp_ratio)
+            for k, (d, r, out) in enumerate(zip(dims, self.tokens_per_unit, self.target.out_dims))
+        )
+
+    @property
+    def num_units(self) -> int:
+        return self.encoder.num_units
+
+    @property
+    def num_patches(self) -> int:
+        """The length of a noise row (the trainer draws noise [B, num_patches]): one value per mask unit."""
+        return self.encoder.num_units
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters that SPEC 5 exempts from weight decay for Swin beyond 1-D tensors and biases: the decoders'
+        mask tokens and the relative-position bias tables."""
+        return {n for n, _ in self.named_parameters() if n.endswith(("mask_token", "relative_position_bias_table"))}
+
+    def forward(self, imgs: Tensor, noise: Tensor | None = None) -> MIMOutput:
+        masking = unit_masking(noise, self.num_units, self.mask_ratio, self.mask_rule)
+        b, u = imgs.shape[0], self.encoder.units_per_side
+        mask = masking.mask.to(imgs.device).expand(b, -1)
+        targets = self.target(imgs)
+        feats = self.encoder(imgs, masking.visible)
+        preds, losses = [], []
+        for k, feat in enumerate(feats):
+            r = self.tokens_per_unit[k]
+            restore = restore_index(masking.visible, u, r).to(imgs.device)
+            pred = self.decoders[k](self.tap_norms[k](feat.reshape(b, -1, feat.shape[-1])), restore)
+            preds.append(pred)
+            losses.append(masked_mse(pred, targets[k], scale_weights(mask, u, r)))
+        return MIMOutput(sum(losses), losses, mask, preds, targets)
+
+
+SWIN_BASE = {"embed_dim": 128, "depths": (2, 2, 18, 2), "num_heads": (4, 8, 16, 32)}
+
+
+@register_model
+def localmim_swin_nano_patch4_window4(**kw: Any) -> LocalMIMSwin:
+    """The CPU debug size (32 wide, depths 2, 2, 2, 2, not a Swin of the literature), window 4: at 64 px the maps of
+    16, 8, 4, 2 tokens split into whole windows, so it exports to timm exactly."""
+    return LocalMIMSwin(**{"embed_dim": 32, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 4, 8), "window_size": 4, **kw})
+
+
+@register_model
+def localmim_swin_tiny_patch4_window7(**kw: Any) -> LocalMIMSwin:
+    """Swin-T (96 wide, depths 2, 2, 6, 2), window 7; not a published LocalMIM recipe."""
+    return LocalMIMSwin(**{"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24), **kw})
+
+
+@register_model
+def localmim_swin_base_patch4_window7(**kw: Any) -> LocalMIMSwin:
+    """Swin-B (128 wide, depths 2, 2, 18, 2), window 7, HOG with 18 bins and the frozen Sobel bias (SPEC 4, 5)."""
+    return LocalMIMSwin(**{**SWIN_BASE, "window_size": 7, **kw})
+
+
+@register_model
+def localmim_swin_large_patch4_window14(**kw: Any) -> LocalMIMSwin:
+    """Swin-L (192 wide, depths 2, 2, 18, 2), window 14, HOG with 18 bins and the frozen Sobel bias (SPEC 4, 5)."""
+    return LocalMIMSwin(**{"embed_dim": 192, "depths": (2, 2, 18, 2), "num_heads": (6, 12, 24, 48),
+                           "window_size": 14, **kw})  # fmt: skip
