@@ -204,7 +204,11 @@ class MaskedViTEncoder(nn.Module):
         x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
         x = torch.gather(x, 1, masking.ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
         cls = (self.cls_token + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
-        x = torch.cat([cls, x], dim=1)
+        return self.forward_blocks(torch.cat([cls, x], dim=1), taps)
+
+    def forward_blocks(self, x: Tensor, taps: Sequence[int]) -> list[Tensor]:
+        """The blocks on the input tokens x [B, 1 + len_keep, D]: the outputs of the tapped blocks (forward's second
+        half; impl "fast" builds x with the fused gather of fastmim.kernels.masked_gather instead)."""
         outs = []
         for i, block in enumerate(self.blocks):
             x = block(x)
