@@ -6,6 +6,10 @@
     fastmim list-models                                            registered model names
     fastmim import-checkpoint SRC --model NAME --out DST           released LocalMIM/MAE weights -> fastmim
     fastmim export-released SRC --out DST                          fastmim weights -> the released layout
+    fastmim finetune [--config RECIPE] [--section.key=value ...]   fine-tune an encoder (SPEC 6), top-1/top-5
+    fastmim linprobe [--config RECIPE] [--section.key=value ...]   linear probe of a frozen encoder
+    fastmim export CKPT --format timm --out FILE                   encoder -> safetensors for timm's ViT
+    fastmim visualize CKPT --out FILE.png [--images IMG ...]       input, mask, targets, predictions
     fastmim bench step|data [--config RECIPE] [overrides] [--out DIR] [--plot]   throughput benchmarks (JSON)
     fastmim profile [--config RECIPE] [overrides] [--steps N]       profiler trace + per-stage table
 
@@ -63,6 +67,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export-released", help="write fastmim weights in the authors' released layout")
     p.add_argument("src", help="fastmim checkpoint or weights file")
     p.add_argument("--out", required=True, help="output .pth file ({'model': state_dict} with released names)")
+    for name, text in (
+        ("finetune", "fine-tune a pre-trained encoder (SPEC 6; default: tiny recipe on digits)"),
+        ("linprobe", "linear-probe a frozen encoder (MAE protocol; default: tiny recipe on digits)"),
+    ):
+        p = sub.add_parser(name, help=text)
+        _add_config_args(p)
+        p.add_argument("--keys", action="store_true", help="print every evaluation config key and its meaning")
+    p = sub.add_parser("export", help="write an encoder (pre-trained or fine-tuned) as safetensors for timm")
+    p.add_argument("src", help="fastmim checkpoint, weights file or fine-tuned checkpoint")
+    p.add_argument("--format", default="timm", choices=["timm"], help="target library (default: timm)")
+    p.add_argument("--out", required=True, help="output .safetensors file")
+    p = sub.add_parser("visualize", help="PNG grid: input, mask, per-scale targets and predictions")
+    p.add_argument("src", help="pre-training checkpoint or fastmim weights file")
+    p.add_argument("--out", required=True, help="output .png file")
+    p.add_argument("--images", nargs="+", default=[], metavar="IMG", help="image files (default: built-in demo)")
+    p.add_argument("--num", type=int, default=4, help="number of demo images when --images is not given")
+    p.add_argument("--seed", type=int, default=0, help="seed of the masks")
+    p.add_argument("--hog-style", default="glyphs", choices=["glyphs", "bins"], help="HOG drawing (default glyphs)")
     return parser
 
 
@@ -73,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-        if extra and args.command not in ("pretrain", "config", "bench", "profile"):
+        if extra and args.command not in ("pretrain", "config", "bench", "profile", "finetune", "linprobe"):
             raise FastmimError(f"unexpected arguments {' '.join(extra)}; see `fastmim {args.command} --help`.")
         return _COMMANDS[args.command](args, extra)
     except FastmimError as e:
@@ -138,6 +160,65 @@ def cmd_export_released(args: argparse.Namespace, extra: list[str]) -> int:
     name, state_dict = load_fastmim_weights(args.src)
     atomic_save({"model": export_released_state_dict(state_dict, name)}, out)
     print(f"exported {args.src} ({name}) in the released layout -> {out}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
+    from fastmim.eval.config import dump_toml, eval_reference_markdown, load_eval_config
+
+    if args.keys:
+        print(eval_reference_markdown())
+        return 0
+    from fastmim.eval.finetune import finetune
+
+    cfg = load_eval_config(args.config, overrides)
+    print("resolved config:\n" + dump_toml(cfg))
+    s = finetune(cfg)
+    last = s["last"] or {}
+    print(
+        f"done: {s['model']} fine-tuned for {s['steps']} steps on {s['device']}; best top-1 {s['best_acc1']:.2f}%, "
+        f"last top-1 {last.get('acc1', float('nan')):.2f}% / top-5 {last.get('acc5', float('nan')):.2f}%\n"
+        f"  best: {s['best']}\n  last: {s['last_checkpoint']}\n  metrics: {s['metrics']}\n  curves: {s['plot']}"
+    )
+    return 0
+
+
+def cmd_linprobe(args: argparse.Namespace, overrides: list[str]) -> int:
+    from fastmim.eval.config import dump_toml, eval_reference_markdown, load_eval_config
+
+    if args.keys:
+        print(eval_reference_markdown())
+        return 0
+    from fastmim.eval.linprobe import linprobe
+
+    cfg = load_eval_config(args.config, overrides)
+    print("resolved config:\n" + dump_toml(cfg))
+    s = linprobe(cfg)
+    print(
+        f"done: linear probe of the {s['encoder']}: top-1 {s['acc1']:.2f}%, top-5 {s['acc5']:.2f}% "
+        f"({s['num_train']} train / {s['num_val']} val images; features in {s['extract_s']:.1f} s, "
+        f"probe in {s['probe_s']:.1f} s)\n  result: {s['result']}\n  curves: {s['plot']}"
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastmim.eval.export import export_timm
+
+    out = _fresh_output(args.out)
+    meta = export_timm(args.src, out)
+    print(
+        f"exported {args.src} ({meta['fastmim_model']}) for timm -> {out}\n  load with: "
+        f"timm.create_model('{meta['timm_model']}', **{meta['timm_kwargs']}) + load_state_dict(load_file('{out}'))"
+    )
+    return 0
+
+
+def cmd_visualize(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastmim.eval.visualize import visualize
+
+    out = _fresh_output(args.out)
+    print(f"wrote {visualize(args.src, out, args.images, args.num, args.seed, args.hog_style)}")
     return 0
 
 
@@ -209,6 +290,10 @@ _COMMANDS = {
     "list-models": cmd_list_models,
     "import-checkpoint": cmd_import_checkpoint,
     "export-released": cmd_export_released,
+    "finetune": cmd_finetune,
+    "linprobe": cmd_linprobe,
+    "export": cmd_export,
+    "visualize": cmd_visualize,
     "bench": cmd_bench,
     "profile": cmd_profile,
 }
