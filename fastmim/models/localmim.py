@@ -11,9 +11,10 @@ from fractions import Fraction
 
 from torch import Tensor, nn
 
-from fastmim.masking import scale_weights
+from fastmim.masking import Masking, scale_weights
 from fastmim.models.base import MIMOutput, make_masking, masked_mse
 from fastmim.models.decoder import MaskedDecoder, ScaleHead
+from fastmim.models.fast_heads import heads_and_loss
 from fastmim.models.vit import LN_EPS, MaskedViTEncoder
 from fastmim.targets import HOGTarget, PixelTarget
 
@@ -77,6 +78,8 @@ class LocalMIMViT(nn.Module):
         masking = make_masking(imgs, self.num_patches, self.mask_ratio, noise)
         targets = self.target(imgs)
         feats = self.encoder(imgs, masking, self.taps)
+        if self.impl == "fast":
+            return self._fast_heads_and_loss(feats, targets, masking)
         preds, losses = [], []
         for k, scale in enumerate(self.scales):
             decoder = self.decoders[k]
@@ -84,4 +87,14 @@ class LocalMIMViT(nn.Module):
             weight = scale_weights(masking.mask, self.encoder.grid, scale)
             preds.append(pred)
             losses.append(masked_mse(pred, targets[k], weight))
+        return MIMOutput(sum(losses), losses, masking.mask, preds, targets)
+
+    def _fast_heads_and_loss(self, feats: list[Tensor], targets: list[Tensor], masking: Masking) -> MIMOutput:
+        """impl = "fast": the same decoders, then heads evaluated only at cells that reach the loss and one fused
+        loss kernel (fastmim.models.fast_heads). ``preds[k]`` scatters to [B, N_k, out] on first access, zero at
+        cells of loss weight 0; ``preds.compact`` holds the computed predictions."""
+        tokens = [dec(self.tap_norms[k](feats[k]), masking.ids_restore) for k, dec in enumerate(self.decoders)]
+        num_masked = masking.ids_restore.shape[1] - masking.ids_keep.shape[1]
+        heads = [dec.head for dec in self.decoders]
+        preds, losses = heads_and_loss(heads, tokens, targets, masking.mask, self.encoder.grid, num_masked)
         return MIMOutput(sum(losses), losses, masking.mask, preds, targets)
