@@ -12,6 +12,7 @@ from fractions import Fraction
 from torch import Tensor, nn
 
 from fastmim.masking import Masking, scale_weights
+from fastmim.models import fast_path
 from fastmim.models.base import MIMOutput, make_masking, masked_mse
 from fastmim.models.decoder import MaskedDecoder, ScaleHead
 from fastmim.models.fast_heads import heads_and_loss
@@ -44,6 +45,9 @@ class LocalMIMViT(nn.Module):
         if depth < 4:
             raise ValueError(f"LocalMIM taps blocks 1, 3, depth-3, depth-1: depth must be >= 4, got {depth}")
         self.mask_ratio, self.impl = mask_ratio, impl
+        # impl "fast": run the four decoders as one grouped computation (False: one after another, each with the
+        # fused decoder input). benchmarks/bench_decoders.py measures both; see fastmim.models.fast_path.
+        self.group_decoders = True
         self.taps = [1, 3, depth - 3, depth - 1]
         self.scales = VIT_SCALES
         cells = [Fraction(patch_size) / Fraction(s) for s in self.scales]
@@ -77,9 +81,10 @@ class LocalMIMViT(nn.Module):
     def forward(self, imgs: Tensor, noise: Tensor | None = None) -> MIMOutput:
         masking = make_masking(imgs, self.num_patches, self.mask_ratio, noise)
         targets = self.target(imgs)
-        feats = self.encoder(imgs, masking, self.taps)
         if self.impl == "fast":
+            feats = fast_path.encode(self.encoder, imgs, masking, self.taps)
             return self._fast_heads_and_loss(feats, targets, masking)
+        feats = self.encoder(imgs, masking, self.taps)
         preds, losses = [], []
         for k, scale in enumerate(self.scales):
             decoder = self.decoders[k]
@@ -90,10 +95,11 @@ class LocalMIMViT(nn.Module):
         return MIMOutput(sum(losses), losses, masking.mask, preds, targets)
 
     def _fast_heads_and_loss(self, feats: list[Tensor], targets: list[Tensor], masking: Masking) -> MIMOutput:
-        """impl = "fast": the same decoders, then heads evaluated only at cells that reach the loss and one fused
-        loss kernel (fastmim.models.fast_heads). ``preds[k]`` scatters to [B, N_k, out] on first access, zero at
-        cells of loss weight 0; ``preds.compact`` holds the computed predictions."""
-        tokens = [dec(self.tap_norms[k](feats[k]), masking.ids_restore) for k, dec in enumerate(self.decoders)]
+        """impl = "fast": the same decoders (fused decoder input, grouped: fastmim.models.fast_path), then heads
+        evaluated only at cells that reach the loss and one fused loss kernel (fastmim.models.fast_heads).
+        ``preds[k]`` scatters to [B, N_k, out] on first access, zero at cells of loss weight 0; ``preds.compact``
+        holds the computed predictions."""
+        tokens = fast_path.decode(self.decoders, self.tap_norms, feats, masking.ids_restore, self.group_decoders)
         num_masked = masking.ids_restore.shape[1] - masking.ids_keep.shape[1]
         heads = [dec.head for dec in self.decoders]
         preds, losses = heads_and_loss(heads, tokens, targets, masking.mask, self.encoder.grid, num_masked)
