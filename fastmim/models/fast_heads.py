@@ -15,9 +15,13 @@ SPEC 2.3 step 6, far less work:
 The predictions come out in the compact layout of ``fastmim.kernels.recon_loss`` and go straight into its fused
 loss. Predictions differ from ScaleHead's by float rounding only (tests/models/test_fast_heads.py).
 
-Not fused: LN + GELU of the s = 4 head stay two PyTorch ops between the two matmuls. At ViT-B, B = 256 they touch
-~0.15 GB per step forward and backward (~50 us at 3 TB/s) out of ~13 ms; a fused Triton kernel could save about
-that, which is below what one can measure without a GPU here, so none is written (see the issue-5 report).
+Not fused (yet): LN + GELU of the s = 4 head stay PyTorch ops between the two matmuls, with the reference's dtype
+flow under autocast (bf16 matmul output -> fp32 LN -> fp32 GELU -> bf16 cast). At ViT-B, B = 256, mask 0.75 that
+is 19.3 M elements moved as ~20 B each forward and ~26 B backward where one fused kernel would need ~4 and ~6:
+~0.7 GB, ~0.23 ms per step at 3 TB/s, likely the largest avoidable cost left in this path. Whether a hand-written
+kernel pays is measured, not assumed: benchmarks/bench_recon_loss.py times this path as "triton" and under
+torch.compile (which fuses LN + GELU + casts) as "fast_compile"; a GPU run of it is owed, and models compiled by
+their users already get that fusion (the loss is a custom op, so the graph does not break).
 """
 
 from __future__ import annotations

@@ -1,14 +1,19 @@
 """fastmim.kernels.recon_loss: the fused multi-scale masked MSE against its reference and against the SPEC-literal
 heads + loss (ScaleHead on full maps, scale_weights, masked_mse), values and every gradient.
 
-Runs the Triton kernels through the interpreter on CPU (tests/kernels/conftest.py sets TRITON_INTERPRET=1).
+Runs on CUDA when there is one, else on CPU through Triton's interpreter (tests/kernels/conftest.py sets
+TRITON_INTERPRET=1 unless the environment says otherwise); the gpu-marked test needs TRITON_INTERPRET=0, so that it
+tests the compiled kernels.
 """
 
 import copy
+import importlib.util
+from pathlib import Path
 
 import pytest
 import torch
 
+from fastmim.bench.harness import CorrectnessError, check_provider
 from fastmim.kernels import recon_loss as rl
 from fastmim.masking import num_kept, random_masking, scale_weights
 from fastmim.models.base import masked_mse
@@ -20,7 +25,7 @@ DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def setup_module():
-    assert rl._use_kernel(torch.zeros(1)), "these tests must run the kernels (TRITON_INTERPRET=1 before import)"
+    assert rl._use_kernel(torch.zeros(1, device=DEV)), "no kernel can run: CPU needs TRITON_INTERPRET=1 before import"
 
 
 def assert_rel_close(actual, expected, tol):
@@ -33,7 +38,7 @@ def assert_rel_close(actual, expected, tol):
 
 def make_mask(batch, grid, ratio, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return random_masking(torch.rand(batch, grid * grid, generator=g), ratio).mask
+    return random_masking(torch.rand(batch, grid * grid, generator=g), ratio).mask.to(DEV)
 
 
 def compact_inputs(batch, grid, ratio, channels=(27, 27, 27, 27), dtype=torch.float32, seed=0):
@@ -43,9 +48,9 @@ def compact_inputs(batch, grid, ratio, channels=(27, 27, 27, 27), dtype=torch.fl
     sel = select_cells(mask, grid, grid * grid - num_kept(grid * grid, ratio))
     n, n_grp = sel.idx.shape[1], sel.gidx.shape[1]
     shapes = [(batch, n, 16), (batch, n, 4), (batch, n), (batch, n_grp)]
-    preds = [torch.randn(*s, c, generator=g).to(dtype).requires_grad_() for s, c in zip(shapes, channels)]
+    preds = [torch.randn(*s, c, generator=g).to(DEV, dtype).requires_grad_() for s, c in zip(shapes, channels)]
     cells = [(grid * 4) ** 2, (grid * 2) ** 2, grid**2, (grid // 2) ** 2]
-    targets = [torch.randn(batch, m, c, generator=g) for m, c in zip(cells, channels)]
+    targets = [torch.randn(batch, m, c, generator=g).to(DEV) for m, c in zip(cells, channels)]
     return preds, targets, mask, sel
 
 
@@ -75,10 +80,10 @@ def test_kernel_channel_loop_and_weight_zero_rows():
     """Wide targets (several column tiles), visible patches listed in idx and empty groups listed in gidx."""
     batch, grid = 2, 4
     preds, targets, mask, _ = compact_inputs(batch, grid, 0.75, channels=(5, 12, 130, 300))
-    everything = torch.arange(grid * grid).expand(batch, -1)
-    preds = [torch.randn(batch, grid * grid, *p.shape[2:]).requires_grad_() for p in preds[:3]]
-    preds.append(torch.randn(batch, 4, 300, requires_grad=True))
-    args = (targets, mask, everything, torch.arange(4).expand(batch, -1).contiguous(), grid)
+    everything = torch.arange(grid * grid, device=DEV).expand(batch, -1)
+    preds = [torch.randn(batch, grid * grid, *p.shape[2:], device=DEV).requires_grad_() for p in preds[:3]]
+    preds.append(torch.randn(batch, 4, 300, device=DEV, requires_grad=True))
+    args = (targets, mask, everything, torch.arange(4, device=DEV).expand(batch, -1).contiguous(), grid)
     got, want = rl.recon_loss(preds, *args), rl.recon_loss_ref(preds, *args)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     got_grads = grads(got, preds)
@@ -92,16 +97,16 @@ def test_full_layout_equals_spec_masked_mse():
     """With idx = every patch the kernel is the SPEC loss over full maps (scale_weights + masked_mse)."""
     batch, grid = 3, 4
     mask = make_mask(batch, grid, 0.75)
-    full = [torch.randn(batch, int(grid * s) ** 2, 27, requires_grad=True) for s in SCALES]
+    full = [torch.randn(batch, int(grid * s) ** 2, 27, device=DEV, requires_grad=True) for s in SCALES]
     targets = [torch.randn_like(p) for p in full]
-    idx = torch.arange(grid * grid).expand(batch, -1)
+    idx = torch.arange(grid * grid, device=DEV).expand(batch, -1)
     compact = []
     for k, sub in enumerate(rl.SUBS[:3]):
         cells = rl.cell_index(idx, grid, sub).flatten(1)
         compact.append(full[k].gather(1, cells.unsqueeze(-1).expand(-1, -1, 27)).view(batch, grid * grid, -1, 27))
     compact[2] = compact[2].squeeze(2)
     compact.append(full[3])
-    gidx = torch.arange(4).expand(batch, -1)
+    gidx = torch.arange(4, device=DEV).expand(batch, -1)
     got = rl.recon_loss(compact, targets, mask, idx, gidx, grid)
     want = torch.stack([masked_mse(p, t, scale_weights(mask, grid, s)) for p, t, s in zip(full, targets, SCALES)])
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
@@ -116,7 +121,7 @@ def make_heads(dim, out, grid, dtype=torch.float32, seed=0):
     with torch.no_grad():
         for p in heads.parameters():
             p.copy_(torch.randn_like(p) * (0.3 if p.dim() > 1 else 1.0))
-    return heads.to(dtype)
+    return heads.to(DEV, dtype)
 
 
 def spec_heads_and_loss(heads, tokens, targets, mask, grid):
@@ -128,8 +133,8 @@ def spec_heads_and_loss(heads, tokens, targets, mask, grid):
 def heads_case(batch, grid, ratio, dim=32, out=27, dtype=torch.float32, seed=0):
     heads = make_heads(dim, out, grid, dtype, seed)
     g = torch.Generator().manual_seed(seed)
-    tokens = [torch.randn(batch, grid * grid, dim, generator=g).to(dtype).requires_grad_() for _ in SCALES]
-    targets = [torch.rand(batch, int(grid * s) ** 2, out, generator=g) for s in SCALES]
+    tokens = [torch.randn(batch, grid * grid, dim, generator=g).to(DEV, dtype).requires_grad_() for _ in SCALES]
+    targets = [torch.rand(batch, int(grid * s) ** 2, out, generator=g).to(DEV) for s in SCALES]
     mask = make_mask(batch, grid, ratio, seed)
     return heads, tokens, targets, mask
 
@@ -194,8 +199,8 @@ def test_loss_is_bitwise_reproducible_and_nan_without_masked_patches():
     no_mask = torch.zeros_like(mask)
     got = rl.recon_loss(empty, targets, no_mask, sel.idx[:, :0], sel.gidx[:, :0], 4)
     assert torch.isnan(got).all()  # 0 / 0, as the SPEC masked mean over an all-visible batch
-    spec_targets = [torch.randn(3, n, 3) for n in (256, 64, 16, 4)]
-    spec = spec_heads_and_loss(make_heads(8, 3, 4), [torch.randn(3, 16, 8)] * 4, spec_targets, no_mask, 4)
+    spec_targets = [torch.randn(3, n, 3, device=DEV) for n in (256, 64, 16, 4)]
+    spec = spec_heads_and_loss(make_heads(8, 3, 4), [torch.randn(3, 16, 8, device=DEV)] * 4, spec_targets, no_mask, 4)
     assert torch.isnan(spec).all()
 
 
@@ -228,10 +233,9 @@ def test_custom_op_registration_and_compile_without_graph_break():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_vit_base_shapes_within_twice_torch_error(dtype):
     """ViT-B head shapes (C = 256, 27 outputs, 14 x 14 patches) on CUDA under autocast, as training runs them."""
+    assert not rl._INTERPRETED, "run gpu tests with TRITON_INTERPRET=0: they must test the compiled kernels"
     batch, grid = 16, 14
     heads, tokens, targets, mask = heads_case(batch, grid, 0.75, dim=256)
-    heads, mask, targets = heads.to(DEV), mask.to(DEV), [t.to(DEV) for t in targets]
-    tokens = [x.detach().to(DEV).requires_grad_() for x in tokens]
     inputs = [*tokens, *heads.parameters()]
     heads64 = copy.deepcopy(heads).double()  # fp64: no TF32 in cuDNN's transposed convolutions
     tokens64 = [x.detach().double().requires_grad_() for x in tokens]
@@ -247,3 +251,20 @@ def test_gpu_vit_base_shapes_within_twice_torch_error(dtype):
         err_fast = (fast.double() - want.double()).abs().max().item()
         err_spec = (spec.double() - want.double()).abs().max().item()
         assert err_fast <= 2 * err_spec + 1e-4 * scale, f"output {i}: {err_fast:.3g} vs torch {err_spec:.3g}"
+
+
+def test_bench_heads_loss_gate_passes_the_kernel_and_fails_a_wrong_provider():
+    """benchmarks/bench_recon_loss.py: its triton provider (the kernel, here interpreted) passes the fp32 gate, and
+    the gate's tolerances catch a 0.1 % error."""
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_recon_loss.py"
+    spec = importlib.util.spec_from_file_location("bench_recon_loss", path)
+    bench_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_module)
+    bench = bench_module.make_bench(DEV, quick=True)
+    case = bench.cases[0]
+    for mode in ("fwd", "full"):
+        assert check_provider(bench, "triton", case, mode) < 1e-6
+    fast = bench.providers["triton"]
+    bench.providers["wrong"] = lambda *inputs: fast(*inputs) * 1.001
+    with pytest.raises(CorrectnessError):
+        check_provider(bench, "wrong", case, "full")
