@@ -258,7 +258,7 @@ def finetune(cfg: EvalConfig) -> dict[str, Any]:
     )
     row: dict[str, Any] | None = None
     with contextlib.closing(log), bar:
-        while run.step < run.total_steps and run.epoch < f.epochs:
+        while run.step < run.total_steps:  # epochs x steps per epoch, or finetune.steps
             start = time.perf_counter()
             train_loss = train_one_epoch(run, bar)
             metrics = evaluate(run.model, run.val_loader, run.device, run.amp_dtype)

@@ -33,11 +33,13 @@ from fastmim.train.optim import lr_at
 def extract_features(
     encoder: nn.Module, dataset: LabelledImages, pool: str, batch_size: int, device: torch.device, workers: int = 0
 ) -> tuple[Tensor, Tensor]:
-    """(features [N, D] fp32 on CPU, labels [N]) of a frozen timm ViT: last block, patch mean or cls token."""
+    """(features [N, D] fp32 on CPU, labels [N]) of a frozen timm ViT: last block, patch mean or cls token
+    (bf16 autocast on CUDA, as MAE's probe)."""
     encoder.eval()
     feats, labels = [], []
     for images, y in DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers):
-        tokens = encoder.forward_features(images.to(device)).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            tokens = encoder.forward_features(images.to(device)).float()
         feats.append((tokens[:, 1:].mean(dim=1) if pool == "avg" else tokens[:, 0]).cpu())
         labels.append(y)
     return torch.cat(feats), torch.cat(labels)
@@ -79,13 +81,19 @@ def _accuracy(probe: LinearProbe, feats: Tensor, labels: Tensor) -> dict[str, fl
 
 
 def train_probe(
-    cfg: EvalConfig, train: tuple[Tensor, Tensor], val: tuple[Tensor, Tensor], num_classes: int, log: MetricsLog
+    cfg: EvalConfig,
+    train: tuple[Tensor, Tensor],
+    val: tuple[Tensor, Tensor],
+    num_classes: int,
+    log: MetricsLog,
+    device: torch.device,
 ) -> tuple[LinearProbe, list[dict[str, Any]]]:
-    """Train the probe on cached features; one logged row per epoch."""
+    """Train the probe on cached features (moved to ``device``); one logged row per epoch."""
     p = cfg.linprobe
-    feats, labels = train
+    feats, labels = (t.to(device) for t in train)
+    val = tuple(t.to(device) for t in val)
     torch.manual_seed(p.seed)
-    probe = LinearProbe(feats.shape[1], num_classes)
+    probe = LinearProbe(feats.shape[1], num_classes).to(device)
     batch = min(p.batch_size, len(labels))
     steps_per_epoch = len(labels) // batch  # drop_last: BatchNorm statistics of a tiny last batch are noise
     total, warmup = p.epochs * steps_per_epoch, round(p.warmup_epochs * steps_per_epoch)
@@ -95,7 +103,7 @@ def train_probe(
     rows, step = [], 0
     for epoch in tqdm(range(p.epochs), desc="linprobe", unit="epoch", disable=not sys.stderr.isatty()):
         probe.train()
-        order = torch.randperm(len(labels), generator=generator)
+        order = torch.randperm(len(labels), generator=generator).to(device)
         loss_sum = 0.0
         for i in range(steps_per_epoch):
             idx = order[i * batch : (i + 1) * batch]
@@ -127,7 +135,7 @@ def probe_backbone(cfg: EvalConfig, backbone: Backbone, log: MetricsLog) -> dict
                            cfg.data.num_workers)  # fmt: skip
     extract_s = time.perf_counter() - start
     start = time.perf_counter()
-    _, rows = train_probe(cfg, train, val, len(splits.classes), log)
+    _, rows = train_probe(cfg, train, val, len(splits.classes), log, device)
     return {
         "encoder": describe(backbone),
         "num_train": len(train[1]),

@@ -26,6 +26,7 @@ from fastmim.config import config_from_toml
 from fastmim.data.sources import DemoSource, load_rgb
 from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fastmim.errors import FastmimError
+from fastmim.eval.backbone import timm_name
 from fastmim.masking import scale_weights
 from fastmim.models import create_model
 from fastmim.models.released import _infer_overrides, load_checked
@@ -44,6 +45,7 @@ def load_pretraining_model(src: str) -> tuple[str, nn.Module]:
             f"'{src}' is not a pre-training checkpoint or fastmim weights file; visualize needs the decoders."
         )
     name, sd = obj["model_name"], obj["model"]
+    timm_name(name)  # the ViT models only: refuses others with a clear message
     overrides = _infer_overrides(sd, name)
     if "config" in obj:
         overrides["mask_ratio"] = config_from_toml(obj["config"], f"checkpoint {src}").model.mask_ratio
