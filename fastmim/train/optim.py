@@ -9,13 +9,15 @@ from torch import nn
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW groups: decayed (>= 2-D weights, cls and mask tokens included) and not decayed (1-D tensors and
-    biases). Frozen parameters are left out (SPEC 5)."""
+    """Two AdamW groups: decayed (>= 2-D weights; for ViT the cls and mask tokens too) and not decayed (1-D tensors,
+    biases, and whatever the model lists in ``no_weight_decay()``: Swin's mask tokens and relative-position
+    tables). Frozen parameters are left out (SPEC 5)."""
+    exempt = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
+        (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in exempt else decay).append(p)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},

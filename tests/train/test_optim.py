@@ -40,3 +40,15 @@ def test_optimizer_excludes_frozen():
     model.bias.requires_grad_(False)
     groups = param_groups(model, 0.1)
     assert sum(len(g["params"]) for g in groups) == 1
+
+
+def test_swin_exemptions_follow_spec():
+    model = create_model("localmim_swin_nano_patch4_window4", img_size=64)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    not_decayed = {names[id(p)] for p in no_decay["params"]}
+    decayed = {names[id(p)] for p in decay["params"]}
+    tables = {n for n in names.values() if n.endswith("relative_position_bias_table")}
+    tokens = {n for n in names.values() if n.endswith("mask_token")}
+    assert tables and tokens and (tables | tokens) <= not_decayed
+    assert any(n.endswith("qkv.weight") for n in decayed)
