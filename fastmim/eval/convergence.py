@@ -1,6 +1,7 @@
 """CPU convergence check: does a few minutes of LocalMIM pre-training beat a random encoder under a linear probe?
 
     python -m fastmim.eval.convergence [--steps 600] [--work runs/convergence] [--json FILE] [-- PRETRAIN OVERRIDES]
+    e.g. OMP_NUM_THREADS=1 python -m fastmim.eval.convergence --steps 600 -- --train.lr=1e-3
 
 1. Writes scikit-learn's bundled 8 x 8 digits (no download) as a 64 px ImageFolder tree (train split only: the
    val images are never seen in pre-training).
@@ -46,10 +47,13 @@ def write_digits_tree(root: Path, size: int) -> int:
 
 
 def _git_commit() -> str:
+    """HEAD of the checkout this module runs from, with "+dirty" when its tracked files differ from it."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                             cwd=Path(__file__).resolve().parent)  # fmt: skip
-        return out.stdout.strip()
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, check=True, cwd=here)  # fmt: skip
+        return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -58,6 +62,7 @@ def run_check(work: Path, steps: int, pretrain_overrides: list[str], probe_overr
     """Pre-train, then probe the pre-trained and the random encoder; returns the record written as JSON."""
     if work.exists() and any(work.iterdir()):
         raise FastmimError(f"{work} is not empty; choose another --work directory (nothing is overwritten).")
+    commit = _git_commit()  # the code that runs, not whatever HEAD is when the run ends
     data = work / "digits_train"
     num_images = write_digits_tree(data, 64)
     overrides = ["--data.source=folder", f"--data.path={data}", f"--train.steps={steps}",
@@ -91,7 +96,7 @@ def run_check(work: Path, steps: int, pretrain_overrides: list[str], probe_overr
         "bench": "convergence-digits",
         "command": "python -m fastmim.eval.convergence " + " ".join(sys.argv[1:]),
         "date": datetime.date.today().isoformat(),
-        "git_commit": _git_commit(),
+        "git_commit": commit,
         "machine": {
             "platform": platform.platform(),
             "processor": platform.processor(),
