@@ -10,10 +10,11 @@ which is what the reference encoder computes (patch-embed every patch, add posit
 cls), with a quarter of the patch-embed FLOPs at mask ratio 0.75. Three launches: ``_patch_gather_kernel`` copies the
 kept patches' pixels into A [B*K, Cin*p*p] (cast to the matmul dtype on the way: the autocast dtype when autocast is
 on), ``torch.mm`` (cuBLAS: a hand-written gather-GEMM would save only the 2 x 19 MB A round trip at ViT-B, B = 256,
-~13 us, and lose more than that to cuBLAS on the 15 GFLOP product), and ``_encoder_epilogue_kernel`` adds b + pos in
-fp32 and writes every row of ``out``, cls row included. Backward (image and pos get no gradient):
-``_encoder_input_bwd_kernel`` reads dout once, writes dA-side rows dY [B*K, D] in the matmul dtype and per-sample
-partial bias sums; then dW = dY^T A (torch.mm), db = sum of partials, dcls = sum_b dout[b, 0].
+~13 us, and would risk more than that against cuBLAS on the 15 GFLOP product, ~20 us at peak), and
+``_encoder_epilogue_kernel`` adds b + pos in fp32 and writes every row of ``out``, cls row included.
+Backward (image and pos get no gradient): ``_encoder_input_bwd_kernel`` reads dout once, writes its patch rows
+dY [B*K, D] in the matmul dtype and per-sample partial bias sums; then dW = dY^T A (torch.mm), db = sum of partials,
+dcls = sum_b dout[b, 0].
 Output dtype = promote(matmul dtype, pos, cls): fp32 under bf16 autocast, as the reference (bf16 conv + fp32 pos).
 
 Decoder input, for G decoders at once (G = 4 taps grouped, or 1). y [G, B, 1 + K, C] (the embedded cls + visible
@@ -27,11 +28,13 @@ and writes each output row once (no int64 [B, L, C] expanded index, no concatena
 (``_decoder_input_bwd_kernel``): dy[g, b, src] = dout[g, b, u] for the rows that came from y (a permutation:
 no atomics, no zero-fill), dm[g] = sum of dout over the mask-token rows (per-(g, b) partials, summed after).
 
-Bytes (ViT-B, B = 256, bf16 autocast): encoder forward reads 38 MB of kept pixels (fp32) + writes/reads A (2 x 19 MB)
-+ Y (2 x 19 MB) + writes out (fp32, 39 MB) ~ 150 MB plus a 15 GFLOP matmul, against the reference's full-image
-conv (4x the FLOPs), a [B, 196, 768] fp32 position add (~230 MB) and the gather + cat (~150 MB): ~3-4x expected.
-Decoder forward, all four taps: y 26 MB read + out 206 MB written (fp32), against ~4 x 3 passes over the
-[B, 197, 256] tensor in the reference: ~3x expected; backward likewise.
+Bytes (ViT-B, B = 256, bf16 autocast). Encoder forward: the kept pixels read (fp32, 38 MB), A written and read
+(2 x 19 MB), Y written and read (2 x 19 MB), out written (fp32, 39 MB): ~155 MB and a 15 GFLOP matmul, against the
+reference's image cast + full-image convolution (~390 MB and 59 GFLOP), fp32 position add over [B, 196, 768]
+(~230 MB), gather and cat (~150 MB): ~770 MB. Decoder forward, all four taps: y read (26 MB) + out written (fp32,
+206 MB), against ~1.5 GB in the reference (per decoder: cat with the mask tokens, expanded-index gather, cat with
+cls, + pos, each a full fp32 [B, 197, 256] pass). Expected: ~3-5x for the encoder input and ~5x for the decoder
+input, forward and backward alike (GPU figures: benchmarks/bench_gather.py).
 
 Caveats: pos embeddings are frozen (a pos that requires grad, or an image that does, takes the ``_ref`` path);
 the kernels run on CUDA, or on CPU under TRITON_INTERPRET=1 (set before this module is imported); elsewhere the
@@ -45,6 +48,7 @@ import types
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from . import can_run_on, interpreter_enabled
 
@@ -55,13 +59,14 @@ except ImportError:  # CPU-only PyTorch builds ship without triton: the kernels 
     triton = types.SimpleNamespace(jit=lambda fn: fn, autotune=lambda **kw: lambda fn: fn, Config=dict)  # _ref runs
     tl = None
 
-# The @triton.jit decorator picks the interpreter when this module is imported, not when a kernel runs.
-_INTERPRETED = interpreter_enabled()
+# The @triton.jit decorator picks the interpreter when this module is imported, not when a kernel runs; and
+# triton.language's own jit helpers (tl.zeros, tl.sum) when triton is first imported: both must be interpreted.
+_INTERPRETED = interpreter_enabled() and tl is not None and not isinstance(tl.zeros, triton.runtime.JITFunction)
 
 
 def _configs(interpreted: list[dict], tuned: list[tuple[dict, int]]) -> list:
     """Autotune configs; one under the interpreter (its timings mean nothing and every program runs serially)."""
-    if _INTERPRETED:
+    if interpreter_enabled():
         return [triton.Config(interpreted[0], num_warps=4)]
     return [triton.Config(kw, num_warps=w) for kw, w in tuned]
 
@@ -422,6 +427,18 @@ def _decoder_backward(ctx, grad_out: Tensor):
 
 
 torch.library.register_autograd("fastmim::decoder_input", _decoder_backward, setup_context=_decoder_setup)
+
+
+# torch.utils.flop_counter sees a custom op as one leaf (not the torch.mm inside it): count its matmul, so FLOPs and
+# MFU (fastmim bench step) include it. The decoder-input ops do no arithmetic worth counting.
+@register_flop_formula(torch.ops.fastmim.encoder_input)
+def _encoder_input_flops(imgs_shape, ids_shape, weight_shape, *args, **kwargs) -> int:
+    return 2 * ids_shape[0] * ids_shape[1] * weight_shape[0] * weight_shape[1]
+
+
+@register_flop_formula(torch.ops.fastmim.encoder_input_bwd)
+def _encoder_input_bwd_flops(grad_shape, patches_shape, *args, **kwargs) -> int:
+    return 2 * patches_shape[0] * patches_shape[1] * grad_shape[-1]
 
 
 # ----------------------------------------------------------------------------------------------- public API

@@ -1,5 +1,12 @@
 """Shared test fixtures. Tests run on CPU; `gpu`-marked tests are skipped without CUDA."""
 
+import os
+
+# Triton kernels run through the interpreter on CPU. This must happen before anything imports triton: triton decides
+# at its own import whether triton.language's jit helpers (tl.zeros, tl.sum) are interpreted, and collecting
+# tests/bench already imports it (torch.utils.flop_counter does), before tests/kernels/conftest.py is read.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 

@@ -6,6 +6,7 @@ Runs the Triton kernels through the interpreter on CPU (tests/kernels/conftest.p
 
 import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from fastmim.kernels import masked_gather as mg
 from fastmim.masking import num_kept, random_masking
@@ -86,6 +87,16 @@ def test_encoder_input_under_autocast_matches_reference_error():
     assert out.dtype == ref.dtype == torch.float32
     ref_err = (ref - truth).abs().max().item()
     assert 0 < (out - truth).abs().max().item() <= 2 * ref_err + 1e-3
+
+
+def test_flop_counter_sees_the_kept_patch_matmuls():
+    """torch.utils.flop_counter (bench step's MFU) counts the custom op's forward and weight-gradient matmuls."""
+    imgs, ids_keep, weight, bias, pos, cls = encoder_inputs(2, 4, 4, 24, 0.75)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = mg.encoder_input(imgs, ids_keep, weight, bias, pos, cls)
+        out.backward(upstream(out))
+    assert counter.get_total_flops() == 2 * (2 * 2 * ids_keep.shape[1] * 3 * 4 * 4 * 24)
 
 
 def test_encoder_input_frozen_pos_only():
