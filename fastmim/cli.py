@@ -12,6 +12,7 @@
     fastmim visualize CKPT --out FILE.png [--images IMG ...]       input, mask, targets, predictions
     fastmim bench step|data [--config RECIPE] [overrides] [--out DIR] [--plot]   throughput benchmarks (JSON)
     fastmim profile [--config RECIPE] [overrides] [--steps N]       profiler trace + per-stage table
+    fastmim data convert SRC DST.beton [--max-side N] [--quality Q | --raw] [--workers N]   image folder -> FFCV
 
 User errors print one line (``fastmim: error: ...``) and exit with status 2.
 """
@@ -54,6 +55,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--fixed-batch", action="store_true", help="reuse one batch kept on the device: time the step without input"
     )
     which.choices["data"].add_argument("--sources", help="comma-separated sources (default: every available one)")
+    which.choices["data"].add_argument("--augment", help="comma-separated placements, cpu,gpu (default data.augment)")
+    which.choices["data"].add_argument(
+        "--max-side", type=int, default=512, help="longest side when converting a folder for source ffcv (512)"
+    )
+    p = sub.add_parser("data", help="datasets: `data convert` writes an FFCV .beton from an image folder")
+    which = p.add_subparsers(dest="data", metavar="WHAT", required=True)
+    q = which.add_parser("convert", help="write an image folder (ImageFolder tree or flat) as an FFCV .beton file")
+    q.add_argument("src", help="image folder: root/<class>/<images> or a flat folder of images")
+    q.add_argument("dst", help="output .beton file (never overwritten; written under a temporary name first)")
+    q.add_argument("--max-side", type=int, default=512, help="shrink images to this longest side (0 = keep; 512)")
+    q.add_argument("--quality", type=int, default=90, help="JPEG quality of the stored images (default 90)")
+    q.add_argument("--raw", action="store_true", help="store uncompressed RGB (faster to read, ~5-10x larger)")
+    q.add_argument("--workers", type=int, default=0, help="processes (default: one per CPU core)")
     p = sub.add_parser("profile", help="torch.profiler trace of a few steps and a per-stage time table")
     _add_config_args(p)
     p.add_argument("--steps", type=int, default=3, help="profiled steps (default 3)")
@@ -249,10 +263,12 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
         rows, device = run_step_bench(cfg, args.impls.split(","), steps, warmup, 3, args.fixed_batch)
         columns, plot = STEP_COLUMNS, plot_step_breakdown
     else:
-        from fastmim.bench.data import DATA_COLUMNS, run_data_bench
+        from fastmim.bench.data import DATA_COLUMNS, bench_device, run_data_bench
 
-        rows = run_data_bench(cfg, args.sources.split(",") if args.sources else None, steps, warmup)
-        device, columns, plot = torch.device("cpu"), DATA_COLUMNS, None
+        augments = args.augment.split(",") if args.augment else None
+        sources = args.sources.split(",") if args.sources else None
+        rows = run_data_bench(cfg, sources, steps, warmup, augments, args.max_side)
+        device, columns, plot = bench_device(cfg), DATA_COLUMNS, None
     print(format_table(rows, columns))
     argv = ["fastmim", *sys.argv[1:]]
     path = write_record(args.bench, rows, device, args.out, argv=argv, extra={"config": _toml(cfg)})
@@ -286,6 +302,14 @@ def _toml(cfg) -> str:
 
 _COMMANDS = {
     "pretrain": cmd_pretrain,
+def cmd_data(args: argparse.Namespace, _: list[str]) -> int:
+    from fastmim.data.beton import convert_folder
+
+    summary = convert_folder(args.src, args.dst, args.max_side, args.quality, args.raw, args.workers)
+    print("\n".join(summary.lines()))
+    return 0
+
+
     "config": cmd_config,
     "list-models": cmd_list_models,
     "import-checkpoint": cmd_import_checkpoint,
@@ -297,3 +321,4 @@ _COMMANDS = {
     "bench": cmd_bench,
     "profile": cmd_profile,
 }
+    "data": cmd_data,

@@ -8,18 +8,29 @@ Augmentation: the sampler yields keys ``(index, sample_seed)`` with ``sample_see
 dataset seeds a fresh ``torch.Generator`` from it for that sample's transform. Nothing reads global RNG, so batch
 ``k`` of epoch ``e`` is bit-identical whether iteration starts at batch 0 or at ``k`` (exact resume), and whatever
 ``num_workers`` is.
+
+Placement: with ``"cpu"`` the workers run the whole SPEC 5 transform (PIL); with ``"gpu"`` they decode and cut out
+each sample's crop (uint8, stored resolution) and the main process resizes, flips and normalises the padded batch
+on the device in two kernel launches. The parameters are drawn identically, so the placements differ only by
+Pillow's pass-order rounding (fastmim.kernels.crop_resize).
+
+Unreadable images (empty, truncated, not an image, too large) do not stop a run: the sample is replaced by another
+image drawn from its own seed (batches stay full, resume stays exact), counted in :attr:`MIMLoader.skipped` and
+warned about once per file.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fastmim.data.sources import ImageSource, build_source
+from fastmim.data.sources import ImageSource, UnreadableImageError, build_source
 from fastmim.data.transforms import PretrainTransform
 from fastmim.errors import FastmimError
 
@@ -28,6 +39,11 @@ _MASK63 = (1 << 63) - 1
 # torch.multiprocessing re-raises a worker's exception in the main process with this header in the message.
 _WORKER_ERROR_HEADER = "Caught FastmimError in DataLoader worker process"
 _ERROR_PREFIX = "fastmim.errors.FastmimError: "
+PLACEMENTS: tuple[str, ...] = ("cpu", "gpu")
+# Replacements for an unreadable image are drawn from (sample seed, this salt); after this many unreadable
+# replacements in a row the data is hopeless and the run stops.
+_REPLACEMENT_SALT = 0x5EED_BAD1
+_MAX_REPLACEMENT_TRIES = 32
 
 
 def mix_seed(*words: int | np.ndarray) -> np.ndarray:
@@ -77,19 +93,70 @@ class _KeySampler(Sampler[tuple[int, int]]):
 
 
 class _AugmentedSource(Dataset):
-    """Map-style dataset over a source, indexed by ``(index, sample_seed)`` keys; returns ``([3, S, S], label)``."""
+    """Map-style dataset over a source, indexed by ``(index, sample_seed)`` keys.
 
-    def __init__(self, source: ImageSource, transform: PretrainTransform) -> None:
+    ``placement = "cpu"`` returns ``(float32 [3, S, S], label, note)``; ``"gpu"`` returns the sample's crop, still
+    uint8 ``[h, w, 3]`` at stored resolution, with ``(label, note, flip)``: the device resizes, flips and normalises
+    it (:func:`_collate_crops`, :meth:`MIMLoader.iterate`). ``note`` is empty, or ``"path\0reason"`` when the
+    image could not be read and another one took its place (:meth:`_load`).
+    """
+
+    def __init__(self, source: ImageSource, transform: PretrainTransform, placement: str = "cpu") -> None:
         self.source = source
         self.transform = transform
+        self.placement = placement
 
     def __len__(self) -> int:
         return len(self.source)
 
-    def __getitem__(self, key: tuple[int, int]) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple:
         index, sample_seed = key
+        (image, label), note = self._load(index, sample_seed)
+        generator = torch.Generator().manual_seed(sample_seed)
+        if self.placement == "cpu":
+            return self.transform(image, generator), label, note
+        (top, left, h, w), flip = self.transform.sample_params(image.shape[1], image.shape[0], generator)
+        # Cropping here is a view; the collate copies only the crop, so the device receives 20-100% of the image.
+        return image[top : top + h, left : left + w], label, note, flip
+
+    def _read(self, index: int) -> tuple[Image.Image | np.ndarray, int]:
+        if self.placement == "cpu":
+            return self.source.load(index)
+        if hasattr(self.source, "load_array"):
+            return self.source.load_array(index)
         image, label = self.source.load(index)
-        return self.transform(image, torch.Generator().manual_seed(sample_seed)), label
+        return np.asarray(image), label
+
+    def _load(self, index: int, sample_seed: int) -> tuple[tuple[Image.Image | np.ndarray, int], str]:
+        """Sample ``index``, or, when its file is unreadable, a replacement drawn from a generator seeded by
+        ``sample_seed``: deterministic (so resume stays exact and batches stay full) and different every epoch."""
+        try:
+            return self._read(index), ""
+        except UnreadableImageError as err:
+            bad = err
+        rng = np.random.default_rng([sample_seed, _REPLACEMENT_SALT])
+        for _ in range(_MAX_REPLACEMENT_TRIES):
+            try:
+                return self._read(int(rng.integers(len(self.source)))), f"{bad.path}\0{bad.reason}"
+            except UnreadableImageError:
+                continue
+        raise FastmimError(
+            f"cannot read image {bad.path} ({bad.reason}), nor any of {_MAX_REPLACEMENT_TRIES} replacements drawn "
+            "at random; most of data.path is unreadable: check its files."
+        )
+
+
+def _collate_crops(samples: list[tuple]) -> tuple:
+    """Pack uint8 crops of different sizes into one zero-padded ``[B, h_max, w_max, 3]`` tensor (in the worker, so
+    only the padded crops cross to the main process); returns ``(crops, sizes [B, 2], flips [B], labels, notes)``."""
+    crops, labels, notes, flips = zip(*samples)
+    h = max(c.shape[0] for c in crops)
+    w = max(c.shape[1] for c in crops)
+    batch = np.zeros((len(crops), h, w, 3), dtype=np.uint8)
+    for i, crop in enumerate(crops):
+        batch[i, : crop.shape[0], : crop.shape[1]] = crop
+    sizes = torch.tensor([c.shape[:2] for c in crops], dtype=torch.int64)
+    return torch.from_numpy(batch), sizes, torch.tensor(flips), torch.tensor(labels, dtype=torch.int64), list(notes)
 
 
 def _original_message(worker_message: str) -> str:
@@ -102,9 +169,19 @@ def _original_message(worker_message: str) -> str:
 class MIMLoader:
     """Batches of augmented images for one rank, deterministic in ``(seed, epoch, batch)``.
 
+    Args:
+        placement: where the crop is resized, flipped and normalised: ``"cpu"`` (PIL, in the data workers) or
+            ``"gpu"`` (the workers decode and crop; :func:`fastmim.kernels.crop_resize.crop_resize` finishes the
+            batch on ``device``). Both draw the same parameters from the same per-sample generators.
+        device: where ``"gpu"`` placement runs (default: the current CUDA device, else the CPU); batches come out
+            on it. ``"cpu"`` placement yields CPU tensors.
+
     Attributes:
         num_samples: images in the dataset.
         steps_per_epoch: full batches this rank yields per epoch, ``num_samples // (batch_size * world_size)``.
+        skipped: samples whose image could not be read and was replaced, counted as batches are yielded (each
+            occurrence: a bad file met in three epochs counts three times), in this process only.
+        skipped_files: ``{path: reason}`` of every unreadable file met so far; each is warned about once.
     """
 
     def __init__(
@@ -116,16 +193,25 @@ class MIMLoader:
         num_workers: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        placement: str = "cpu",
+        device: str | torch.device | None = None,
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
-        self.dataset = _AugmentedSource(source, transform)
+        if placement not in PLACEMENTS:
+            raise FastmimError(f"data.augment {placement!r} is unknown; set it to one of {', '.join(PLACEMENTS)}.")
+        self.dataset = _AugmentedSource(source, transform, placement)
+        self.transform = transform
+        self.placement = placement
+        self.device = torch.device(device) if device is not None else _default_device()
         self.num_samples = len(source)
         self.batch_size = batch_size
         self.seed = seed
         self.num_workers = num_workers
         self.rank = rank
         self.world_size = world_size
+        self.skipped = 0
+        self.skipped_files: dict[str, str] = {}
         self.steps_per_epoch = self.num_samples // (batch_size * world_size)
         if self.steps_per_epoch == 0:
             raise FastmimError(
@@ -137,8 +223,15 @@ class MIMLoader:
         """Yield batches ``start_batch .. steps_per_epoch - 1`` of ``epoch``.
 
         Yields:
-            ``(images, labels)``: float32 ``[B, 3, H, W]`` normalised with ImageNet mean / std, int64 ``[B]``.
+            ``(images, labels)``: float32 ``[B, 3, H, W]`` normalised with ImageNet mean / std (on ``device`` for
+            ``"gpu"`` placement), int64 ``[B]``.
         """
+        for batch in self.raw_batches(epoch, start_batch):
+            yield self.finish(batch)
+
+    def raw_batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple]:
+        """The collated batches as the workers deliver them, before :meth:`finish` (for ``"gpu"`` placement: the
+        uint8 crops, their sizes and flips). Counts and warns about replaced samples."""
         if not 0 <= start_batch <= self.steps_per_epoch:
             raise ValueError(f"start_batch {start_batch} is outside [0, steps_per_epoch={self.steps_per_epoch}]")
         keys = epoch_keys(self.num_samples, self.batch_size, self.seed, epoch, self.rank, self.world_size)
@@ -147,26 +240,66 @@ class MIMLoader:
             batch_size=self.batch_size,
             sampler=_KeySampler(keys[start_batch * self.batch_size :]),
             num_workers=self.num_workers,
+            collate_fn=_collate_crops if self.placement == "gpu" else None,
             drop_last=True,
-            pin_memory=False,
+            pin_memory=self.placement == "gpu" and self.device.type == "cuda",
             persistent_workers=False,
             # The DataLoader draws its worker base seed from this generator; without one it would draw from the
             # global RNG and shift the trainer's random stream by one draw per iterate() call.
             generator=torch.Generator().manual_seed(int(mix_seed(self.seed, epoch))),
         )
         try:
-            yield from loader
+            for batch in loader:
+                self._count_skips(batch[-1])
+                yield batch
         except FastmimError as err:
             if not str(err).startswith(_WORKER_ERROR_HEADER):
                 raise
             raise FastmimError(_original_message(str(err))) from None
 
+    def finish(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)`` from a raw batch: for ``"gpu"`` placement, resize + flip + normalise on the device."""
+        if self.placement == "cpu":
+            return batch[0], batch[1]
+        from fastmim.kernels.crop_resize import crop_resize  # imports triton: only when this placement is used
 
-def build_loader(cfg: Any, img_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> MIMLoader:
+        crops, sizes, flips, labels, _ = batch
+        boxes = torch.cat([torch.zeros_like(sizes), sizes], dim=1)  # (top, left, h, w): the crop is the whole box
+        t = self.transform
+        images = crop_resize(crops.to(self.device, non_blocking=True), boxes, flips, t.img_size, t.mean, t.std)
+        return images, labels
+
+    def _count_skips(self, notes: list[str]) -> None:
+        for note in notes:
+            if not note:
+                continue
+            self.skipped += 1
+            path, reason = note.split("\0", 1)
+            if path not in self.skipped_files:
+                self.skipped_files[path] = reason
+                warnings.warn(
+                    f"skipped unreadable image {path} ({reason}); a replacement image takes its place", stacklevel=3
+                )
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def build_loader(
+    cfg: Any,
+    img_size: int,
+    batch_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device | None = None,
+) -> MIMLoader:
     """Build the pre-training loader from the ``data`` config section.
 
-    Reads ``cfg.source``, ``cfg.path``, ``cfg.num_images``, ``cfg.num_workers`` and ``cfg.min_scale``; crops use
-    scale ``(cfg.min_scale, 1.0)`` and ratio ``(3/4, 4/3)`` as in SPEC section 5.
+    Reads ``cfg.source``, ``cfg.path``, ``cfg.num_images``, ``cfg.num_workers``, ``cfg.min_scale`` and
+    ``cfg.augment``; crops use scale ``(cfg.min_scale, 1.0)`` and ratio ``(3/4, 4/3)`` as in SPEC section 5.
+    ``device`` is where ``"gpu"`` augmentation runs (default: the current CUDA device, else the CPU).
     """
     if batch_size < 1:
         raise FastmimError(f"train.batch_size is {batch_size}; set it to a positive integer.")
@@ -174,6 +307,9 @@ def build_loader(cfg: Any, img_size: int, batch_size: int, seed: int, rank: int 
         raise FastmimError(f"data.num_workers is {cfg.num_workers}; set it to 0 (main process) or more.")
     if not 0.0 < cfg.min_scale <= 1.0:
         raise FastmimError(f"data.min_scale is {cfg.min_scale}; set it in (0, 1], e.g. 0.2.")
+    placement = getattr(cfg, "augment", "cpu")
+    if placement not in PLACEMENTS:
+        raise FastmimError(f"data.augment {placement!r} is unknown; set it to one of {', '.join(PLACEMENTS)}.")
     source = build_source(cfg, img_size)
     transform = PretrainTransform(img_size, scale=(cfg.min_scale, 1.0))
-    return MIMLoader(source, transform, batch_size, seed, cfg.num_workers, rank, world_size)
+    return MIMLoader(source, transform, batch_size, seed, cfg.num_workers, rank, world_size, placement, device)

@@ -94,15 +94,25 @@ class PretrainTransform:
     def __call__(self, img: Image.Image, generator: torch.Generator) -> torch.Tensor:
         """Augment one RGB PIL image; returns a float32 tensor ``[3, img_size, img_size]``.
 
-        Draw order (fixed, so a seed always means the same augmentation): crop parameters, then the flip coin.
+        Draws its parameters with :meth:`sample_params`.
         """
-        top, left, h, w = sample_crop(img.width, img.height, self.scale, self.ratio, generator)
+        (top, left, h, w), flip = self.sample_params(img.width, img.height, generator)
         out = TF.resized_crop(
             img, top, left, h, w, [self.img_size, self.img_size], InterpolationMode.BICUBIC, antialias=True
         )
-        if float(torch.rand(1, generator=generator)) < 0.5:
+        if flip:
             out = TF.hflip(out)
         return TF.normalize(TF.to_tensor(out), self.mean, self.std)
+
+    def sample_params(
+        self, width: int, height: int, generator: torch.Generator
+    ) -> tuple[tuple[int, int, int, int], bool]:
+        """The random part of the augmentation of a ``width`` x ``height`` image: the crop box ``(top, left, h, w)``
+        and whether to flip. Draw order (fixed, so a seed always means the same augmentation): crop parameters,
+        then the flip coin. The device placement (``data.augment = "gpu"``) draws the same parameters on the CPU and
+        hands them to :func:`fastmim.kernels.crop_resize.crop_resize`, so both placements augment alike."""
+        box = sample_crop(width, height, self.scale, self.ratio, generator)
+        return box, float(torch.rand(1, generator=generator)) < 0.5
 
     def __repr__(self) -> str:
         return (

@@ -1,5 +1,7 @@
-"""Tests for fastmim.data.loader: exact resume, worker independence, rank sharding, epochs and error surfacing."""
+"""Tests for fastmim.data.loader: exact resume, worker independence, rank sharding, epochs, unreadable images
+(replaced, counted, warned) and the device ("gpu") placement of the augmentation, run on CPU tensors."""
 
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -9,11 +11,13 @@ import torch
 from PIL import Image
 
 from fastmim.data import MIMLoader, PretrainTransform, build_loader
+from fastmim.data.loader import _AugmentedSource, epoch_keys
 from fastmim.errors import FastmimError
+from tests.data._images import HOSTILE_CONVERTED, HOSTILE_SKIPPED, write_hostile
 
 
 def _cfg(**overrides: object) -> SimpleNamespace:
-    base = {"source": "demo", "path": "", "num_workers": 0, "num_images": 16, "min_scale": 0.2}
+    base = {"source": "demo", "path": "", "num_workers": 0, "num_images": 16, "min_scale": 0.2, "augment": "cpu"}
     return SimpleNamespace(**{**base, **overrides})
 
 
@@ -133,18 +137,88 @@ def test_min_scale_reaches_the_crop() -> None:
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])
-def test_corrupt_image_surfaces_as_one_line_user_error(tmp_path: Path, num_workers: int) -> None:
+def test_unreadable_images_are_replaced_counted_and_warned_once(tmp_path: Path, num_workers: int) -> None:
     rng = np.random.default_rng(0)
-    for i in range(3):
+    for i in range(6):
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8), "RGB").save(tmp_path / f"ok{i}.png")
-    bad = tmp_path / "bad.jpg"
-    bad.write_bytes(b"")
-    loader = build_loader(
-        _cfg(source="folder", path=str(tmp_path), num_workers=num_workers), img_size=16, batch_size=2, seed=0
-    )
+    write_hostile(tmp_path / "bad")  # empty, text, truncated, decompression bomb, and readable odd modes
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for path in [*tmp_path.glob("ok*.png"), *(tmp_path / "bad").iterdir()]:
+        path.rename(flat / path.name)
+    cfg = _cfg(source="folder", path=str(flat), num_workers=num_workers)
+    loader = build_loader(cfg, img_size=16, batch_size=3, seed=0)
+    assert loader.num_samples == 6 + len(HOSTILE_SKIPPED) + len(HOSTILE_CONVERTED) + 1
+    with pytest.warns(UserWarning, match="skipped unreadable image") as record:
+        first = list(loader.iterate(0))
+    assert len(first) == loader.steps_per_epoch and all(x.shape == (3, 3, 16, 16) for x, _ in first)
+    assert {Path(p).name for p in loader.skipped_files} == set(HOSTILE_SKIPPED)
+    assert loader.skipped == len(HOSTILE_SKIPPED)  # every image is read once per epoch here (15 = 5 x 3)
+    assert len(record) == len(HOSTILE_SKIPPED)
+    # Deterministic: the same epoch again, or resumed at batch 2, gives the same batches; files are warned about
+    # once per loader, but every replaced sample is counted.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = list(loader.iterate(0))
+        resumed = list(loader.iterate(0, start_batch=2))
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first, again, strict=True))
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(first[2:], resumed, strict=True))
+    assert loader.skipped == 2 * len(HOSTILE_SKIPPED) + _skipped_in(loader, 0, 2)
+
+
+def _skipped_in(loader: MIMLoader, epoch: int, start_batch: int) -> int:
+    """How many of the samples of batches start_batch.. of epoch fall on the unreadable files."""
+    keys = epoch_keys(loader.num_samples, loader.batch_size, loader.seed, epoch, 0, 1)
+    paths = loader.dataset.source.paths
+    return sum(Path(paths[i]).name in HOSTILE_SKIPPED for i in keys[start_batch * loader.batch_size :, 0])
+
+
+def test_a_folder_of_unreadable_files_is_a_user_error(tmp_path: Path) -> None:
+    for i in range(4):
+        (tmp_path / f"{i}.jpg").write_bytes(b"")
+    loader = build_loader(_cfg(source="folder", path=str(tmp_path)), img_size=16, batch_size=2, seed=0)
     with pytest.raises(FastmimError) as info:
         list(loader.iterate(0))
     message = str(info.value)
-    assert message.startswith(f"cannot read image {bad} (")
-    assert message.endswith("remove or replace that file.")
+    assert message.startswith("cannot read image ") and "nor any of 32 replacements" in message
     assert "\n" not in message and "Traceback" not in message
+
+
+def test_gpu_placement_repeats_the_cpu_placement(reference_crop_resize) -> None:
+    cpu = build_loader(_cfg(num_images=12), img_size=32, batch_size=4, seed=2)
+    gpu = build_loader(_cfg(num_images=12, augment="gpu"), img_size=32, batch_size=4, seed=2, device="cpu")
+    assert gpu.device == torch.device("cpu")
+    diffs = []
+    for (xc, yc), (xg, yg) in zip(cpu.iterate(1), gpu.iterate(1), strict=True):
+        assert xg.dtype == torch.float32 and xg.shape == xc.shape and torch.equal(yc, yg)
+        diffs.append((xc - xg).abs())
+    diff = torch.cat(diffs)
+    # Same crops, flips and arithmetic; Pillow >= 13 reorders its two passes for some boxes (see
+    # tests/kernels/test_crop_resize.py), which moves a few pixels by a few levels of 255 (1 level = 0.017 here).
+    assert diff.mean() < 0.005 and (diff == 0).float().mean() > 0.8
+
+
+def test_gpu_placement_resumes_exactly_and_ignores_num_workers(reference_crop_resize) -> None:
+    make = lambda workers: build_loader(  # noqa: E731
+        _cfg(num_images=12, augment="gpu", num_workers=workers), img_size=24, batch_size=4, seed=7, device="cpu"
+    )
+    full = list(make(0).iterate(2))
+    for (xa, ya), (xb, yb) in zip(full[1:], make(2).iterate(2, start_batch=1), strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_gpu_placement_ships_the_crop_the_sample_seed_draws() -> None:
+    # The worker half of the device placement: the crop box and flip are the CPU transform's draws for that seed.
+    source = _IndexSource(4)
+    transform = PretrainTransform(8)
+    dataset = _AugmentedSource(source, transform, "gpu")
+    crop, label, note, flip = dataset[(2, 12345)]
+    image = np.asarray(source.load(2)[0])
+    (top, left, h, w), expected_flip = transform.sample_params(8, 8, torch.Generator().manual_seed(12345))
+    assert np.array_equal(crop, image[top : top + h, left : left + w]) and flip == expected_flip
+    assert label == 2 and note == ""
+
+
+def test_unknown_placement_is_a_user_error() -> None:
+    with pytest.raises(FastmimError, match="data.augment 'tpu' is unknown"):
+        build_loader(_cfg(augment="tpu"), img_size=16, batch_size=4, seed=0)

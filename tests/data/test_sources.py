@@ -7,8 +7,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastmim.data.sources import DemoSource, FolderSource, SyntheticSource, build_source, load_rgb
+from fastmim.data.sources import (
+    DemoSource,
+    FolderSource,
+    SyntheticSource,
+    UnreadableImageError,
+    build_source,
+    decode_image,
+    load_rgb,
+)
 from fastmim.errors import FastmimError
+from tests.data._images import decompression_bomb
 
 
 def _save(path: Path, mode: str = "RGB", size: tuple[int, int] = (12, 10), fmt: str | None = None) -> Path:
@@ -88,8 +97,8 @@ def test_loose_images_next_to_class_folders_are_an_error(tmp_path: Path) -> None
 
 
 def test_unknown_source_lists_the_valid_ones() -> None:
-    with pytest.raises(FastmimError, match="demo, folder, synthetic"):
-        build_source(_cfg(source="ffcv"), img_size=32)
+    with pytest.raises(FastmimError, match="demo, folder, synthetic, ffcv"):
+        build_source(_cfg(source="imagenet"), img_size=32)
 
 
 # ----- decoding ------------------------------------------------------------------------------------------------
@@ -110,16 +119,18 @@ def _truncated_jpeg(path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "name,write", [("zero.jpg", _zero_byte), ("text.png", _text_png), ("cut.jpg", _truncated_jpeg)]
+    "name,write",
+    [("zero.jpg", _zero_byte), ("text.png", _text_png), ("cut.jpg", _truncated_jpeg), ("bomb.png", decompression_bomb)],
 )
 def test_unreadable_image_names_the_file_and_the_fix(tmp_path: Path, name: str, write) -> None:
     path = tmp_path / name
     write(path)
-    with pytest.raises(FastmimError) as info:
+    with pytest.raises(UnreadableImageError) as info:
         load_rgb(str(path))
     message = str(info.value)
     assert str(path) in message and "remove or replace" in message
     assert "\n" not in message
+    assert info.value.path == str(path) and info.value.reason in message
 
 
 def test_image_modes_are_converted_to_rgb(tmp_path: Path) -> None:
@@ -206,3 +217,14 @@ def test_synthetic_images_are_cheap_deterministic_and_not_flat() -> None:
 def test_demo_needs_at_least_one_image() -> None:
     with pytest.raises(FastmimError, match=r"data\.num_images"):
         build_source(_cfg(source="demo", num_images=0), img_size=32)
+
+
+def test_decode_reports_the_file_mode_and_drafts_large_jpegs(tmp_path: Path) -> None:
+    path = tmp_path / "large.jpg"
+    Image.new("RGB", (1600, 1200), (200, 30, 30)).save(path, quality=90)
+    full, mode, size = decode_image(str(path))
+    assert mode == "RGB" and size == (1600, 1200) and full.size == (1600, 1200)
+    # A reduced-scale JPEG decode keeps both sides >= max_side: 1/4 scale here (400 x 300 >= 256).
+    drafted, _, size = decode_image(str(path), max_side=256)
+    assert drafted.size == (400, 300) and size == (1600, 1200)
+    assert decode_image(str(_save(tmp_path / "g.png", "L")))[1] == "L"

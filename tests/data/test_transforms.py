@@ -118,3 +118,40 @@ def test_normalisation_uses_imagenet_mean_and_std() -> None:
     expected = torch.tensor([(v / 255 - m) / s for v, m, s in zip(value, IMAGENET_MEAN, IMAGENET_STD)])
     assert torch.allclose(out.mean(dim=(1, 2)), expected, atol=1e-5)
     assert out.std(dim=(1, 2)).max() < 1e-5
+
+
+def test_crop_distribution_matches_torchvision_random_resized_crop() -> None:
+    # Both placements use these draws. Two-sample Kolmogorov-Smirnov tests of area fraction, aspect ratio and
+    # position against torchvision's own RandomResizedCrop.get_params (global RNG, seeded): at alpha = 0.001 with
+    # n = m = 3000 the critical distance is 1.95 * sqrt(2 / 3000) = 0.050.
+    from torchvision.transforms import RandomResizedCrop
+
+    width, height, n = 500, 375, 3000
+    g = torch.Generator().manual_seed(0)
+    ours = np.array([sample_crop(width, height, SCALE, RATIO, g) for _ in range(n)], dtype=np.float64)
+    torch.manual_seed(1)  # another seed: independent samples (with the same seed the two streams coincide)
+    image = torch.zeros(3, height, width)
+    theirs = np.array([RandomResizedCrop.get_params(image, list(SCALE), list(RATIO)) for _ in range(n)], np.float64)
+
+    def features(crops: np.ndarray) -> dict[str, np.ndarray]:
+        top, left, h, w = crops.T
+        return {"area": h * w / (width * height), "log_ratio": np.log(w / h), "cy": (top + h / 2) / height,
+                "cx": (left + w / 2) / width}  # fmt: skip
+
+    def ks(a: np.ndarray, b: np.ndarray) -> float:
+        grid = np.sort(np.concatenate([a, b]))
+        cdf = lambda x: np.searchsorted(np.sort(x), grid, side="right") / len(x)  # noqa: E731
+        return float(np.abs(cdf(a) - cdf(b)).max())
+
+    for name, ours_values in features(ours).items():
+        assert ks(ours_values, features(theirs)[name]) < 0.050, name
+    # And the draws do cover the allowed range (the test above could pass on two equally broken samplers).
+    area = features(ours)["area"]
+    assert area.min() < 0.21 and area.max() > 0.95 and 0.4 < np.median(area) < 0.6  # large areas often do not fit
+
+
+def test_sample_params_are_the_transforms_draws() -> None:
+    transform = PretrainTransform(16)
+    box, flip = transform.sample_params(61, 45, torch.Generator().manual_seed(9))
+    g = torch.Generator().manual_seed(9)
+    assert box == sample_crop(61, 45, SCALE, RATIO, g) and flip == (float(torch.rand(1, generator=g)) < 0.5)
