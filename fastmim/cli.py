@@ -294,14 +294,6 @@ def cmd_profile(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _toml(cfg) -> str:
-    from fastmim.config import dump_toml
-
-    return dump_toml(cfg)
-
-
-_COMMANDS = {
-    "pretrain": cmd_pretrain,
 def cmd_data(args: argparse.Namespace, _: list[str]) -> int:
     from fastmim.data.beton import convert_folder
 
@@ -310,6 +302,14 @@ def cmd_data(args: argparse.Namespace, _: list[str]) -> int:
     return 0
 
 
+def _toml(cfg) -> str:
+    from fastmim.config import dump_toml
+
+    return dump_toml(cfg)
+
+
+_COMMANDS = {
+    "pretrain": cmd_pretrain,
     "config": cmd_config,
     "list-models": cmd_list_models,
     "import-checkpoint": cmd_import_checkpoint,
@@ -320,5 +320,5 @@ def cmd_data(args: argparse.Namespace, _: list[str]) -> int:
     "visualize": cmd_visualize,
     "bench": cmd_bench,
     "profile": cmd_profile,
-}
     "data": cmd_data,
+}
