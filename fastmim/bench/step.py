@@ -7,8 +7,9 @@ Both impls run in one process on one device with the same config, data and seed.
    synchronisation at each end: ``ms_per_step`` and ``img_per_s``.
 2. Breakdown: a few more steps with a synchronisation at every stage boundary (which costs some overlap, so these
    numbers are for attribution, not throughput): data wait / forward / backward / optimizer, in ms.
-3. FLOPs of one forward + backward, counted once with torch.utils.flop_counter (never hand-typed); MFU = FLOPs per
-   step / step time / the device's dense peak for the step's dtype (CUDA only; the peak used is in the row).
+3. Model FLOPs of one forward + backward, counted once with torch.utils.flop_counter on the reference impl (never
+   hand-typed) and used for every impl; MFU = FLOPs per step / step time / the device's dense peak for the step's
+   dtype (CUDA only; the peak used is in the row).
 4. Peak GPU memory of the timed steps (CUDA, all impls together: the larger one sets it); on CPU the process's peak
    resident set.
 
@@ -146,7 +147,11 @@ def run_step_bench(
         log(f"bench step: building {cfg.model.name} impl={impl} batch={cfg.train.batch_size} on {device} ...")
         runs[impl] = build_bench_run(cfg, impl, device)
         streams[impl] = device_batches(runs[impl], fixed_batch)
-        flops = count_flops(runs[impl], next(streams[impl])) * cfg.train.accum_steps
+    # Model FLOPs, counted once on the reference impl: the fast impl skips work (e.g. predictions that never reach
+    # the loss), and MFU must credit only the work the method defines, the same for every impl.
+    reference = runs.get("reference") or build_bench_run(cfg, "reference", device)
+    flops = count_flops(reference, next(device_batches(reference, fixed_batch))) * cfg.train.accum_steps
+    for impl in impls:
         for _ in range(warmup):
             train_step(runs[impl], streams[impl])
         rows[impl] = {"flops_per_step": flops, "round_ms": []}
