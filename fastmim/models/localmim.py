@@ -62,7 +62,7 @@ class LocalMIMViT(nn.Module):
         if grid % 2:
             raise ValueError(f"the s = 1/2 scale pools 2 x 2 patches: patches per side ({grid}) must be even")
         if target == "hog":
-            self.target = HOGTarget(self.cell_sizes, nbins=nbins, bias=hog_bias)
+            self.target = HOGTarget(self.cell_sizes, nbins=nbins, bias=hog_bias, impl=impl)
         elif target == "pixel":
             self.target = PixelTarget(self.cell_sizes, norm_pix=True)
         else:
