@@ -13,7 +13,8 @@ cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-benchmarks/results/gpu-$(date +%Y%m%d-%H%M%S)}}"
 mkdir -p "$OUT_DIR"
 WORK="$(mktemp -d)"
-export PYTHONUNBUFFERED=1
+# Real kernels, never the interpreter (tests/conftest.py defaults TRITON_INTERPRET to 1 for CPU runs).
+export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0
 PY="${PYTHON:-python3}"
 status=0
 log() { echo "[gpu_suite $(date +%H:%M:%S)] $*" | tee -a "$OUT_DIR/suite.log"; }
