@@ -127,12 +127,20 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     cfg = load_config(args.config, overrides)
     print("resolved config:\n" + dump_toml(cfg))
     summary = train(cfg)
+    resume = f"fastmim pretrain --config {summary['config']} --train.resume=auto"
+    if summary["stopped_by"]:  # pre-emption is not a failure: the last completed step is saved
+        print(
+            f"stopped by {summary['stopped_by']} at step {summary['steps']} of {summary['total_steps']}; "
+            f"saved {summary['checkpoint']}\n  resume with: {resume}"
+        )
+        return 0
+    loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+    skipped = f" ({summary['skipped_steps']} non-finite steps skipped)" if summary["skipped_steps"] else ""
     print(
         f"done: {summary['model']} trained to step {summary['steps']} ({summary['steps_this_run']} steps this run) "
-        f"on {summary['device']} at {summary['img_per_s']:.1f} img/s; final loss {summary['final_loss']:.4f}\n"
+        f"on {summary['device']} at {summary['img_per_s']:.1f} img/s; final loss {loss}{skipped}\n"
         f"  checkpoint: {summary['checkpoint']}\n  metrics:    {summary['metrics']}\n"
-        f"  loss plot:  {summary['plot']}\n  resume with: fastmim pretrain --train.out_dir={summary['out_dir']} "
-        "--train.resume=auto --train.steps=N"
+        f"  loss plot:  {summary['plot']}\n  continue with: {resume} --train.steps=N"
     )
     return 0
 

@@ -1,13 +1,37 @@
-"""Checkpoints: atomic writes, safe loads (no code execution), finding the newest one in a run directory.
+"""Checkpoints that survive crashes: atomic verified writes, safe loads, rotation, fallback to the last good one.
 
-A checkpoint is a dict saved with torch.save: ``format`` ("fastmim-checkpoint"), ``version``, ``model_name``,
-``model`` (state dict), ``optimizer``, ``scaler``, ``step``, ``data`` ({"epoch", "batch"}: the next batch to
-read), ``rng`` (torch CPU / CUDA generator states) and ``config`` (the resolved config as TOML text).
+A run directory holds, per saved step::
+
+    checkpoint-0000100.pt        torch.save of the checkpoint dict (below)
+    checkpoint-0000100.pt.json   its record: {"format", "size", "sha256", "step", "loss"}
+
+Writing (:func:`write_checkpoint`): the data goes to a hidden temporary file in the same directory and is fsync'ed;
+then the record is written (temporary file, fsync, rename); then the data file is renamed into place and the
+directory fsync'ed. A kill -9 (or power loss) at any moment therefore leaves the previous checkpoints untouched plus
+at most a stale temporary file or a record whose data file never arrived: both are ignored and later removed by
+:func:`clean_partial_saves`. A write that fails (a full disk) removes its temporary file and changes nothing else.
+
+Reading (:func:`load_checkpoint`): the file's size and SHA-256 are checked against its record (a truncated or
+bit-flipped file is a :class:`CorruptCheckpoint`), then it is read with ``torch.load(weights_only=True)``, which
+never executes code, and its format, version and fields are checked. :func:`latest_good_checkpoint` walks the run's
+checkpoints from the newest down, moves corrupt ones aside (``*.corrupt``, never deleted) with a warning, and
+returns the newest good one. :func:`prune` keeps the newest ``keep_last`` checkpoints and the one with the lowest
+recorded training loss.
+
+The checkpoint dict: ``format`` ("fastmim-checkpoint"), ``version``, ``model_name``, ``model`` (state dict),
+``optimizer``, ``scaler``, ``step``, ``data`` ({"epoch", "batch"}: the next batch to read), ``rng`` (torch CPU /
+CUDA generator states), ``config`` (the resolved config as TOML text) and ``skipped_steps`` (optimizer steps skipped
+for a non-finite loss or gradient so far; optional, 0 when absent).
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import math
 import os
+import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -16,60 +40,307 @@ from typing import Any
 import torch
 
 from fastmim.errors import FastmimError
+from fastmim.train.metrics import warn
 
 FORMAT = "fastmim-checkpoint"
+RECORD_FORMAT = "fastmim-checkpoint-record"
 VERSION = 1
 _NAME = re.compile(r"checkpoint-(\d+)\.pt")
+_PARTIAL = re.compile(r"\.checkpoint-\d+\.pt(\.json)?\..+\.tmp")
+_CHUNK = 1 << 20
+
+
+class CorruptCheckpoint(FastmimError):
+    """A checkpoint file that is truncated, altered or unreadable (as opposed to a foreign or hostile one)."""
 
 
 def checkpoint_path(out_dir: str | Path, step: int) -> Path:
     return Path(out_dir) / f"checkpoint-{step:07d}.pt"
 
 
-def atomic_save(obj: Any, path: str | Path) -> None:
-    """Write to a temporary file in the same directory, fsync, then rename over ``path``: a crash mid-save leaves
-    either the old file or the new one, never a partial one."""
+def record_path(path: str | Path) -> Path:
     path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+class _HashingWriter:
+    """The file object torch.save writes to: forwards each write to ``f`` and hashes it on the way (torch's zip
+    writer writes sequentially, so the hash is the file's). torch replaces an exception raised by a buffer's
+    write with a generic RuntimeError, so the original one (e.g. ENOSPC) is kept in ``error``."""
+
+    def __init__(self, f) -> None:
+        self.f = f
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            n = self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+        self.sha256.update(data)
+        self.size += memoryview(data).nbytes
+        return n
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _write_temp(obj: Any, path: Path) -> tuple[Path, dict[str, Any]]:
+    """torch.save ``obj`` into a hidden temporary file next to ``path``, fsync'ed; returns it and {size, sha256}.
+    On failure the temporary file is removed and the write's own OSError (ENOSPC, EFBIG, EIO...) is raised."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    writer = None
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            writer = _HashingWriter(f)
+            torch.save(obj, writer)
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        if writer is not None and writer.error is not None and not isinstance(e, OSError):
+            raise writer.error from None
+        raise
+    return Path(tmp), {"size": writer.size, "sha256": writer.sha256.hexdigest()}
+
+
+def _write_text(text: str, path: Path) -> None:
+    """Write a small text file atomically: temporary file, fsync, rename."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+
+
+def _fsync_dir(directory: Path) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
 
 
+def atomic_save(obj: Any, path: str | Path) -> dict[str, Any]:
+    """torch.save ``obj`` to ``path`` through a temporary file, fsync and rename: a crash mid-save leaves either the
+    old file or the new one, never a partial one. Returns {size, sha256} of the file written."""
+    path = Path(path)
+    tmp, digest = _write_temp(obj, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return digest
+
+
+def write_checkpoint(state: dict[str, Any], path: str | Path, loss: float | None = None) -> Path:
+    """Save a checkpoint and its record (size, SHA-256, step, mean training loss since the previous save).
+
+    Order: data to a temporary file (fsync) -> record in place (atomic) -> data renamed in place -> directory
+    fsync; see the module docstring for why every crash point is safe. A failed write (full disk) raises
+    :class:`FastmimError` and leaves the previous checkpoints as they were.
+    """
+    path = Path(path)
+    try:
+        tmp, digest = _write_temp(state, path)
+        try:
+            record = {"format": RECORD_FORMAT, **digest, "step": state.get("step"), "loss": _finite_or_none(loss)}
+            _write_text(json.dumps(record) + "\n", record_path(path))
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+    except OSError as e:
+        reason = os.strerror(e.errno) if e.errno else str(e)
+        hint = "free disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix the file system"
+        raise FastmimError(
+            f"could not write checkpoint {path} ({reason}); the previous checkpoints are intact: {hint} and "
+            "continue with --train.resume=auto."
+        ) from None
+    return path
+
+
+def _finite_or_none(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None
+
+
+def read_record(path: str | Path) -> dict[str, Any] | None:
+    """The record of checkpoint ``path``, or None when it has none or it is unreadable."""
+    try:
+        record = json.loads(record_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        return None
+    if not isinstance(record.get("size"), int) or not isinstance(record.get("sha256"), str):
+        return None
+    return record
+
+
+def verify_checkpoint(path: str | Path) -> dict[str, Any] | None:
+    """Check ``path`` against its record: size first (cheap, catches truncation), then SHA-256 (catches altered
+    bytes). Returns the record, or None (with a warning) for a file without one (copied without its ``.json``, or
+    written by another tool): such a file can only be checked by loading it. Raises :class:`CorruptCheckpoint`."""
+    path = Path(path)
+    record = read_record(path)
+    if record is None:
+        warn(f"{path} has no valid record ({record_path(path).name}); its integrity cannot be verified.")
+        return None
+    size = path.stat().st_size
+    if size != record["size"]:
+        raise CorruptCheckpoint(f"checkpoint {path} is truncated or altered ({size} bytes, {record['size']} written)")
+    sha = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+    if sha.hexdigest() != record["sha256"]:
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt (its SHA-256 differs from the one recorded at save)")
+    return record
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a fastmim checkpoint with ``weights_only=True`` (never unpickles code) and check its format."""
+    """Verify, then load a fastmim checkpoint with ``weights_only=True`` (never unpickles code), and check its
+    format, version and fields. Raises :class:`CorruptCheckpoint` for damaged files, :class:`FastmimError` for
+    foreign, hostile or newer ones."""
     path = Path(path)
     if not path.is_file():
         raise FastmimError(f"checkpoint '{path}' does not exist; give an existing file or train.resume=auto.")
+    verify_checkpoint(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "unsupported global" in str(e).lower():
+            raise FastmimError(
+                f"'{path}' holds pickled Python objects, not just tensors; fastmim never executes code from a "
+                "checkpoint: give a checkpoint written by fastmim."
+            ) from None
+        raise CorruptCheckpoint(f"'{path}' is not a readable checkpoint (UnpicklingError)") from None
     except Exception as e:
-        reason = type(e).__name__
-        raise FastmimError(f"'{path}' is not a readable checkpoint ({reason}); give a fastmim checkpoint.") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CorruptCheckpoint(f"'{path}' is not a readable checkpoint ({type(e).__name__})") from None
+    _check_format(ckpt, path)
+    return ckpt
+
+
+def _check_format(ckpt: Any, path: Path) -> None:
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt == "fastmim-weights":
+        raise FastmimError(
+            f"'{path}' is a fastmim weights file (model only), not a training checkpoint; resume from a "
+            "checkpoint-*.pt of a run directory."
+        )
+    if fmt != FORMAT:
         raise FastmimError(
             f"'{path}' is not a fastmim checkpoint; for the authors' released weights use `fastmim import-checkpoint`."
         )
     if ckpt.get("version") != VERSION:
-        raise FastmimError(f"'{path}' has checkpoint version {ckpt.get('version')}; this fastmim reads {VERSION}.")
-    return ckpt
+        raise FastmimError(
+            f"'{path}' has checkpoint version {ckpt.get('version')!r}; this fastmim reads version {VERSION}: "
+            "resume it with the fastmim release that wrote it."
+        )
+    expected = {"model_name": str, "model": dict, "optimizer": dict, "scaler": dict, "step": int, "data": dict,
+                "rng": dict, "config": str}  # fmt: skip
+    for key, typ in expected.items():
+        if not isinstance(ckpt.get(key), typ) or isinstance(ckpt.get(key), bool):
+            raise FastmimError(f"'{path}' lacks a valid '{key}' entry; give a checkpoint written by fastmim.")
+    data = ckpt["data"]
+    numbers = [ckpt["step"], data.get("epoch"), data.get("batch"), ckpt.get("skipped_steps", 0)]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in numbers):
+        raise FastmimError(f"'{path}' has an invalid step or data position; give a checkpoint written by fastmim.")
+
+
+def checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of the numbered checkpoints in ``out_dir``, oldest first."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    return sorted((int(m.group(1)), p) for p in out_dir.glob("checkpoint-*.pt") if (m := _NAME.fullmatch(p.name)))
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
-    """The checkpoint with the highest step in ``out_dir``, or None."""
-    found = [(int(m.group(1)), p) for p in Path(out_dir).glob("checkpoint-*.pt") if (m := _NAME.fullmatch(p.name))]
-    return max(found)[1] if found else None
+    """The checkpoint with the highest step in ``out_dir`` (not verified), or None."""
+    found = checkpoints(out_dir)
+    return found[-1][1] if found else None
+
+
+def latest_good_checkpoint(out_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``out_dir`` that passes :func:`load_checkpoint`, loaded, or None if there is none.
+
+    A corrupt newer one is renamed ``<name>.corrupt`` (kept for inspection, out of the way of later saves and
+    resumes) with a warning. A foreign or hostile file raises; so does a directory whose checkpoints are all
+    corrupt, since restarting from scratch silently would throw the run away.
+    """
+    found = checkpoints(out_dir)
+    for _, path in reversed(found):
+        try:
+            return path, load_checkpoint(path)
+        except CorruptCheckpoint as err:
+            moved = _quarantine(path)
+            warn(f"{err}; moved it aside as {moved.name} and falling back to the previous checkpoint.")
+    if found:
+        raise FastmimError(
+            f"no checkpoint in {out_dir} is intact (all {len(found)} moved aside as *.corrupt); restore one from a "
+            "backup, or start again with a new train.out_dir."
+        )
+    return None
+
+
+def _quarantine(path: Path) -> Path:
+    target = path.with_name(path.name + ".corrupt")
+    n = 1
+    while target.exists() or record_path(target).exists():
+        target, n = path.with_name(f"{path.name}.corrupt{n}"), n + 1
+    if record_path(path).exists():
+        os.replace(record_path(path), record_path(target))
+    os.replace(path, target)
+    return target
+
+
+def best_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint whose record holds the lowest training loss (the newest among equals), or None."""
+    scored = []
+    for step, path in checkpoints(out_dir):
+        loss = (read_record(path) or {}).get("loss")
+        if isinstance(loss, (int, float)) and not isinstance(loss, bool) and math.isfinite(loss):
+            scored.append((loss, -step, path))
+    return min(scored)[2] if scored else None
+
+
+def prune(out_dir: str | Path, keep_last: int, current_step: int) -> list[Path]:
+    """Delete numbered checkpoints (and their records) older than ``current_step`` beyond the newest ``keep_last``,
+    always keeping the best one (:func:`best_checkpoint`); ``keep_last`` 0 keeps everything. Checkpoints past
+    ``current_step`` (a run resumed from an earlier one) are left alone. Returns the deleted paths."""
+    if keep_last <= 0:
+        return []
+    older = [path for step, path in checkpoints(out_dir) if step < current_step]
+    best = best_checkpoint(out_dir)
+    doomed = [p for p in older[: max(0, len(older) - (keep_last - 1))] if p != best]
+    for path in doomed:  # data before record: a kill in between leaves an orphan record, which is ignored
+        path.unlink(missing_ok=True)
+        record_path(path).unlink(missing_ok=True)
+    return doomed
+
+
+def clean_partial_saves(out_dir: str | Path) -> list[Path]:
+    """Remove what interrupted saves leave behind: hidden temporary files and records without a data file."""
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return []
+    stale = [p for p in out_dir.iterdir() if _PARTIAL.fullmatch(p.name)]
+    stale += [p for p in out_dir.glob("*.pt.json") if _NAME.fullmatch(p.stem) and not p.with_suffix("").exists()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
 
 
 def rng_state() -> dict[str, Any]:

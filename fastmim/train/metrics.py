@@ -1,14 +1,22 @@
-"""Run metrics: JSON lines in ``<out_dir>/metrics.jsonl``, TensorBoard when installed, a loss-curve PNG."""
+"""Run metrics: JSON lines in ``<out_dir>/metrics.jsonl``, TensorBoard when installed, a loss-curve PNG, the
+progress display, and device-side tallies of skipped (non-finite) steps that are read only at log steps."""
 
 from __future__ import annotations
 
 import json
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
+
+
+def warn(message: str) -> None:
+    """A one-line warning on stderr, in the style of the CLI's one-line errors."""
+    print(f"fastmim: warning: {message}", file=sys.stderr, flush=True)
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -26,7 +34,8 @@ class MetricsLog:
     def __init__(self, out_dir: Path, resume_step: int | None) -> None:
         self.path = out_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            lines = self.path.read_text(errors="replace").splitlines()
+            kept = [line for line in lines if (row := _parse_row(line)) is not None and row["step"] <= resume_step]
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(self.path)
@@ -53,8 +62,107 @@ class MetricsLog:
             self.tb.close()
 
 
+def _parse_row(line: str) -> dict[str, Any] | None:
+    """One metrics row, or None for a line cut short by a crash mid-write (or otherwise not a row)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of a metrics file, leaving out lines that are not rows (see ``_parse_row``)."""
+    return [row for line in path.read_text(errors="replace").splitlines() if (row := _parse_row(line)) is not None]
+
+
+class StepStats:
+    """Running tallies of a training run, kept on the device so that no step synchronises for them.
+
+    ``update`` (every step, a few tiny device ops) counts skipped steps, the scales whose loss was non-finite and
+    the skips whose loss was finite (so a gradient was not), the current and longest streak of consecutive skips,
+    and the sum of the losses of the applied steps. ``read`` (at log steps, where the trainer synchronises anyway)
+    returns what happened since the previous read; ``take_mean_loss`` (at saves) the mean loss since the previous
+    save, which is what a checkpoint's record stores to pick the best one.
+    """
+
+    def __init__(self, scale_names: list[str], device: torch.device, skipped_before: int = 0) -> None:
+        self.names = [*scale_names, "gradient"]
+        # [skipped, non-finite loss at each scale..., skipped with a finite loss]
+        self._counts = torch.zeros(len(self.names) + 1, dtype=torch.int64, device=device)
+        self._streak = torch.zeros((), dtype=torch.int64, device=device)
+        self._longest = torch.zeros((), dtype=torch.int64, device=device)
+        self._loss = torch.zeros(2, dtype=torch.float64, device=device)  # [sum, count] over applied steps
+        self._read = [0] * (len(self.names) + 1)
+        self.skipped_before = skipped_before
+        self.nonfinite_totals: dict[str, int] = {}  # over every read so far
+
+    def update(self, loss: torch.Tensor, losses: torch.Tensor, applied: torch.Tensor) -> None:
+        skipped = ~applied
+        flags = torch.cat([skipped[None], ~torch.isfinite(losses), (skipped & torch.isfinite(loss))[None]])
+        self._counts += flags
+        self._streak.add_(1).mul_(skipped)  # back to 0 after an applied step
+        torch.maximum(self._longest, self._streak, out=self._longest)
+        self._loss += torch.stack([torch.where(applied, loss.double(), 0.0), applied.double()])
+
+    def read(self) -> dict[str, Any]:
+        """{"skipped": steps skipped since the last read, "nonfinite": {scale or "gradient": count} for those,
+        "streak": the longest run of consecutive skips seen since the last read}. Synchronises."""
+        counts = self._counts.tolist()
+        delta = [now - before for now, before in zip(counts, self._read)]
+        self._read = counts
+        streak = int(self._longest)
+        self._longest.copy_(self._streak)  # a streak still going on carries into the next window
+        nonfinite = {name: n for name, n in zip(self.names, delta[1:]) if n}
+        for name, n in nonfinite.items():
+            self.nonfinite_totals[name] = self.nonfinite_totals.get(name, 0) + n
+        return {"skipped": delta[0], "nonfinite": nonfinite, "streak": streak}
+
+    def total_skipped(self) -> int:
+        """Skipped steps over the whole run, resumed parts included. Synchronises."""
+        return self.skipped_before + int(self._counts[0])
+
+    def take_mean_loss(self) -> float | None:
+        """Mean loss of the applied steps since the previous call, None if there were none. Synchronises."""
+        total, n = self._loss.tolist()
+        self._loss.zero_()
+        return total / n if n else None
+
+
+class Progress:
+    """A live bar on a terminal; in logs (CI, SLURM) one plain line per log step instead of carriage-return noise.
+    Also measures images per second over each log window."""
+
+    def __init__(self, total: int, start: int, images_per_step: int) -> None:
+        self.interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=total, initial=start, desc="pretrain", unit="step", disable=not self.interactive)
+        self.total, self.images_per_step = total, images_per_step
+        self.window_start, self.window_step = time.perf_counter(), start
+
+    def step(self) -> None:
+        self.bar.update(1)
+
+    def rate(self, step: int) -> float:
+        """Images per second since the previous call (or the start), and start a new window."""
+        now = time.perf_counter()
+        rate = self.images_per_step * (step - self.window_step) / max(now - self.window_start, 1e-9)
+        self.window_start, self.window_step = now, step
+        return rate
+
+    def show(self, row: dict[str, Any]) -> None:
+        self.bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
+        if not self.interactive:
+            print(
+                f"step {row['step']}/{self.total}  loss {row['loss']:.4f}  lr {row['lr']:.3g}  "
+                f"{row['img_per_s']:.1f} img/s  mem {row['mem_gib']:.2f} GiB",
+                flush=True,
+            )
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.close()
 
 
 def plot_losses(metrics_path: Path, png_path: Path, scale_names: list[str]) -> Path | None:

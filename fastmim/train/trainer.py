@@ -3,19 +3,30 @@
 Building happens in ``build_*`` helpers; ``train()`` itself is the loop. Everything random is derived from
 ``train.seed``: the data order and augmentation (per sample, see fastmim.data) and the masks (per optimizer step and
 micro-batch, below), so a resumed run continues exactly where the checkpoint left it.
+
+Reliability (README "Interruptions and failures"):
+
+- Checkpoints are atomic and verified (fastmim.train.checkpoint); ``train.resume = "auto"`` takes the newest intact
+  one, falling back past corrupt ones; ``train.keep_last`` rotates them, keeping the best.
+- SIGTERM, SIGINT and SIGUSR1 finish the current step, save, and return with ``stopped_by`` set (the CLI exits 0
+  and prints the resume command); a second signal stops at once.
+- A step whose loss or gradient is non-finite is skipped: no parameter, moment or step count changes (see
+  ``apply_update``); skips are counted per scale and logged; ``train.max_nonfinite`` consecutive ones save and stop.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
+import os
+import signal
+import threading
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from fastmim.config import Config, config_from_toml, dump_toml
 from fastmim.data import MIMLoader, build_loader
@@ -25,17 +36,23 @@ from fastmim.models import model_from_config
 from fastmim.train.checkpoint import (
     FORMAT,
     VERSION,
-    atomic_save,
+    CorruptCheckpoint,
+    best_checkpoint,
     checkpoint_path,
+    clean_partial_saves,
     latest_checkpoint,
+    latest_good_checkpoint,
     load_checkpoint,
+    prune,
     rng_state,
     set_rng_state,
+    write_checkpoint,
 )
-from fastmim.train.metrics import MetricsLog, peak_memory_gib, plot_losses
+from fastmim.train.metrics import MetricsLog, Progress, StepStats, peak_memory_gib, plot_losses, warn
 from fastmim.train.optim import build_optimizer, lr_at
 
 SCALE_NAMES = ["s=4", "s=2", "s=1", "s=1/2"]
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 @dataclass
@@ -62,6 +79,8 @@ class Run:
     amp_dtype: torch.dtype | None
     pos: Position = field(default_factory=Position)
     resumed_from: Path | None = None
+    skipped_before: int = 0  # steps skipped for non-finite values before this process resumed the run
+    config_path: Path | None = None  # the config file that reproduces this run (for the resume command)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -85,10 +104,18 @@ def mask_noise(seed: int, step: int, micro: int, batch: int, num_patches: int) -
     return torch.rand(batch, num_patches, generator=g)
 
 
+def scale_names(model: torch.nn.Module) -> list[str]:
+    """Names of the model's per-scale losses, in ``out.losses`` order (SPEC's s = 4, 2, 1, 1/2 for LocalMIM)."""
+    cells = model.target.cell_sizes
+    return SCALE_NAMES if len(cells) == 4 else [f"{c}px" for c in cells]
+
+
 def build_run(cfg: Config) -> Run:
     t = cfg.train
     out_dir = Path(t.out_dir)
-    resume = _resume_path(cfg, out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FastmimError(f"train.out_dir {out_dir} is not a directory; choose a directory for the run.")
+    resume = _resume_target(cfg, out_dir)
     device = resolve_device(t.device)
     torch.manual_seed(t.seed)
     model = model_from_config(cfg.model).to(device)
@@ -102,20 +129,36 @@ def build_run(cfg: Config) -> Run:
     dtype = amp_dtype(t.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     run = Run(cfg, device, model, optimizer, scaler, loader, out_dir, total, warmup, peak, dtype)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FastmimError(
+            f"cannot create train.out_dir {out_dir} ({e.strerror}); choose a writable directory."
+        ) from None
     if resume is not None:
-        _restore(run, resume)
-    _save_config(run)
+        _restore(run, *resume)
+    run.config_path = _save_config(run)
     return run
 
 
-def _resume_path(cfg: Config, out_dir: Path) -> Path | None:
-    """Which checkpoint to continue from; refuses to start a fresh run on top of an existing one."""
+def _resume_target(cfg: Config, out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
+    """The checkpoint to continue from, loaded and verified; refuses to start a fresh run on top of an existing one.
+
+    "auto" first removes what interrupted saves left behind, then takes the newest intact checkpoint (falling back
+    past corrupt ones, with a warning); an explicit path must itself be intact.
+    """
     resume = cfg.train.resume
     if resume == "auto":
-        return latest_checkpoint(out_dir)
+        if removed := clean_partial_saves(out_dir):
+            warn(f"removed {len(removed)} partial file(s) left in {out_dir} by an interrupted save.")
+        return latest_good_checkpoint(out_dir)
     if resume:
-        return Path(resume)
+        try:
+            return Path(resume), load_checkpoint(resume)
+        except CorruptCheckpoint as e:
+            raise FastmimError(
+                f"{e}; give another checkpoint, or train.resume=auto to take the newest intact one."
+            ) from None
     if (out_dir / "metrics.jsonl").exists() or latest_checkpoint(out_dir) is not None:
         raise FastmimError(
             f"{out_dir} already holds a run; continue it with --train.resume=auto or pick a new --train.out_dir."
@@ -123,9 +166,12 @@ def _resume_path(cfg: Config, out_dir: Path) -> Path | None:
     return None
 
 
-def _restore(run: Run, path: Path) -> None:
-    ckpt = load_checkpoint(path)
-    saved = config_from_toml(ckpt["config"], f"checkpoint {path}")
+def _restore(run: Run, path: Path, ckpt: dict[str, Any]) -> None:
+    """Load a verified checkpoint into the run; a checkpoint of another model or shape is refused by name."""
+    try:
+        saved = config_from_toml(ckpt["config"], f"checkpoint {path}")
+    except tomllib.TOMLDecodeError:
+        raise FastmimError(f"checkpoint {path} holds no readable config; give one written by fastmim.") from None
     if ckpt["model_name"] != run.cfg.model.name:
         raise FastmimError(
             f"checkpoint {path} is for {ckpt['model_name']}, not {run.cfg.model.name}; set --model.name accordingly."
@@ -133,22 +179,40 @@ def _restore(run: Run, path: Path) -> None:
     for key, value in vars(saved.model).items():
         if key != "impl" and getattr(run.cfg.model, key) != value:
             raise FastmimError(f"checkpoint {path} was trained with model.{key} = {value!r}; resume with that value.")
-    run.model.load_state_dict(ckpt["model"])
-    run.optimizer.load_state_dict(ckpt["optimizer"])
-    run.scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"])
-    run.pos = Position(ckpt["step"], ckpt["data"]["epoch"], ckpt["data"]["batch"])
+    data = ckpt["data"]
+    if data["batch"] > run.loader.steps_per_epoch:
+        raise FastmimError(
+            f"checkpoint {path} stopped at batch {data['batch']} of an epoch, but this data has "
+            f"{run.loader.steps_per_epoch} batches per epoch; resume with the data and batch size it was trained with."
+        )
+    try:
+        run.model.load_state_dict(ckpt["model"])
+        run.optimizer.load_state_dict(ckpt["optimizer"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        detail = str(e).strip().splitlines()[0][:200]
+        raise FastmimError(
+            f"checkpoint {path} does not fit this run ({detail}); give a checkpoint of this model."
+        ) from None
+    run.pos = Position(ckpt["step"], data["epoch"], data["batch"])
     run.resumed_from = path
+    run.skipped_before = ckpt.get("skipped_steps", 0)
 
 
-def _save_config(run: Run) -> None:
-    """config.toml holds the run's config; a resume with different settings is recorded beside it, not over it."""
-    text = dump_toml(run.cfg)
-    path = run.out_dir / "config.toml"
-    if path.exists() and path.read_text() != text:
-        path = run.out_dir / f"config.resumed-{run.pos.step:07d}.toml"
-    if not path.exists():
-        atomic_save_text(text, path)
+def _save_config(run: Run) -> Path:
+    """config.toml holds the run's config; a resume with different settings is recorded beside it, never over it.
+    Returns the file that holds this process's config (the resume command names it)."""
+    text, n = dump_toml(run.cfg), 0
+    while True:
+        suffix = "" if n < 2 else f"-{n}"
+        path = run.out_dir / ("config.toml" if n == 0 else f"config.resumed-{run.pos.step:07d}{suffix}.toml")
+        if not path.exists():
+            atomic_save_text(text, path)
+            return path
+        if path.read_text() == text:
+            return path
+        n += 1
 
 
 def atomic_save_text(text: str, path: Path) -> None:
@@ -157,7 +221,8 @@ def atomic_save_text(text: str, path: Path) -> None:
     tmp.replace(path)
 
 
-def save_checkpoint(run: Run) -> Path:
+def save_checkpoint(run: Run, stats: StepStats | None = None) -> Path:
+    """Write the run's checkpoint for the current step (and its record), then rotate per train.keep_last."""
     state = {
         "format": FORMAT,
         "version": VERSION,
@@ -169,9 +234,11 @@ def save_checkpoint(run: Run) -> Path:
         "data": {"epoch": run.pos.epoch, "batch": run.pos.batch},
         "rng": rng_state(),
         "config": dump_toml(run.cfg),
+        "skipped_steps": stats.total_skipped() if stats else run.skipped_before,
     }
-    path = checkpoint_path(run.out_dir, run.pos.step)
-    atomic_save(state, path)
+    loss = stats.take_mean_loss() if stats else None
+    path = write_checkpoint(state, checkpoint_path(run.out_dir, run.pos.step), loss)
+    prune(run.out_dir, run.cfg.train.keep_last, run.pos.step)
     return path
 
 
@@ -185,8 +252,11 @@ def _batches(run: Run):
 
 
 def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One optimizer step (accum_steps micro-batches). Returns device tensors (loss, per-scale losses, finite
-    flag) without synchronising."""
+    """One optimizer step (accum_steps micro-batches); advances run.pos.step, also when the step is skipped.
+
+    Returns device tensors, without synchronising (except as ``apply_update`` explains): the loss, the per-scale
+    losses [K], and a bool that is True when the update was applied (False: the loss or a gradient was non-finite
+    and the step was skipped)."""
     t, model = run.cfg.train, run.model
     lr = lr_at(run.pos.step, run.total_steps, run.warmup_steps, run.peak_lr, t.min_lr)
     for group in run.optimizer.param_groups:
@@ -202,78 +272,142 @@ def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         detached = torch.stack([x.detach().float() for x in out.losses])
         loss_sum = out.loss.detach() if loss_sum is None else loss_sum + out.loss.detach()
         losses_sum = detached if losses_sum is None else losses_sum + detached
-    if t.clip_grad > 0:
-        run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t.clip_grad)
-    run.scaler.step(run.optimizer)
-    run.scaler.update()
-    run.optimizer.zero_grad(set_to_none=True)
-    run.pos.step += 1
     loss = loss_sum / t.accum_steps
-    return loss, losses_sum / t.accum_steps, torch.isfinite(loss)
+    applied = apply_update(run, torch.isfinite(loss))
+    run.pos.step += 1
+    return loss, losses_sum / t.accum_steps, applied
+
+
+def apply_update(run: Run, loss_finite: torch.Tensor) -> torch.Tensor:
+    """Unscale (fp16), clip (train.clip_grad) and apply the accumulated gradients unless the loss or any gradient is
+    non-finite; returns the device bool "applied". Gradients are cleared either way.
+
+    A skipped step leaves the parameters, the AdamW moments and its step count exactly as they were. The check
+    costs one read of the gradients (their global norm, which clipping needs anyway). Skipping without a
+    host-device sync needs an optimizer that takes the decision on the device: fused AdamW does (the ``found_inf``
+    protocol torch's GradScaler uses with it), so it gets the flag as a tensor. The for-each / for-loop AdamW cannot
+    skip on the device (masking its update afterwards would leave the moments and step count advanced), so for it
+    the flag is read on the host every step: free on CPU, one sync per step on CUDA (``fused=True`` in
+    ``build_optimizer`` removes it).
+    """
+    t, opt = run.cfg.train, run.optimizer
+    run.scaler.unscale_(opt)  # fp16: divides by the loss scale and records overflows; otherwise a no-op
+    params = [p for group in opt.param_groups for p in group["params"] if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    if t.clip_grad > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, t.clip_grad, norm)
+    applied = loss_finite & torch.isfinite(norm)
+    if opt.defaults.get("fused"):
+        opt.grad_scale, opt.found_inf = None, (~applied).float()
+        opt.step()
+        del opt.grad_scale, opt.found_inf
+    elif applied.item():  # Host-device sync (see the docstring): non-fused AdamW cannot skip on the device.
+        opt.step()
+    run.scaler.update()  # fp16: lowers the loss scale after an overflow
+    opt.zero_grad(set_to_none=True)
+    return applied
+
+
+class StopSignals:
+    """Turns SIGTERM / SIGINT / SIGUSR1 into a request to stop after the current step: the handler only records the
+    signal's name in ``name``, which the loop reads between steps (no syscall, no device sync). A second signal
+    raises KeyboardInterrupt at once; the last checkpoint stays valid since saves are atomic. DataLoader workers
+    forked while this is active inherit the handler and ignore the signal (their parent shuts them down). Outside
+    the main thread (where Python cannot install handlers) it does nothing."""
+
+    def __enter__(self) -> StopSignals:
+        self.name: str | None = None
+        self._pid, self._previous = os.getpid(), {}
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if os.getpid() != self._pid:
+            return
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _log_step(run: Run, log: MetricsLog, stats: StepStats, progress: Progress, loss, losses) -> tuple[dict, int]:
+    """Write one metrics row and show it; returns the row and the longest streak of skipped steps since the last
+    log step. The host-device sync of a log step happens here."""
+    window = stats.read()
+    row = {
+        "step": run.pos.step,
+        "epoch": run.pos.epoch,
+        "loss": loss.item(),
+        "losses": losses.tolist(),
+        "lr": run.optimizer.param_groups[0]["lr"],
+        "img_per_s": progress.rate(run.pos.step),
+        "mem_gib": peak_memory_gib(run.device),
+        "skipped": window["skipped"],
+    }
+    if window["skipped"]:
+        row["nonfinite"] = window["nonfinite"]
+        where = ", ".join(f"{name} x{n}" for name, n in window["nonfinite"].items())
+        warn(f"step {run.pos.step}: skipped {window['skipped']} step(s) since the last log (non-finite: {where}).")
+    log.write(row)
+    progress.show(row)
+    return row, window["streak"]
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Pre-train per cfg; returns a summary (steps, img/s, final loss, paths)."""
+    """Pre-train per cfg; returns a summary (steps, img/s, final loss, paths, and why it stopped early, if it did)."""
     run, t = build_run(cfg), cfg.train
     # On resume (also "auto" that found no checkpoint yet) logged rows past the restart step are recomputed.
     log = MetricsLog(run.out_dir, run.pos.step if t.resume else None)
-    batches = _batches(run)
-    images_per_step = t.batch_size * t.accum_steps
-    # A live bar on a terminal; in logs (CI, SLURM) one plain line per log step instead of carriage-return noise.
-    interactive = sys.stderr.isatty()
-    bar = tqdm(total=run.total_steps, initial=run.pos.step, desc="pretrain", unit="step", disable=not interactive)
-    start, window_start, window_step = time.perf_counter(), time.perf_counter(), run.pos.step
-    first_step, row, ckpt = run.pos.step, None, None
-    all_finite = torch.ones((), dtype=torch.bool, device=run.device)
-    with contextlib.closing(log), bar:
-        while run.pos.step < run.total_steps:
-            loss, losses, finite = train_step(run, batches)
-            all_finite &= finite
-            bar.update(1)
+    stats = StepStats(scale_names(run.model), run.device, run.skipped_before)
+    progress = Progress(run.total_steps, run.pos.step, t.batch_size * t.accum_steps)
+    batches, first_step, start = _batches(run), run.pos.step, time.perf_counter()
+    saved = (run.pos.step, run.resumed_from) if run.resumed_from else (-1, None)
+    row, streak = None, 0
+    with StopSignals() as stop, contextlib.closing(log), progress:
+        while run.pos.step < run.total_steps and stop.name is None and streak < t.max_nonfinite:
+            loss, losses, applied = train_step(run, batches)
+            stats.update(loss, losses, applied)
+            progress.step()
             if run.pos.step % t.log_every == 0 or run.pos.step == run.total_steps:
-                # Host-device sync, at log steps only.
-                if not bool(all_finite):
-                    raise FastmimError(
-                        f"the loss became non-finite by step {run.pos.step}; "
-                        "lower train.blr or use train.precision=fp32."
-                    )
-                now = time.perf_counter()
-                row = {
-                    "step": run.pos.step,
-                    "epoch": run.pos.epoch,
-                    "loss": loss.item(),
-                    "losses": losses.tolist(),
-                    "lr": run.optimizer.param_groups[0]["lr"],
-                    "img_per_s": images_per_step * (run.pos.step - window_step) / (now - window_start),
-                    "mem_gib": peak_memory_gib(run.device),
-                }
-                log.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.0f}")
-                if not interactive:
-                    print(
-                        f"step {row['step']}/{run.total_steps}  loss {row['loss']:.4f}  lr {row['lr']:.3g}  "
-                        f"{row['img_per_s']:.1f} img/s  mem {row['mem_gib']:.2f} GiB",
-                        flush=True,
-                    )
-                window_start, window_step = now, run.pos.step
+                row, streak = _log_step(run, log, stats, progress, loss, losses)
             if t.save_every and run.pos.step % t.save_every == 0:
-                ckpt = save_checkpoint(run)
-        if run.pos.step == first_step:
-            ckpt = run.resumed_from  # nothing left to train: the checkpoint we resumed from is the result
-        elif ckpt is None or run.pos.step % max(t.save_every, 1):
-            ckpt = save_checkpoint(run)
-    elapsed = time.perf_counter() - start
+                saved = (run.pos.step, save_checkpoint(run, stats))
+        if stop.name is not None:
+            print(f"fastmim: {stop.name} received: saving step {run.pos.step} and stopping.", flush=True)
+        if saved[0] != run.pos.step:
+            saved = (run.pos.step, save_checkpoint(run, stats))
+    if streak >= t.max_nonfinite:
+        where = ", ".join(f"{name} x{n}" for name, n in stats.nonfinite_totals.items())
+        raise FastmimError(
+            f"stopped at step {run.pos.step}: {streak} consecutive steps had a non-finite loss or gradient "
+            f"({where}; all skipped, none trained on); saved {saved[1]}: lower train.blr or use "
+            "train.precision=fp32, then continue with --train.resume=auto."
+        )
+    stopped_by = stop.name if run.pos.step < run.total_steps else None
+    return _summary(run, log, stats, saved[1], row, stopped_by, first_step, time.perf_counter() - start)
+
+
+def _summary(run, log, stats, ckpt, row, stopped_by, first_step, elapsed) -> dict[str, Any]:
     steps_done = run.pos.step - first_step
-    plot = plot_losses(log.path, run.out_dir / "loss.png", SCALE_NAMES)
+    plot = plot_losses(log.path, run.out_dir / "loss.png", scale_names(run.model))
+    best = best_checkpoint(run.out_dir)
     return {
-        "model": cfg.model.name,
+        "model": run.cfg.model.name,
         "steps": run.pos.step,
+        "total_steps": run.total_steps,
         "steps_this_run": steps_done,
-        "img_per_s": images_per_step * steps_done / elapsed if steps_done else 0.0,
+        "img_per_s": run.cfg.train.batch_size * run.cfg.train.accum_steps * steps_done / elapsed if steps_done else 0.0,
         "final_loss": row["loss"] if row else None,
+        "skipped_steps": stats.total_skipped(),
+        "stopped_by": stopped_by,
         "device": str(run.device),
         "checkpoint": str(ckpt),
+        "best_checkpoint": str(best) if best else None,
+        "config": str(run.config_path),
         "metrics": str(log.path),
         "plot": str(plot) if plot else None,
         "out_dir": str(run.out_dir),
