@@ -1,0 +1,177 @@
+"""Hostile inputs: every config key validated (type, range, combinations); checkpoints never execute code; other
+models', versions' and tools' files refused by name; a run writes nothing outside its run directory."""
+
+import os
+from typing import get_type_hints
+
+import pytest
+import torch
+
+from fastmim.cli import main
+from fastmim.config import Config, load_config, to_dict, validate
+from fastmim.errors import FastmimError
+from fastmim.train import train
+from fastmim.train.checkpoint import checkpoint_path, load_checkpoint, write_checkpoint
+from tests.reliability._harness import FAST, config, run
+
+# For every key: an invalid value and what the one-line error says (ranges and combinations; types are below).
+INVALID = {
+    "model.name": ("localmim_vit_nope", "unknown model"),
+    "model.impl": ("quick", "model.impl"),
+    "model.img_size": ("-32", "model.img_size"),
+    "model.mask_ratio": ("1.0", "model.mask_ratio must be in [0, 1)"),
+    "model.target": ("depth", "model.target"),
+    "model.nbins": ("-1", "model.nbins"),
+    "model.hog_bias": ("maybe", "model.hog_bias"),
+    "model.attn": ("fast", "model.attn"),
+    "model.decoder_dim": ("-8", "model.decoder_dim"),
+    "model.mask_rule": ("released", "mask_rule applies to Swin models only"),  # a combination: ViT + Swin rule
+    "data.source": ("web", "data.source"),
+    "data.path": ("/nonexistent/images", "/nonexistent/images"),  # with data.source = folder, below
+    "data.num_workers": ("-1", "data.num_workers"),
+    "data.num_images": ("0", "data.num_images"),
+    "data.min_scale": ("0", "data.min_scale"),
+    "data.augment": ("tpu", "data.augment"),
+    "train.batch_size": ("0", "train.batch_size"),
+    "train.accum_steps": ("0", "train.accum_steps"),
+    "train.steps": ("-1", "train.steps"),
+    "train.epochs": ("0", "train.epochs must be positive when train.steps is 0"),  # with train.steps = 0
+    "train.warmup_epochs": ("-1", "warm-up"),
+    "train.warmup_steps": ("-2", "warm-up"),
+    "train.blr": ("0", "train.blr (or train.lr)"),  # with train.lr = 0
+    "train.lr": ("-1", "train.lr"),
+    "train.min_lr": ("1", "train.min_lr must not exceed the peak learning rate"),
+    "train.weight_decay": ("-0.1", "train.weight_decay"),
+    "train.beta1": ("1", "train.beta1"),
+    "train.beta2": ("-0.5", "train.beta2"),
+    "train.clip_grad": ("-1", "train.clip_grad"),
+    "train.precision": ("fp8", "train.precision"),
+    "train.device": ("tpu", "train.device"),
+    "train.seed": ("-1", "train.seed"),
+    "train.out_dir": ("", "train.out_dir"),
+    "train.log_every": ("0", "train.log_every"),
+    "train.save_every": ("-1", "train.save_every"),
+    "train.keep_last": ("-1", "train.keep_last"),
+    "train.resume": ("/nonexistent/checkpoint.pt", "does not exist"),
+    "train.max_nonfinite": ("0", "train.max_nonfinite"),
+    "train.dist": ("mpi", "train.dist"),
+    "train.zero_stage": ("2", "train.zero_stage needs train.dist = 'deepspeed'"),  # a combination
+}
+CONTEXT = {"data.path": ["--data.source=folder"], "train.epochs": ["--train.steps=0"], "train.blr": ["--train.lr=0"]}
+KEYS = [f"{s}.{k}" for s, values in to_dict(Config()).items() for k in values]
+TYPES = {f"{s}.{k}": t for s in to_dict(Config()) for k, t in get_type_hints(type(getattr(Config(), s))).items()}
+
+
+def test_every_key_has_an_invalid_case():
+    missing = sorted(set(KEYS) - set(INVALID))
+    assert not missing, f"add an invalid value for {missing} to INVALID (and a check for it, if there is none)"
+
+
+@pytest.mark.parametrize("key", sorted(set(KEYS) & set(INVALID)))
+def test_invalid_value_is_one_line_error(tmp_path, key, capsys):
+    value, message = INVALID[key]
+    args = ["pretrain", *FAST, "--train.steps=1", f"--train.out_dir={tmp_path / 'run'}", *CONTEXT.get(key, [])]
+    assert main([*args, f"--{key}={value}"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("fastmim: error:") and err.count("\n") == 1, err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_wrong_types_and_non_finite_numbers_are_refused(key):
+    typ = TYPES[key]
+    bad = {int: ["x", "1.5"], float: ["x", "nan", "inf", "-inf"], str: ["a\x00b", "line\nbreak", "\udcff"]}[typ]
+    for value in bad:
+        with pytest.raises(FastmimError, match=key.replace(".", r"\.")):
+            load_config(None, [f"--{key}={value}"])
+    cfg = Config()  # built in Python: the type is checked by validate, not only by the parsers
+    section, name = key.split(".")
+    setattr(getattr(cfg, section), name, [] if typ is str else "8")
+    with pytest.raises(FastmimError, match=f"{key} must be {typ.__name__}"):
+        validate(cfg)
+
+
+def test_toml_recipe_with_wrong_types(tmp_path):
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text("[train]\nsteps = '5'\n")
+    with pytest.raises(FastmimError, match="train.steps must be int"):
+        load_config(str(recipe))
+    recipe.write_text("[train]\nkeep_last = true\n")
+    with pytest.raises(FastmimError, match="train.keep_last must be int"):
+        load_config(str(recipe))
+
+
+def test_out_dir_that_is_a_file_or_unwritable(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FastmimError, match="is not a directory"):
+        train(config(tmp_path / "file", "--train.steps=1"))
+    with pytest.raises(FastmimError, match="cannot create train.out_dir"):
+        train(config(tmp_path / "file" / "run", "--train.steps=1"))
+
+
+class _Exploit:
+    """Unpickling this would run a shell command that creates a marker file."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A real checkpoint of the harness's model, after one step."""
+    out = tmp_path_factory.mktemp("trained") / "run"
+    train(config(out, "--train.steps=1"))
+    return load_checkpoint(checkpoint_path(out, 1))
+
+
+@pytest.mark.parametrize("where", ["explicit", "auto"])
+def test_checkpoint_with_code_is_refused_and_never_run(tmp_path, trained, where):
+    marker = tmp_path / "pwned"
+    out = tmp_path / "run"
+    out.mkdir()
+    evil = checkpoint_path(out, 5)
+    state = {**trained, "payload": _Exploit(marker)}
+    write_checkpoint(state, evil)  # with a valid record: the checksum is not what stops it
+    resume = f"--train.resume={evil}" if where == "explicit" else "--train.resume=auto"
+    with pytest.raises(FastmimError, match="holds pickled Python objects.*never executes code"):
+        train(config(out if where == "auto" else tmp_path / "other", "--train.steps=6", resume))
+    assert not marker.exists()
+    assert evil.exists()  # refused, not quarantined as if it were merely damaged
+
+
+def test_foreign_and_tampered_checkpoints_are_refused_by_name(tmp_path, trained):
+    good = trained
+    cases = {
+        "version": ({**good, "version": 2}, "has checkpoint version 2; this fastmim reads version 1"),
+        "weights": ({"format": "fastmim-weights", "model_name": "x", "model": good["model"]}, "weights file"),
+        "released": ({"model": good["model"], "epoch": 3}, "not a fastmim checkpoint.*import-checkpoint"),
+        "step": ({**good, "step": "3"}, "lacks a valid 'step'"),
+        "position": ({**good, "data": {"epoch": 0, "batch": 99}}, "stopped at batch 99 .* 4 batches per epoch"),
+        "config": ({**good, "config": "[model\nname ="}, "holds no readable config"),
+        "shapes": ({**good, "model": {**good["model"], "encoder.pos_embed": torch.zeros(1, 3, 7)}}, "does not fit"),
+        "model": ({**good, "model_name": "mae_vit_tiny_patch16"}, "is for mae_vit_tiny_patch16"),
+    }
+    for name, (state, message) in cases.items():
+        path = tmp_path / f"{name}.pt"
+        write_checkpoint(state, path)
+        with pytest.raises(FastmimError, match=message):
+            train(config(tmp_path / f"run_{name}", "--train.steps=2", f"--train.resume={path}"))
+
+
+def test_a_run_writes_nothing_outside_its_run_directory(tmp_path):
+    """A real process whose working directory, HOME and TMPDIR are empty sandbox folders trains with rotation (and
+    so deletes files); afterwards everything new is under its run directory, given as a relative path."""
+    sandbox = {name: tmp_path / name for name in ("home", "tmp", "work")}
+    for path in sandbox.values():
+        path.mkdir()
+    argv = ["pretrain", *FAST, "--train.out_dir=run", "--train.steps=4", "--train.save_every=1", "--train.keep_last=1"]
+    code, output = run(argv, tmp_path / "log", sandbox=sandbox)
+    assert code == 0, output
+    assert [p.name for p in sandbox["work"].iterdir()] == ["run"]
+    assert not list(sandbox["home"].iterdir()) and not list(sandbox["tmp"].iterdir())
+    files = sorted(p.name for p in (sandbox["work"] / "run").iterdir())
+    assert "checkpoint-0000004.pt" in files and not [name for name in files if name.startswith(".")], files
+    assert "checkpoint: run/checkpoint-0000004.pt" in output

@@ -1,0 +1,54 @@
+"""Pre-emption: SIGTERM / SIGINT / SIGUSR1 finish the current step, save, exit 0 and say how to resume; the resumed
+run equals the uninterrupted one bit for bit (losses, weights, optimizer state; data order and masks included)."""
+
+import re
+import shlex
+import signal
+
+import pytest
+
+from fastmim.train.checkpoint import checkpoints, load_checkpoint, read_record
+from tests.reliability._harness import STEPS, Proc, assert_same_run, pretrain_args, run, wait_for_rows
+
+
+def _resume_argv(output: str) -> list[str]:
+    """The resume command the stopped run printed, as CLI arguments."""
+    match = re.search(r"resume with: fastmim (pretrain .*)", output)
+    assert match, output
+    return shlex.split(match.group(1))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
+def test_signal_saves_exits_0_and_resume_is_exact(tmp_path, reference, signum):
+    out = tmp_path / "run"
+    proc = Proc(pretrain_args(out, f"--train.steps={STEPS}"), tmp_path / "log1")
+    wait_for_rows(out / "metrics.jsonl", 2, proc)
+    proc.signal(signum)
+    assert proc.wait() == 0, proc.output()
+    output = proc.output()
+    stopped = int(re.search(rf"stopped by {signum.name} at step (\d+) of {STEPS}", output).group(1))
+    assert 2 <= stopped < STEPS, output
+    assert "Traceback" not in output
+    # The step in flight was finished, then saved: one verified checkpoint at exactly that step.
+    assert [step for step, _ in checkpoints(out)] == [stopped]
+    ckpt_path = checkpoints(out)[0][1]
+    assert load_checkpoint(ckpt_path)["step"] == stopped and read_record(ckpt_path)["step"] == stopped
+
+    code, resumed = run(_resume_argv(output), tmp_path / "log2")
+    assert code == 0, resumed
+    assert f"trained to step {STEPS} ({STEPS - stopped} steps this run)" in resumed
+    assert_same_run(out, reference)
+
+
+def test_ctrl_c_to_the_process_group_with_data_workers(tmp_path, reference):
+    """SIGINT to the whole process group (a terminal's Ctrl-C) also reaches the DataLoader workers: they must keep
+    loading so that the step in flight can finish."""
+    out = tmp_path / "run"
+    proc = Proc(pretrain_args(out, f"--train.steps={STEPS}", "--data.num_workers=2"), tmp_path / "log1")
+    wait_for_rows(out / "metrics.jsonl", 1, proc)
+    proc.signal(signal.SIGINT, group=True)
+    assert proc.wait() == 0, proc.output()
+    assert "stopped by SIGINT" in proc.output()
+    code, resumed = run(_resume_argv(proc.output()), tmp_path / "log2")
+    assert code == 0, resumed
+    assert_same_run(out, reference)
