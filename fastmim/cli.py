@@ -51,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--steps", type=int, help="timed steps / batches (default 20 on CUDA, 8 on CPU)")
         q.add_argument("--warmup", type=int, help="untimed steps / batches first (default 5 on CUDA, 2 on CPU)")
     which.choices["step"].add_argument("--impls", default="reference,fast", help="comma-separated impls to compare")
+    which.choices["step"].add_argument("--breakdown-steps", type=int, default=3, help="synchronised steps (default 3)")
     which.choices["step"].add_argument(
         "--fixed-batch", action="store_true", help="reuse one batch kept on the device: time the step without input"
     )
@@ -268,7 +269,7 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
         from fastmim.bench.plots import plot_step_breakdown
         from fastmim.bench.step import STEP_COLUMNS, run_step_bench
 
-        rows, device = run_step_bench(cfg, args.impls.split(","), steps, warmup, 3, args.fixed_batch)
+        rows, device = run_step_bench(cfg, args.impls.split(","), steps, warmup, args.breakdown_steps, args.fixed_batch)
         columns, plot = STEP_COLUMNS, plot_step_breakdown
     else:
         from fastmim.bench.data import DATA_COLUMNS, bench_device, run_data_bench
