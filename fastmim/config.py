@@ -76,7 +76,7 @@ class DataConfig:
     """Lower bound of RandomResizedCrop's area scale (SPEC 5: 0.2)."""
     augment: str = "cpu"
     """Where crops are resized, flipped and normalised: "cpu" (PIL, in the data workers) or "gpu" (workers only
-    decode and crop; one fused op on the training device; same parameters, same result up to 1/255 rounding)."""
+    decode and crop; one fused op on the training device; same crops, same pixels up to Pillow's pass order)."""
 
 
 @dataclass
