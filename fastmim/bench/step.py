@@ -68,7 +68,7 @@ def build_bench_run(cfg: Config, impl: str, device: torch.device) -> Run:
     model = model_from_config(cfg.model).to(device)
     loader = build_loader(cfg.data, cfg.model.img_size or 224, t.batch_size, t.seed)
     lr = t.lr if t.lr > 0 else t.blr * t.batch_size * t.accum_steps / 256
-    optimizer = build_optimizer(model, lr, t.weight_decay, (t.beta1, t.beta2))
+    optimizer = build_optimizer(model, lr, t.weight_decay, (t.beta1, t.beta2), fused=device.type == "cuda")
     dtype = amp_dtype(t.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     return Run(cfg, device, model, optimizer, scaler, loader, Path("."), 10**9, 0, lr, dtype)

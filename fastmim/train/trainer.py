@@ -125,7 +125,8 @@ def build_run(cfg: Config) -> Run:
     total = t.steps if t.steps > 0 else t.epochs * steps_per_epoch
     warmup = t.warmup_steps if t.warmup_steps >= 0 else round(t.warmup_epochs * steps_per_epoch)
     peak = t.lr if t.lr > 0 else t.blr * t.batch_size * t.accum_steps / 256
-    optimizer = build_optimizer(model, peak, t.weight_decay, (t.beta1, t.beta2))
+    # fused AdamW on CUDA: one kernel per update, and its found_inf path skips non-finite steps without a host sync
+    optimizer = build_optimizer(model, peak, t.weight_decay, (t.beta1, t.beta2), fused=device.type == "cuda")
     dtype = amp_dtype(t.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     run = Run(cfg, device, model, optimizer, scaler, loader, out_dir, total, warmup, peak, dtype)
