@@ -9,10 +9,11 @@ dataset seeds a fresh ``torch.Generator`` from it for that sample's transform. N
 ``k`` of epoch ``e`` is bit-identical whether iteration starts at batch 0 or at ``k`` (exact resume), and whatever
 ``num_workers`` is.
 
-Placement: with ``"cpu"`` the workers run the whole SPEC 5 transform (PIL); with ``"gpu"`` they decode and cut out
-each sample's crop (uint8, stored resolution) and the main process resizes, flips and normalises the padded batch
-on the device in two kernel launches. The parameters are drawn identically, so the placements differ only by
-Pillow's pass-order rounding (fastmim.kernels.crop_resize).
+Placement: with ``"cpu"`` the workers run the SPEC 5 transform (PIL) up to the uint8 pixels, and the batch is
+normalised where it is consumed (:meth:`MIMLoader.finish`: bit-identical to normalising per sample, a quarter of the
+bytes to copy); with ``"gpu"`` they decode and cut out each sample's crop (uint8, stored resolution) and the main
+process resizes, flips and normalises the padded batch on the device in two kernel launches. The parameters are
+drawn identically, so the placements differ only by Pillow's pass-order rounding (fastmim.kernels.crop_resize).
 
 Unreadable images (empty, truncated, not an image, too large) do not stop a run: the sample is replaced by another
 image drawn from its own seed (batches stay full, resume stays exact), counted in :attr:`MIMLoader.skipped` and
@@ -21,6 +22,7 @@ warned about once per file.
 
 from __future__ import annotations
 
+import signal
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -31,7 +33,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastmim.data.sources import ImageSource, UnreadableImageError, build_source
-from fastmim.data.transforms import PretrainTransform
+from fastmim.data.transforms import PretrainTransform, normalize_uint8
 from fastmim.errors import FastmimError
 
 _MASK64 = (1 << 64) - 1
@@ -95,7 +97,8 @@ class _KeySampler(Sampler[tuple[int, int]]):
 class _AugmentedSource(Dataset):
     """Map-style dataset over a source, indexed by ``(index, sample_seed)`` keys.
 
-    ``placement = "cpu"`` returns ``(float32 [3, S, S], label, note)``; ``"gpu"`` returns the sample's crop, still
+    ``placement = "cpu"`` returns ``(uint8 [3, S, S], label, note)``: the augmented pixels, normalised later on the
+    training device (:meth:`MIMLoader.finish`); ``"gpu"`` returns the sample's crop, still
     uint8 ``[h, w, 3]`` at stored resolution, with ``(label, note, flip)``: the device resizes, flips and normalises
     it (:func:`_collate_crops`, :meth:`MIMLoader.iterate`). ``note`` is empty, or ``"path\0reason"`` when the
     image could not be read and another one took its place (:meth:`_load`).
@@ -114,7 +117,7 @@ class _AugmentedSource(Dataset):
         (image, label), note = self._load(index, sample_seed)
         generator = torch.Generator().manual_seed(sample_seed)
         if self.placement == "cpu":
-            return self.transform(image, generator), label, note
+            return self.transform(image, generator, normalize=False), label, note
         (top, left, h, w), flip = self.transform.sample_params(image.shape[1], image.shape[0], generator)
         # Cropping here is a view; the collate copies only the crop, so the device receives 20-100% of the image.
         return image[top : top + h, left : left + w], label, note, flip
@@ -242,11 +245,12 @@ class MIMLoader:
             num_workers=self.num_workers,
             collate_fn=_collate_crops if self.placement == "gpu" else None,
             drop_last=True,
-            pin_memory=self.placement == "gpu" and self.device.type == "cuda",
+            pin_memory=self.device.type == "cuda",  # pinned: the copy to the GPU can run asynchronously
             persistent_workers=False,
             # The DataLoader draws its worker base seed from this generator; without one it would draw from the
             # global RNG and shift the trainer's random stream by one draw per iterate() call.
             generator=torch.Generator().manual_seed(int(mix_seed(self.seed, epoch))),
+            worker_init_fn=_ignore_stop_signals if self.num_workers else None,
         )
         try:
             for batch in loader:
@@ -257,17 +261,21 @@ class MIMLoader:
                 raise
             raise FastmimError(_original_message(str(err))) from None
 
-    def finish(self, batch: tuple) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(images, labels)`` from a raw batch: for ``"gpu"`` placement, resize + flip + normalise on the device."""
+    def finish(self, batch: tuple, device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(images, labels)`` from a raw batch, the images float32 and normalised on ``device``: the uint8 batch is
+        copied there (asynchronously from pinned memory on CUDA), then for ``"cpu"`` placement normalised, for
+        ``"gpu"`` placement resized + flipped + normalised. Default device: the CPU for ``"cpu"`` placement, the
+        loader's device for ``"gpu"``."""
+        t = self.transform
         if self.placement == "cpu":
-            return batch[0], batch[1]
+            pixels = batch[0].to(device or "cpu", non_blocking=True)
+            return normalize_uint8(pixels, t.mean, t.std), batch[1]
         from fastmim.kernels.crop_resize import crop_resize  # imports triton: only when this placement is used
 
         crops, sizes, flips, labels, _ = batch
         boxes = torch.cat([torch.zeros_like(sizes), sizes], dim=1)  # (top, left, h, w): the crop is the whole box
-        t = self.transform
-        images = crop_resize(crops.to(self.device, non_blocking=True), boxes, flips, t.img_size, t.mean, t.std)
-        return images, labels
+        crops = crops.to(device or self.device, non_blocking=True)
+        return crop_resize(crops, boxes, flips, t.img_size, t.mean, t.std), labels
 
     def _count_skips(self, notes: list[str]) -> None:
         for note in notes:
@@ -280,6 +288,14 @@ class MIMLoader:
                 warnings.warn(
                     f"skipped unreadable image {path} ({reason}); a replacement image takes its place", stacklevel=3
                 )
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Data workers ignore SIGTERM / SIGINT / SIGUSR1: a scheduler that signals the whole process group (scancel,
+    Ctrl-C in a terminal) must not kill them before the trainer has finished its step and saved; the trainer
+    shuts them down itself when it stops iterating."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _default_device() -> torch.device:

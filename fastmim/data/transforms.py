@@ -14,6 +14,7 @@ standard algorithm with a generator argument.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torchvision.transforms.functional as TF
@@ -91,8 +92,10 @@ class PretrainTransform:
         self.mean = list(mean)
         self.std = list(std)
 
-    def __call__(self, img: Image.Image, generator: torch.Generator) -> torch.Tensor:
-        """Augment one RGB PIL image; returns a float32 tensor ``[3, img_size, img_size]``.
+    def __call__(self, img: Image.Image, generator: torch.Generator, normalize: bool = True) -> torch.Tensor:
+        """Augment one RGB PIL image; returns a float32 tensor ``[3, img_size, img_size]``, or with ``normalize=False``
+        the uint8 pixels ``[3, img_size, img_size]`` that :func:`normalize_uint8` turns into exactly that tensor
+        (the loader ships uint8, a quarter of the bytes, and normalises on the training device).
 
         Draws its parameters with :meth:`sample_params`.
         """
@@ -102,6 +105,8 @@ class PretrainTransform:
         )
         if flip:
             out = TF.hflip(out)
+        if not normalize:
+            return TF.pil_to_tensor(out)
         return TF.normalize(TF.to_tensor(out), self.mean, self.std)
 
     def sample_params(
@@ -119,3 +124,13 @@ class PretrainTransform:
             f"{type(self).__name__}(img_size={self.img_size}, scale={self.scale}, ratio={self.ratio}, "
             f"mean={tuple(self.mean)}, std={tuple(self.std)})"
         )
+
+
+def normalize_uint8(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``[..., 3, H, W]`` -> float32 ``(x / 255 - mean) / std`` per channel, on the tensor's device.
+
+    The same float32 operations in the same order as ``TF.normalize(TF.to_tensor(pil), mean, std)``, each
+    correctly rounded, so the result is bit-identical to the per-sample PIL path wherever it runs."""
+    m = torch.tensor(mean, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32, device=images.device).view(-1, 1, 1)
+    return images.float().div_(255).sub_(m).div_(s)

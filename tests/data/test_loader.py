@@ -1,6 +1,10 @@
 """Tests for fastmim.data.loader: exact resume, worker independence, rank sharding, epochs, unreadable images
 (replaced, counted, warned) and the device ("gpu") placement of the augmentation, run on CPU tensors."""
 
+import contextlib
+import os
+import signal
+import time
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -222,3 +226,28 @@ def test_gpu_placement_ships_the_crop_the_sample_seed_draws() -> None:
 def test_unknown_placement_is_a_user_error() -> None:
     with pytest.raises(FastmimError, match="data.augment 'tpu' is unknown"):
         build_loader(_cfg(augment="tpu"), img_size=16, batch_size=4, seed=0)
+
+
+def _child_pids() -> list[int]:
+    pids = []
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(OSError):
+            pids += [int(p) for p in (task / "children").read_text().split()]
+    return pids
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads worker pids from Linux /proc")
+def test_data_workers_survive_stop_signals_sent_to_the_process_group() -> None:
+    """scancel / Ctrl-C signal every process of the group: the workers must outlive the signal so that the trainer
+    can finish its step and save; they end when the trainer stops iterating."""
+    loader = MIMLoader(_IndexSource(64), PretrainTransform(8), batch_size=4, seed=0, num_workers=1)
+    batches = loader.iterate(0)
+    first = next(batches)
+    workers = _child_pids()
+    assert workers, "the DataLoader worker should be running"
+    for pid in workers:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            os.kill(pid, sig)
+    time.sleep(0.5)  # a killed worker would be reported by torch's SIGCHLD handler here or at the next batch
+    labels = [int(i) for _, lab in [first, *batches] for i in lab]
+    assert sorted(labels) == list(range(64))

@@ -155,3 +155,20 @@ def test_sample_params_are_the_transforms_draws() -> None:
     box, flip = transform.sample_params(61, 45, torch.Generator().manual_seed(9))
     g = torch.Generator().manual_seed(9)
     assert box == sample_crop(61, 45, SCALE, RATIO, g) and flip == (float(torch.rand(1, generator=g)) < 0.5)
+
+
+def test_uint8_output_normalised_later_is_bit_identical_to_the_float_path() -> None:
+    """The loader ships uint8 pixels and normalises the batch on the device: the same float32 values, bit for bit,
+    as normalising each sample in the worker (ToTensor -> Normalize)."""
+    from fastmim.data.transforms import normalize_uint8
+
+    transform = PretrainTransform(32)
+    images = [_structured_image(48 + i, 40, seed=i) for i in range(4)]
+    floats = torch.stack([transform(im, torch.Generator().manual_seed(i)) for i, im in enumerate(images)])
+    pixels = torch.stack(
+        [transform(im, torch.Generator().manual_seed(i), normalize=False) for i, im in enumerate(images)]
+    )
+    assert pixels.dtype == torch.uint8 and pixels.shape == (4, 3, 32, 32)
+    out = normalize_uint8(pixels, IMAGENET_MEAN, IMAGENET_STD)
+    assert out.dtype == torch.float32
+    assert torch.equal(out, floats)

@@ -40,15 +40,16 @@ def test_signal_saves_exits_0_and_resume_is_exact(tmp_path, reference, signum):
     assert_same_run(out, reference)
 
 
-def test_ctrl_c_to_the_process_group_with_data_workers(tmp_path, reference):
-    """SIGINT to the whole process group (a terminal's Ctrl-C) also reaches the DataLoader workers: they must keep
-    loading so that the step in flight can finish."""
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "scancel"])
+def test_signal_to_the_process_group_with_data_workers(tmp_path, reference, sig):
+    """A signal to the whole process group (a terminal's Ctrl-C, SLURM's scancel) also reaches the DataLoader
+    workers: they must keep loading so that the step in flight can finish and be saved."""
     out = tmp_path / "run"
     proc = Proc(pretrain_args(out, f"--train.steps={STEPS}", "--data.num_workers=2"), tmp_path / "log1")
     wait_for_rows(out / "metrics.jsonl", 1, proc)
-    proc.signal(signal.SIGINT, group=True)
+    proc.signal(sig, group=True)
     assert proc.wait() == 0, proc.output()
-    assert "stopped by SIGINT" in proc.output()
+    assert f"stopped by {sig.name}" in proc.output()
     code, resumed = run(_resume_argv(proc.output()), tmp_path / "log2")
     assert code == 0, resumed
     assert_same_run(out, reference)
