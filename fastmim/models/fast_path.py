@@ -48,9 +48,11 @@ def encode(encoder: MaskedViTEncoder, imgs: Tensor, masking: Masking, taps: Sequ
 
 
 def decode(decoders: Sequence[MaskedDecoder], norms: Sequence[nn.LayerNorm], feats: Sequence[Tensor],
-           ids_restore: Tensor, grouped: bool = True) -> list[Tensor]:  # fmt: skip
+           ids_restore: Tensor, grouped: bool = True, block_fn=None) -> list[Tensor]:  # fmt: skip
     """Every decoder's output [B, L, C] (cls dropped, as ``MaskedDecoder.forward``) from the tapped features
-    feats[k] [B, 1 + K, D] normed by norms[k]; ``grouped``: the decoders' blocks as one grouped computation."""
+    feats[k] [B, 1 + K, D] normed by norms[k]; ``grouped``: the decoders' blocks as one grouped computation, by
+    ``block_fn`` (default :func:`grouped_block`; fastmim.train.parallel passes its compiled version)."""
+    block_fn = block_fn or grouped_block
     if not grouped:
         outs = []
         for dec, norm, feat in zip(decoders, norms, feats):
@@ -62,7 +64,7 @@ def decode(decoders: Sequence[MaskedDecoder], norms: Sequence[nn.LayerNorm], fea
     _check_groupable(decoders)
     x = decoder_input(decoders, torch.stack([d.embed(n(f)) for d, n, f in zip(decoders, norms, feats)]), ids_restore)
     for i in range(len(decoders[0].blocks)):
-        x = grouped_block([d.blocks[i] for d in decoders], x)
+        x = block_fn([d.blocks[i] for d in decoders], x)
     # The final norms stay per decoder: each reads its contiguous x[g] once, no stacked affine pass.
     return [F.layer_norm(x[g], x.shape[-1:], d.norm.weight, d.norm.bias, d.norm.eps)[:, 1:]
             for g, d in enumerate(decoders)]  # fmt: skip

@@ -48,6 +48,8 @@ class LocalMIMViT(nn.Module):
         # impl "fast": run the four decoders as one grouped computation (False: one after another, each with the
         # fused decoder input). benchmarks/bench_decoders.py measures both; see fastmim.models.fast_path.
         self.group_decoders = True
+        # The grouped decoder block (a function); fastmim.train.parallel.apply_compile swaps in its compiled form.
+        self.grouped_block_fn = fast_path.grouped_block if impl == "fast" else None
         self.taps = [1, 3, depth - 3, depth - 1]
         self.scales = VIT_SCALES
         cells = [Fraction(patch_size) / Fraction(s) for s in self.scales]
@@ -99,7 +101,9 @@ class LocalMIMViT(nn.Module):
         evaluated only at cells that reach the loss and one fused loss kernel (fastmim.models.fast_heads).
         ``preds[k]`` scatters to [B, N_k, out] on first access, zero at cells of loss weight 0; ``preds.compact``
         holds the computed predictions."""
-        tokens = fast_path.decode(self.decoders, self.tap_norms, feats, masking.ids_restore, self.group_decoders)
+        tokens = fast_path.decode(
+            self.decoders, self.tap_norms, feats, masking.ids_restore, self.group_decoders, self.grouped_block_fn
+        )
         num_masked = masking.ids_restore.shape[1] - masking.ids_keep.shape[1]
         heads = [dec.head for dec in self.decoders]
         preds, losses = heads_and_loss(heads, tokens, targets, masking.mask, self.encoder.grid, num_masked)

@@ -13,6 +13,7 @@ import time
 import torch
 from torch import nn
 
+from fastmim.models import fast_path
 from fastmim.models.vit import Block
 
 
@@ -23,11 +24,16 @@ def compile_wanted(setting: str, device: torch.device) -> bool:
 
 
 def apply_compile(model: nn.Module, backend: str = "inductor") -> int:
-    """Compile every transformer Block of ``model`` in place; returns how many were wrapped. Compilation itself
-    happens lazily at the first forward (see :func:`timed_first_call` to report its cost)."""
+    """Compile every transformer Block of ``model`` in place, and the grouped decoder block of ``impl = "fast"``
+    (a function, compiled once for all decoders); returns how many blocks are covered. Compilation itself happens
+    lazily at the first forward (see :func:`timed_first_call` to report its cost). Swin's sparse window blocks stay
+    eager (their packed shapes change with every mask); Swin's decoder blocks are compiled."""
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
         block.compile(backend=backend, dynamic=False)
+    for m in model.modules():
+        if getattr(m, "grouped_block_fn", None) is not None:
+            m.grouped_block_fn = torch.compile(fast_path.grouped_block, backend=backend, dynamic=False)
     return len(blocks)
 
 
