@@ -111,6 +111,9 @@ class TrainConfig:
     """"bf16" (autocast), "fp16" (autocast + GradScaler), "fp32", or "auto" (bf16 on CUDA, fp32 on CPU)."""
     device: str = "auto"
     """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
+    compile: str = "auto"
+    """torch.compile each transformer block on its own (regional compilation): "auto" (on for CUDA, off on CPU),
+    "on" or "off". The first step then includes the compile time, which the run reports."""
     seed: int = 0
     """Seed for initialisation, data order, augmentation and masks."""
     out_dir: str = "runs/tiny_cpu"
@@ -148,6 +151,7 @@ _CHOICES = {
     ("data", "source"): ("demo", "folder", "synthetic", "ffcv"),
     ("data", "augment"): ("cpu", "gpu"),
     ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),
+    ("train", "compile"): ("auto", "on", "off"),
     ("train", "device"): ("auto", "cpu", "cuda"),
     ("train", "dist"): ("none",),
 }

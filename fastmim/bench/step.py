@@ -30,9 +30,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fastmim.config import Config
 from fastmim.data import build_loader
+from fastmim.data.prefetch import DevicePrefetcher
+from fastmim.errors import FastmimError
 from fastmim.models import model_from_config
 from fastmim.train.metrics import peak_memory_gib
 from fastmim.train.optim import build_optimizer
+from fastmim.train.parallel import apply_compile, compile_wanted, timed_first_call
 from fastmim.train.trainer import Run, amp_dtype, mask_noise, resolve_device, train_step
 
 from .harness import quantiles, synchronize
@@ -59,30 +62,47 @@ def peak_tflops(device: torch.device, dtype_name: str) -> float | None:
     return next((v for (gpu, dt), v in PEAK_TFLOPS.items() if gpu in name and dt == dtype_name), None)
 
 
+def parse_variant(name: str) -> tuple[str, bool | None]:
+    """``"fast"``, ``"fast+compile"``, ``"reference+eager"`` ... -> (impl, compile: True / False / None = as
+    train.compile says)."""
+    impl, plus, mode = name.partition("+")
+    if impl not in ("reference", "fast") or mode not in ("", "compile", "eager") or (plus and not mode):
+        raise FastmimError(
+            f"bench step variant {name!r} is unknown; write IMPL or IMPL+compile or IMPL+eager, IMPL = reference or "
+            "fast (e.g. --impls reference+eager,fast+compile)."
+        )
+    return impl, {"": None, "compile": True, "eager": False}[mode]
+
+
 def build_bench_run(cfg: Config, impl: str, device: torch.device) -> Run:
-    """A trainer Run for benchmarking: no run directory, constant learning rate, nothing written."""
+    """A trainer Run for benchmarking: no run directory, constant learning rate, nothing written. ``impl`` may
+    name a variant (:func:`parse_variant`); the blocks are compiled as it, or train.compile, says."""
     cfg = copy.deepcopy(cfg)
-    cfg.model.impl = impl
+    cfg.model.impl, compile_mode = parse_variant(impl)
     t = cfg.train
     torch.manual_seed(t.seed)
     model = model_from_config(cfg.model).to(device)
+    compile_now = compile_wanted(t.compile, device) if compile_mode is None else compile_mode
+    compiled = apply_compile(model) if compile_now else 0
     loader = build_loader(cfg.data, cfg.model.img_size or 224, t.batch_size, t.seed)
     lr = t.lr if t.lr > 0 else t.blr * t.batch_size * t.accum_steps / 256
     optimizer = build_optimizer(model, lr, t.weight_decay, (t.beta1, t.beta2), fused=device.type == "cuda")
     dtype = amp_dtype(t.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    return Run(cfg, device, model, optimizer, scaler, loader, Path("."), 10**9, 0, lr, dtype)
+    run = Run(cfg, device, model, optimizer, scaler, loader, Path("."), 10**9, 0, lr, dtype)
+    run.compiled_blocks = compiled
+    return run
 
 
 def device_batches(run: Run, fixed: bool = False) -> Iterator[torch.Tensor]:
-    """Batches on the device from the configured loader; ``fixed``: the first batch, reused every step (measures
-    the step without input loading, as PERFORMANCE.md's step figures do)."""
+    """Batches on the device from the configured loader, read one step ahead as the trainer does
+    (fastmim.data.prefetch); ``fixed``: the first batch, reused every step (measures the step without input
+    loading, as PERFORMANCE.md's step figures do)."""
     if fixed:
         images, _ = next(run.loader.iterate(0))
         yield from itertools.repeat(images.to(run.device))
-    for epoch in itertools.count():
-        for images, _ in run.loader.iterate(epoch):
-            yield images.to(run.device, non_blocking=True)
+    for images, _, _ in DevicePrefetcher(run.loader, run.device):
+        yield images
 
 
 def count_flops(run: Run, images: torch.Tensor) -> int:
@@ -152,9 +172,12 @@ def run_step_bench(
     reference = runs.get("reference") or build_bench_run(cfg, "reference", device)
     flops = count_flops(reference, next(device_batches(reference, fixed_batch))) * cfg.train.accum_steps
     for impl in impls:
+        rows[impl] = {"flops_per_step": flops, "round_ms": []}
+        if runs[impl].compiled_blocks:  # the first step compiles: its time is the compile cost, reported
+            log(f"bench step: compiling {runs[impl].compiled_blocks} blocks of impl={impl} ...")
+            rows[impl]["compile_s"] = timed_first_call(train_step, runs[impl], streams[impl])[1]
         for _ in range(warmup):
             train_step(runs[impl], streams[impl])
-        rows[impl] = {"flops_per_step": flops, "round_ms": []}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     per_round = max(1, steps // rounds)
@@ -164,7 +187,9 @@ def run_step_bench(
     out = [_row(cfg, impl, runs[impl], rows[impl], device, per_round * rounds, fixed_batch) for impl in impls]
     for impl, row in zip(impls, out):
         row.update(stage_breakdown(runs[impl], streams[impl], breakdown_steps))
-    base = next((r["img_per_s"] for r in out if r["impl"] == "reference"), None)
+    # The baseline: the reference impl as the released code runs it (eager), else whatever reference row there is.
+    refs = sorted((r for r in out if r["impl"].startswith("reference")), key=lambda r: r["compile"])
+    base = refs[0]["img_per_s"] if refs else None
     for row in out:
         row["speedup_vs_reference"] = row["img_per_s"] / base if base else None
     return out, device
@@ -179,6 +204,8 @@ def _row(cfg: Config, impl: str, run: Run, timing: dict[str, Any], device: torch
     peak = peak_tflops(device, dtype_name)
     return {
         "impl": impl,
+        "compile": bool(run.compiled_blocks),
+        "compile_s": timing.get("compile_s"),
         "model": cfg.model.name,
         "batch": batch,
         "dtype": dtype_name,
@@ -199,5 +226,5 @@ def _row(cfg: Config, impl: str, run: Run, timing: dict[str, Any], device: torch
     }
 
 
-STEP_COLUMNS = ("impl", "model", "batch", "dtype", "img_per_s", "ms_per_step", "speedup_vs_reference", "mfu",
-                "peak_mem_gib", "data_ms", "forward_ms", "backward_ms", "optimizer_ms")  # fmt: skip
+STEP_COLUMNS = ("impl", "compile_s", "model", "batch", "dtype", "img_per_s", "ms_per_step", "speedup_vs_reference",
+                "mfu", "peak_mem_gib", "data_ms", "forward_ms", "backward_ms", "optimizer_ms")  # fmt: skip
