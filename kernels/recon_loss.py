@@ -34,6 +34,12 @@ backward 2 + 2: 12 B. ViT-B, B = 256, mask 0.75: 21.7 M predicted elements -> 26
 an expected ~8x on the loss alone; most of the head+loss saving comes from predicting only masked cells
 (fastmim.models.fast_heads).
 
+Other geometries (``subs``). The four scales are given by their cells per patch side, ``subs`` (default
+``SUBS`` = (4, 2, 1, 0) for the ViT scales; 0 marks the 2 x 2-group scale, at most one may use it, and it needs an
+even grid); any of 4, 2, 1, 0 may sit in any of the four slots. LocalMIM-Swin uses (4, 2, 1, 1) on its grid of
+32 px mask units (odd, e.g. 7 x 7 at 224 px): 8 / 16 / 32 / 32 px cells, each weight a unit's mask bit, nearest
+upsampled (SPEC 4); ``idx`` lists its masked units (the same row for every image: one mask per batch).
+
 Caveats: targets get no gradient (they are computed under no-grad); fp64 inputs and tensors a kernel cannot run
 on (CPU without TRITON_INTERPRET=1) use ``recon_loss_ref``. The per-program partial sums are reduced in a fixed
 order, so the loss is bitwise reproducible (no atomics).
@@ -41,7 +47,9 @@ order, so the loss is bitwise reproducible (no atomics).
 
 from __future__ import annotations
 
+import math
 import types
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -56,7 +64,7 @@ except ImportError:  # CPU-only PyTorch builds ship without triton: the kernels 
     tl = None
 
 SUBS = (4, 2, 1, 0)  # cells per patch side of each scale; 0 marks the s = 1/2 scale (one cell per 2 x 2 patches)
-AREAS = (16.0, 4.0, 1.0, 0.25)  # sum M_k / sum m
+SWIN_SUBS = (4, 2, 1, 1)  # LocalMIM-Swin: 8 / 16 / 32 / 32 px cells per 32 px mask unit (module docstring)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # The @triton.jit decorator picks the interpreter when this module is imported, not when a kernel runs.
 _INTERPRETED = interpreter_enabled()
@@ -77,18 +85,28 @@ def cell_index(idx: Tensor, grid: int, sub: int) -> Tensor:
     return row * (grid * sub) + col
 
 
+def area(sub: int) -> float:
+    """sum M_k / sum m for a scale with ``sub`` cells per patch side (0: the 2 x 2-group scale, a quarter)."""
+    return float(sub * sub) if sub else 0.25
+
+
+def compact_shape(sub: int, b: int, n: int, n_grp: int) -> tuple[int, ...]:
+    """The compact prediction shape without channels: [B, n, sub^2] (sub > 1), [B, n] (sub = 1), [B, n_grp] (0)."""
+    return (b, n, sub * sub) if sub > 1 else ((b, n) if sub else (b, n_grp))
+
+
 def group_weights(mask: Tensor, grid: int) -> Tensor:
     """Fraction of masked patches in each 2 x 2 group [B, (grid / 2)^2] from the patch mask [B, grid^2]."""
     half = grid // 2
     return mask.reshape(-1, half, 2, half, 2).mean(dim=(2, 4)).reshape(-1, half * half)
 
 
-def recon_loss_ref(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx: Tensor, gidx: Tensor,
-                   grid: int) -> Tensor:  # fmt: skip
+def recon_loss_ref(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx: Tensor, gidx: Tensor, grid: int,
+                   subs: Sequence[int] = SUBS) -> Tensor:  # fmt: skip
     """The executable specification on the compact layout: the four masked MSEs [4] (fp32, fp64 for fp64 preds)."""
     msum = mask.sum(dtype=torch.float32 if mask.dtype != torch.float64 else torch.float64)
     losses = []
-    for pred, target, sub, area in zip(preds, targets, SUBS, AREAS):
+    for pred, target, sub in zip(preds, targets, subs):
         dtype = torch.promote_types(pred.dtype, torch.float32)
         if sub:
             rows = cell_index(idx, grid, sub).flatten(1)
@@ -97,7 +115,7 @@ def recon_loss_ref(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx
             rows, weight = gidx, group_weights(mask, grid).gather(1, gidx)
         picked = target.gather(1, rows.unsqueeze(-1).expand(-1, -1, target.shape[-1]))
         per_cell = (pred.reshape(picked.shape).to(dtype) - picked.to(dtype)).pow(2).mean(dim=-1)
-        losses.append((per_cell * weight.to(dtype)).sum() / (msum.to(dtype) * area))
+        losses.append((per_cell * weight.to(dtype)).sum() / (msum.to(dtype) * area(sub)))
     return torch.stack(losses)
 
 
@@ -153,39 +171,47 @@ def _recon_block(pred_ptr, tgt_ptr, res_ptr, part_ptr, mask_ptr, sel_ptr, msum_p
 
 @triton.jit
 def _recon_loss_fwd_kernel(p0, p1, p2, p3, t0, t1, t2, t3, res_ptr, part_ptr, mask_ptr, idx_ptr, gidx_ptr, msum_ptr,
-                           B, n_sel, n_grp, grid, C0, C1, C2, C3, o1, o2, o3, end0, end1, end2, P_MAX,
-                           STORE_RES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+                           n_sel, n_grp, grid, C0, C1, C2, C3, rows0, rows1, rows2, rows3, o1, o2, o3, end0, end1,
+                           end2, P_MAX, SUB0: tl.constexpr, SUB1: tl.constexpr, SUB2: tl.constexpr,
+                           SUB3: tl.constexpr, STORE_RES: tl.constexpr, BLOCK_R: tl.constexpr,
+                           BLOCK_C: tl.constexpr):  # fmt: skip
     # Grid: the row blocks of all four scales back to back (end_k = last block of scale k, exclusive); each program
     # handles one block of one scale and writes its partial loss to part[k, block] (summed in a fixed order later).
-    # o_k: where scale k's residual starts (the four scales' predictions back to back).
+    # o_k: where scale k's residual starts (the four scales' predictions back to back); rows_k: its compact rows;
+    # SUB_k: its cells per patch side (0: the 2 x 2-group scale, whose rows come from gidx).
     # Registers: one [BLOCK_R, BLOCK_C] tile of predictions and targets, the row weights and an fp32 accumulator.
     pid = tl.program_id(0).to(tl.int64)
     if pid < end0:
-        _recon_block(p0, t0, res_ptr, part_ptr + pid, mask_ptr, idx_ptr, msum_ptr, pid, B * n_sel * 16, n_sel,
-                     grid, C0, 4, STORE_RES, BLOCK_R, BLOCK_C)  # fmt: skip
+        _recon_block(p0, t0, res_ptr, part_ptr + pid, mask_ptr, idx_ptr if SUB0 > 0 else gidx_ptr, msum_ptr, pid,
+                     rows0, n_sel if SUB0 > 0 else n_grp, grid, C0, SUB0, STORE_RES, BLOCK_R, BLOCK_C)  # fmt: skip
     elif pid < end1:
-        _recon_block(p1, t1, res_ptr + o1, part_ptr + P_MAX + pid - end0, mask_ptr, idx_ptr, msum_ptr, pid - end0,
-                     B * n_sel * 4, n_sel, grid, C1, 2, STORE_RES, BLOCK_R, BLOCK_C)  # fmt: skip
+        _recon_block(p1, t1, res_ptr + o1, part_ptr + P_MAX + pid - end0, mask_ptr, idx_ptr if SUB1 > 0 else gidx_ptr,
+                     msum_ptr, pid - end0, rows1, n_sel if SUB1 > 0 else n_grp, grid, C1, SUB1, STORE_RES, BLOCK_R,
+                     BLOCK_C)  # fmt: skip
     elif pid < end2:
-        _recon_block(p2, t2, res_ptr + o2, part_ptr + 2 * P_MAX + pid - end1, mask_ptr, idx_ptr, msum_ptr,
-                     pid - end1, B * n_sel, n_sel, grid, C2, 1, STORE_RES, BLOCK_R, BLOCK_C)  # fmt: skip
+        _recon_block(p2, t2, res_ptr + o2, part_ptr + 2 * P_MAX + pid - end1, mask_ptr,
+                     idx_ptr if SUB2 > 0 else gidx_ptr, msum_ptr, pid - end1, rows2, n_sel if SUB2 > 0 else n_grp,
+                     grid, C2, SUB2, STORE_RES, BLOCK_R, BLOCK_C)  # fmt: skip
     else:
-        _recon_block(p3, t3, res_ptr + o3, part_ptr + 3 * P_MAX + pid - end2, mask_ptr, gidx_ptr, msum_ptr,
-                     pid - end2, B * n_grp, n_grp, grid, C3, 0, STORE_RES, BLOCK_R, BLOCK_C)  # fmt: skip
+        _recon_block(p3, t3, res_ptr + o3, part_ptr + 3 * P_MAX + pid - end2, mask_ptr,
+                     idx_ptr if SUB3 > 0 else gidx_ptr, msum_ptr, pid - end2, rows3, n_sel if SUB3 > 0 else n_grp,
+                     grid, C3, SUB3, STORE_RES, BLOCK_R, BLOCK_C)  # fmt: skip
 
 
 @triton.jit
 def _recon_loss_bwd_kernel(res_ptr, grad_ptr, dl_ptr, msum_ptr, total, e1, e2, e3, C0, C1, C2, C3,
+                           A0: tl.constexpr, A1: tl.constexpr, A2: tl.constexpr, A3: tl.constexpr,
                            BLOCK: tl.constexpr):  # fmt: skip
     # One program scales BLOCK consecutive residual elements (any scale; segment k starts at e_k) by
-    # 2 * dL_k / (C_k * area_k * sum m) and stores the prediction gradient in the prediction dtype.
+    # 2 * dL_k / (C_k * A_k * sum m) (A_k = area of scale k) and stores the prediction gradient in the prediction
+    # dtype.
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < total
     scale = 2.0 / tl.load(msum_ptr)
-    f0 = tl.load(dl_ptr) * scale / (C0 * 16.0)
-    f1 = tl.load(dl_ptr + 1) * scale / (C1 * 4.0)
-    f2 = tl.load(dl_ptr + 2) * scale / (C2 * 1.0)
-    f3 = tl.load(dl_ptr + 3) * scale / (C3 * 0.25)
+    f0 = tl.load(dl_ptr) * scale / (C0 * A0)
+    f1 = tl.load(dl_ptr + 1) * scale / (C1 * A1)
+    f2 = tl.load(dl_ptr + 2) * scale / (C2 * A2)
+    f3 = tl.load(dl_ptr + 3) * scale / (C3 * A3)
     f = tl.where(offs < e1, f0, tl.where(offs < e2, f1, tl.where(offs < e3, f2, f3)))
     res = tl.load(res_ptr + offs, mask=m, other=0.0).to(tl.float32)
     tl.store(grad_ptr + offs, (res * f).to(grad_ptr.dtype.element_ty), mask=m)
@@ -194,21 +220,24 @@ def _recon_loss_bwd_kernel(res_ptr, grad_ptr, dl_ptr, msum_ptr, total, e1, e2, e
 # ----------------------------------------------------------------------------------------------- launchers
 
 
-def _check(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx: Tensor, gidx: Tensor, grid: int) -> None:
+def _check(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx: Tensor, gidx: Tensor, grid: int,
+           subs: Sequence[int]) -> None:  # fmt: skip
     if len(preds) != 4 or len(targets) != 4:
-        raise ValueError(f"recon_loss takes the 4 ViT scales (s = 4, 2, 1, 1/2); got {len(preds)} predictions")
+        raise ValueError(f"recon_loss takes 4 scales (ViT: s = 4, 2, 1, 1/2); got {len(preds)} predictions")
+    if len(subs) != 4 or any(s not in (4, 2, 1, 0) for s in subs) or list(subs).count(0) > 1:
+        raise ValueError(f"subs must be 4 values of 4, 2, 1, 0 (at most one 0), got {list(subs)}")
     b, n = idx.shape
-    want = [(b, n, 16), (b, n, 4), (b, n), (b, gidx.shape[1])]
+    want = [compact_shape(s, b, n, gidx.shape[1]) for s in subs]
     for k, (p, t, w) in enumerate(zip(preds, targets, want)):
         if tuple(p.shape[:-1]) != w:
             raise ValueError(f"preds[{k}] must have shape {[*w, 'C']} (compact layout), got {list(p.shape)}")
-        cells = (grid * SUBS[k]) ** 2 if SUBS[k] else (grid // 2) ** 2
+        cells = (grid * subs[k]) ** 2 if subs[k] else (grid // 2) ** 2
         if tuple(t.shape) != (b, cells, p.shape[-1]):
             raise ValueError(f"targets[{k}] must have shape {[b, cells, p.shape[-1]]}, got {list(t.shape)}")
     if len({p.dtype for p in preds}) != 1 or preds[0].dtype not in KERNEL_DTYPES:
         raise ValueError(f"predictions must share one dtype of {KERNEL_DTYPES}, got {[p.dtype for p in preds]}")
-    if tuple(mask.shape) != (b, grid * grid) or grid % 2:
-        raise ValueError(f"mask must have shape [B, grid^2] = {[b, grid * grid]} with an even grid")
+    if tuple(mask.shape) != (b, grid * grid) or (grid % 2 and 0 in subs):
+        raise ValueError(f"mask must have shape [B, grid^2] = {[b, grid * grid]} (an even grid for the 2 x 2 scale)")
     if idx.dtype != torch.int64 or gidx.dtype != torch.int64 or gidx.shape[0] != b:
         raise ValueError("idx and gidx must be int64 [B, n] / [B, n_grp] index tensors")
     if len({x.device for x in (*preds, *targets, mask, idx, gidx)}) != 1:
@@ -216,17 +245,17 @@ def _check(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx: Tensor
 
 
 def recon_loss_fwd(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx: Tensor, gidx: Tensor, grid: int,
-                   store_residual: bool = True) -> tuple[Tensor, Tensor]:  # fmt: skip
+                   store_residual: bool = True, subs: Sequence[int] = SUBS) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Launch the forward kernel: (losses [4] fp32, residual w * (P - T) flattened scale after scale, in the
     prediction dtype; empty when ``store_residual`` is False)."""
-    _check(preds, targets, mask, idx, gidx, grid)
+    _check(preds, targets, mask, idx, gidx, grid, subs)
     preds, targets = [p.contiguous() for p in preds], [t.contiguous() for t in targets]
     mask, idx, gidx = mask.to(torch.float32).contiguous(), idx.contiguous(), gidx.contiguous()
     b, n = idx.shape
     channels = [p.shape[-1] for p in preds]
     block_c = min(triton.next_power_of_2(max(channels)), 128)
     block_r = max(16, 4096 // block_c)
-    rows = [b * n * 16, b * n * 4, b * n, b * gidx.shape[1]]
+    rows = [math.prod(compact_shape(s, b, n, gidx.shape[1])) for s in subs]
     blocks = [triton.cdiv(r, block_r) for r in rows]
     ends = [sum(blocks[: k + 1]) for k in range(4)]
     numels = [p.numel() for p in preds]
@@ -236,9 +265,9 @@ def recon_loss_fwd(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx
     res = preds[0].new_empty(sum(numels) if store_residual else 0)
     if ends[-1]:
         _recon_loss_fwd_kernel[(ends[-1],)](
-            *preds, *targets, res if store_residual else preds[0], part, mask, idx, gidx, msum, b, n, gidx.shape[1],
-            grid, *channels, *offsets, *ends[:3], part.shape[1],
-            STORE_RES=store_residual, BLOCK_R=block_r, BLOCK_C=block_c,
+            *preds, *targets, res if store_residual else preds[0], part, mask, idx, gidx, msum, n, gidx.shape[1],
+            grid, *channels, *rows, *offsets, *ends[:3], part.shape[1], SUB0=subs[0], SUB1=subs[1], SUB2=subs[2],
+            SUB3=subs[3], STORE_RES=store_residual, BLOCK_R=block_r, BLOCK_C=block_c,
         )  # fmt: skip
     losses = part.sum(dim=1)
     if not n:  # no masked patch: 0 / 0 = nan, as the full-map masked mean gives
@@ -246,8 +275,8 @@ def recon_loss_fwd(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx
     return losses, res
 
 
-def recon_loss_bwd(residual: Tensor, grad_losses: Tensor, mask: Tensor, numels: list[int],
-                   channels: list[int]) -> Tensor:  # fmt: skip
+def recon_loss_bwd(residual: Tensor, grad_losses: Tensor, mask: Tensor, numels: list[int], channels: list[int],
+                   subs: Sequence[int] = SUBS) -> Tensor:  # fmt: skip
     """Launch the backward kernel: d(sum_k dL_k * L_k)/d(preds), flattened like the residual."""
     if residual.numel() != sum(numels) or grad_losses.shape != (4,):
         raise ValueError("recon_loss_bwd needs the forward's residual (stored) and one gradient per scale")
@@ -258,7 +287,7 @@ def recon_loss_bwd(residual: Tensor, grad_losses: Tensor, mask: Tensor, numels: 
     if residual.numel():
         _recon_loss_bwd_kernel[(triton.cdiv(residual.numel(), block),)](
             residual, grad, grad_losses.to(torch.float32).contiguous(), msum, residual.numel(), *ends, *channels,
-            BLOCK=block,
+            A0=area(subs[0]), A1=area(subs[1]), A2=area(subs[2]), A3=area(subs[3]), BLOCK=block,
         )  # fmt: skip
     return grad
 
@@ -268,29 +297,29 @@ def recon_loss_bwd(residual: Tensor, grad_losses: Tensor, mask: Tensor, numels: 
 
 @torch.library.custom_op("fastmim::recon_loss", mutates_args=())
 def _recon_loss_op(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx: Tensor, gidx: Tensor, grid: int,
-                   store_residual: bool) -> tuple[Tensor, Tensor]:  # fmt: skip
-    return recon_loss_fwd(preds, targets, mask, idx, gidx, grid, store_residual)
+                   store_residual: bool, subs: list[int]) -> tuple[Tensor, Tensor]:  # fmt: skip
+    return recon_loss_fwd(preds, targets, mask, idx, gidx, grid, store_residual, subs)
 
 
 @_recon_loss_op.register_fake
-def _(preds, targets, mask, idx, gidx, grid, store_residual):
+def _(preds, targets, mask, idx, gidx, grid, store_residual, subs):
     numel = sum(p.numel() for p in preds) if store_residual else 0
     return mask.new_empty(4, dtype=torch.float32), preds[0].new_empty(numel)
 
 
 @torch.library.custom_op("fastmim::recon_loss_bwd", mutates_args=())
-def _recon_loss_bwd_op(residual: Tensor, grad_losses: Tensor, mask: Tensor, numels: list[int],
-                       channels: list[int]) -> Tensor:  # fmt: skip
-    return recon_loss_bwd(residual, grad_losses, mask, numels, channels)
+def _recon_loss_bwd_op(residual: Tensor, grad_losses: Tensor, mask: Tensor, numels: list[int], channels: list[int],
+                       subs: list[int]) -> Tensor:  # fmt: skip
+    return recon_loss_bwd(residual, grad_losses, mask, numels, channels, subs)
 
 
 @_recon_loss_bwd_op.register_fake
-def _(residual, grad_losses, mask, numels, channels):
+def _(residual, grad_losses, mask, numels, channels, subs):
     return torch.empty_like(residual)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    preds, mask, store_residual = inputs[0], inputs[2], inputs[6]
+    preds, mask, store_residual, ctx.subs = inputs[0], inputs[2], inputs[6], list(inputs[7])
     ctx.shapes = [p.shape for p in preds]
     ctx.channels = [p.shape[-1] for p in preds]
     ctx.store_residual = store_residual
@@ -302,9 +331,9 @@ def _backward(ctx, grad_losses: Tensor, _grad_residual: Tensor):
         raise RuntimeError("recon_loss ran with store_residual=False, so it cannot be differentiated")
     residual, mask = ctx.saved_tensors
     numels = [s.numel() for s in ctx.shapes]
-    grad = _recon_loss_bwd_op(residual, grad_losses, mask, numels, ctx.channels)
+    grad = _recon_loss_bwd_op(residual, grad_losses, mask, numels, ctx.channels, ctx.subs)
     grads = [g.view(s) for g, s in zip(grad.split(numels), ctx.shapes)]
-    return grads, [None] * 4, None, None, None, None, None
+    return grads, [None] * 4, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fastmim::recon_loss", _backward, setup_context=_setup_context)
@@ -315,17 +344,18 @@ def _use_kernel(x: Tensor) -> bool:
     return can_run_on(x) and (x.is_cuda or _INTERPRETED)
 
 
-def recon_loss(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx: Tensor, gidx: Tensor,
-               grid: int) -> Tensor:  # fmt: skip
-    """The four masked MSEs [4] on the compact layout (module docstring); the Triton kernel where one can run,
-    else ``recon_loss_ref``. Differentiable in ``preds``; ``targets`` must not require grad."""
+def recon_loss(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx: Tensor, gidx: Tensor, grid: int,
+               subs: Sequence[int] = SUBS) -> Tensor:  # fmt: skip
+    """The four masked MSEs [4] on the compact layout (module docstring; ``subs``: the scales' cells per patch side,
+    ``SUBS`` for ViT, ``SWIN_SUBS`` for Swin); the Triton kernel where one can run, else ``recon_loss_ref``.
+    Differentiable in ``preds``; ``targets`` must not require grad."""
     if any(t.requires_grad for t in targets):
         raise ValueError("recon_loss gives targets no gradient: pass detached targets")
     dtype = preds[0].dtype
     for p in preds[1:]:
         dtype = torch.promote_types(dtype, p.dtype)
     if dtype not in KERNEL_DTYPES or not _use_kernel(preds[0]):
-        return recon_loss_ref(preds, targets, mask, idx, gidx, grid)
+        return recon_loss_ref(preds, targets, mask, idx, gidx, grid, subs)
     preds = [p.to(dtype) for p in preds]
     store = torch.is_grad_enabled() and any(p.requires_grad for p in preds)
-    return _recon_loss_op(preds, targets, mask, idx, gidx, grid, store)[0]
+    return _recon_loss_op(preds, targets, mask, idx, gidx, grid, store, [int(s) for s in subs])[0]

@@ -31,7 +31,7 @@ from .step import build_bench_run, device_batches
 # (stage, module-name prefixes). The first match wins; ModuleLists are expanded to their children.
 STAGE_PREFIXES = (
     ("patch embed", ("encoder.patch_embed",)),
-    ("encoder blocks", ("encoder.blocks", "tap_norms", "norm")),
+    ("encoder blocks", ("encoder.blocks", "encoder.layers", "tap_norms", "norm")),  # ViT blocks, Swin stages
     ("heads", ("pred",)),
     ("targets", ("target",)),
     ("decoders", ("decoder", "decoders")),

@@ -111,10 +111,11 @@ def _recon_loss_module():
     return recon_loss
 
 
-def scatter_cells(pred: Tensor, sel: CellSelection, grid: int, k: int) -> Tensor:
-    """Compact predictions of scale k -> [B, N_k, out], zero at the cells that were not predicted."""
+def scatter_cells(pred: Tensor, sel: CellSelection, grid: int, k: int, subs: Sequence[int] | None = None) -> Tensor:
+    """Compact predictions of scale k -> [B, N_k, out], zero at the cells that were not predicted. ``subs``: the
+    scales' cells per patch side (default the ViT scales, ``recon_loss.SUBS``)."""
     b, out = pred.shape[0], pred.shape[-1]
-    sub, cell_index = _recon_loss_module().SUBS[k], _recon_loss_module().cell_index
+    sub, cell_index = (subs or _recon_loss_module().SUBS)[k], _recon_loss_module().cell_index
     cells = cell_index(sel.idx, grid, sub).flatten(1) if sub else sel.gidx
     side = grid * sub if sub else grid // 2
     rows = (cells + torch.arange(b, device=cells.device).unsqueeze(1) * side * side).flatten()
@@ -128,8 +129,8 @@ class ScatteredPredictions(Sequence[Tensor]):
     patches, and s = 1/2 groups without a masked patch), i.e. wherever the loss weight is 0. Training never reads
     it, so it costs nothing there; ``compact`` holds what the loss saw."""
 
-    def __init__(self, compact: list[Tensor], sel: CellSelection, grid: int) -> None:
-        self.compact, self.sel, self.grid = compact, sel, grid
+    def __init__(self, compact: list[Tensor], sel: CellSelection, grid: int, subs: Sequence[int] | None = None) -> None:
+        self.compact, self.sel, self.grid, self.subs = compact, sel, grid, subs
         self._full: list[Tensor | None] = [None] * len(compact)
 
     def __len__(self) -> int:
@@ -139,7 +140,7 @@ class ScatteredPredictions(Sequence[Tensor]):
         if isinstance(k, slice):
             return [self[i] for i in range(len(self))[k]]
         if self._full[k] is None:
-            self._full[k] = scatter_cells(self.compact[k], self.sel, self.grid, k % len(self))
+            self._full[k] = scatter_cells(self.compact[k], self.sel, self.grid, k % len(self), self.subs)
         return self._full[k]
 
 

@@ -17,6 +17,15 @@ decoder_dim: 64, 128, 128, 128), the decoder's mask token at masked positions, r
 position embedding (no cls), one block (4 heads), LayerNorm, Linear head to 3 * nbins (HOG) or 3 * p * p (pixels).
 Targets at 8 / 16 / 32 / 32 px cells; loss weights are the unit mask upsampled (nearest, binary) x4, x2, x1, x1.
 Total loss = the unweighted sum of the four masked MSEs.
+
+``impl = "fast"`` (same parameters, same values up to float rounding; tests/models/test_swin.py): the HOG targets
+come from the Triton kernel (fastmim.kernels.hog: all four scales, each with its own bias, in one launch); each
+decoder's final LayerNorm and Linear head run only on the cells of masked units (the rest have loss weight 0: 37 of
+49 units at 224 px and mask 0.75), and the four masked MSEs with d(loss)/d(pred) are one fused kernel
+(fastmim.kernels.recon_loss with ``SWIN_SUBS``), so no full prediction map, upsampled mask or squared-residual
+temporary exists. ``out.preds[k]`` is then built on first access, zero at visible units (as for ViT). The encoder
+and the decoders' blocks are the reference modules (decoder widths and lengths differ per tap, so they do not group
+as ViT's do); pixel targets stay PyTorch.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from torch import Tensor, nn
 from fastmim.masking import scale_weights
 from fastmim.models.base import MIMOutput, masked_mse
 from fastmim.models.decoder import MaskedDecoder
+from fastmim.models.fast_heads import CellSelection, ScatteredPredictions
 from fastmim.models.registry import register_model
 from fastmim.models.swin_encoder import SparseSwinEncoder
 from fastmim.models.vit import LN_EPS, init_weights, sincos_pos_embed
@@ -85,7 +95,8 @@ def restore_index(visible: Tensor, units_per_side: int, r: int) -> Tensor:
 
 class SwinDecoder(MaskedDecoder):
     """A MaskedDecoder without cls (SPEC 4) and with a Linear ``head``:
-    ``forward(x [B, N_vis, D_in] unit-major, restore [L]) -> [B, L, out_dim]`` in raster order."""
+    ``forward(x [B, N_vis, D_in] unit-major, restore [L]) -> [B, L, out_dim]`` in raster order; with ``rows`` [n]
+    (raster positions) only those tokens go through the final LayerNorm and the head: [B, n, out_dim]."""
 
     def __init__(self, in_dim: int, dim: int, num_heads: int, grid: int, out_dim: int, mlp_ratio: float = 4.0) -> None:
         super().__init__(in_dim, dim, 1, num_heads, grid, mlp_ratio)
@@ -93,12 +104,14 @@ class SwinDecoder(MaskedDecoder):
         self.head = nn.Linear(dim, out_dim)
         init_weights(self.head)
 
-    def forward(self, x: Tensor, restore: Tensor) -> Tensor:
+    def forward(self, x: Tensor, restore: Tensor, rows: Tensor | None = None) -> Tensor:
         x = self.embed(x)
         b, n, c = x.shape
         x = torch.cat([x, self.mask_token.expand(b, restore.numel() - n, c)], dim=1)[:, restore] + self.pos_embed
         for block in self.blocks:
             x = block(x)
+        if rows is not None:  # LayerNorm and head are per token: the other tokens' outputs are never used
+            x = x.index_select(1, rows)
         return self.head(self.norm(x))
 
 
@@ -128,6 +141,8 @@ class LocalMIMSwin(nn.Module):
         if len(depths) != 4:
             raise ValueError(f"LocalMIM-Swin taps four stages: depths must have 4 entries, got {list(depths)}")
         num_masked_units(1, mask_ratio, mask_rule)  # validates the rule
+        if impl not in ("reference", "fast"):
+            raise ValueError(f"unknown impl '{impl}'; use 'reference' or 'fast'")
         self.mask_ratio, self.mask_rule, self.impl = mask_ratio, mask_rule, impl
         self.encoder = SparseSwinEncoder(img_size, patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio)
         # Tap k: 2^(k+1) times coarser than the patch grid, except the last stage, which has no merging.
@@ -136,7 +151,7 @@ class LocalMIMSwin(nn.Module):
         self.cell_sizes = [patch_size * 2**lv for lv in levels]  # 8, 16, 32, 32 px
         dims = [embed_dim * 2**lv for lv in levels]
         if target == "hog":
-            self.target = HOGTarget(self.cell_sizes, nbins=nbins, bias=hog_bias)
+            self.target = HOGTarget(self.cell_sizes, nbins=nbins, bias=hog_bias, impl=impl)
         elif target == "pixel":
             self.target = PixelTarget(self.cell_sizes, norm_pix=True)
         else:
@@ -168,6 +183,8 @@ class LocalMIMSwin(nn.Module):
         mask = masking.mask.to(imgs.device).expand(b, -1)
         targets = self.target(imgs)
         feats = self.encoder(imgs, masking.visible)
+        if self.impl == "fast":
+            return self._fast_heads_and_loss(feats, targets, masking, mask)
         preds, losses = [], []
         for k, feat in enumerate(feats):
             r = self.tokens_per_unit[k]
@@ -175,6 +192,28 @@ class LocalMIMSwin(nn.Module):
             pred = self.decoders[k](self.tap_norms[k](feat.reshape(b, -1, feat.shape[-1])), restore)
             preds.append(pred)
             losses.append(masked_mse(pred, targets[k], scale_weights(mask, u, r)))
+        return MIMOutput(sum(losses), losses, mask, preds, targets)
+
+    def _fast_heads_and_loss(self, feats: list[Tensor], targets: list[Tensor], masking: UnitMasking,
+                             mask: Tensor) -> MIMOutput:  # fmt: skip
+        """impl = "fast" (module docstring): the decoders' norms and heads on the masked units' cells only, in the
+        compact layout of fastmim.kernels.recon_loss (unit-major; a unit's 4 x 4 cells in that module's sub-cell
+        order), and the fused loss over them."""
+        from fastmim.kernels import recon_loss  # on first use: importing a kernel module fixes TRITON_INTERPRET
+
+        b, u, device = mask.shape[0], self.encoder.units_per_side, mask.device
+        units = torch.nonzero(masking.mask).flatten().unsqueeze(0)  # [1, n] masked units, ascending
+        compact = []
+        for k, feat in enumerate(feats):
+            r = self.tokens_per_unit[k]
+            restore = restore_index(masking.visible, u, r).to(device)
+            rows = recon_loss.cell_index(units, u, r).flatten().to(device)
+            pred = self.decoders[k](self.tap_norms[k](feat.reshape(b, -1, feat.shape[-1])), restore, rows)
+            compact.append(pred.view(recon_loss.compact_shape(r, b, units.shape[1], 0) + pred.shape[-1:]))
+        sel = CellSelection(units.to(device).expand(b, -1), torch.zeros(b, 0, dtype=torch.long, device=device))
+        losses = recon_loss.recon_loss(compact, targets, mask, sel.idx, sel.gidx, u, self.tokens_per_unit)
+        preds = ScatteredPredictions(compact, sel, u, self.tokens_per_unit)
+        losses = list(losses.unbind())
         return MIMOutput(sum(losses), losses, mask, preds, targets)
 
 

@@ -38,6 +38,37 @@ def test_bench_step_rows_side_by_side(tmp_path, capsys):
     assert "speedup_vs_reference" in capsys.readouterr().out
 
 
+def test_bench_step_swin_reference_and_fast(monkeypatch):
+    """LocalMIM-Swin through bench step's runner (issue #10): both impls side by side, the fast one through the HOG
+    and fused-loss kernels. They are interpreted here, so one round of one timed step and one breakdown step, at
+    64 px, batch 2, without the HOG bias (the command adds only the table and the record, tested above)."""
+    from fastmim.bench.profile import stage_of
+    from fastmim.bench.step import run_step_bench
+    from fastmim.config import load_config
+    from fastmim.kernels import hog as hk
+    from fastmim.kernels import recon_loss as rl
+
+    calls = []
+    for module, fn in ((hk, "hog_fwd"), (rl, "recon_loss_fwd")):
+        original = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, _f=original, _n=fn, **k: calls.append(_n) or _f(*a, **k))
+    cfg = load_config(None, ["--model.name=localmim_swin_nano_patch4_window4", "--model.img_size=64",
+                             "--model.hog_bias=off", "--data.num_images=4", "--train.batch_size=2",
+                             "--train.precision=fp32"])  # fmt: skip
+    rows, _ = run_step_bench(
+        cfg, ["reference", "fast"], steps=1, warmup=0, breakdown_steps=1, rounds=1, log=lambda *_: None
+    )
+    assert [(r["impl"], r["model"]) for r in rows] == [("reference", "localmim_swin_nano_patch4_window4"),
+                                                       ("fast", "localmim_swin_nano_patch4_window4")]  # fmt: skip
+    for row in rows:
+        assert row["batch"] == 2 and row["img_size"] == 64 and row["img_per_s"] > 0 and row["steps"] == 1
+        assert all(row[f"{s}_ms"] > 0 for s in ("data", "forward", "backward", "optimizer"))
+    assert rows[0]["flops_per_step"] == rows[1]["flops_per_step"] > 0
+    # the fast impl's two steps (timed + breakdown) ran both kernels; the reference impl never does
+    assert calls.count("hog_fwd") == calls.count("recon_loss_fwd") == 2
+    assert stage_of("encoder.layers.2.blocks.0") == "encoder blocks"  # `fastmim profile` attributes Swin stages
+
+
 def test_bench_data(tmp_path):
     assert main(["bench", "data", *TINY, "--steps", "2", "--warmup", "1", "--out", str(tmp_path)]) == 0
     rows = _record(tmp_path, "data")["rows"]

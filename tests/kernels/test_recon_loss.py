@@ -18,7 +18,7 @@ from fastmim.kernels import recon_loss as rl
 from fastmim.masking import num_kept, random_masking, scale_weights
 from fastmim.models.base import masked_mse
 from fastmim.models.decoder import ScaleHead
-from fastmim.models.fast_heads import heads_and_loss, select_cells
+from fastmim.models.fast_heads import CellSelection, heads_and_loss, scatter_cells, select_cells
 
 SCALES = (4, 2, 1, 0.5)
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -74,6 +74,33 @@ def test_kernel_matches_reference(dtype, batch, grid, ratio):
     for a, b in zip(grads(got, preds), grads(want, preds)):
         assert a.dtype == dtype
         assert_rel_close(a, b, 1e-6 if dtype == torch.float32 else 2e-3)
+
+
+@pytest.mark.parametrize("dtype,batch,units,masked", [(torch.float32, 2, 3, 6), (torch.float16, 3, 2, 3)])
+def test_swin_geometry_matches_reference_and_full_map_masked_mse(dtype, batch, units, masked):
+    """LocalMIM-Swin's scales (SWIN_SUBS: 4 x 4, 2 x 2, 1, 1 cells per 32 px mask unit) on an odd or even unit grid,
+    one mask row for the whole batch: kernel = reference (values and gradients), and the reference on the compact
+    layout = masked_mse over full maps with the unit mask upsampled x4, x2, x1, x1 (SPEC 4)."""
+    g = torch.Generator().manual_seed(units)
+    picked = torch.randperm(units * units, generator=g)[:masked].sort().values
+    row = torch.zeros(units * units).index_fill(0, picked, 1.0)
+    mask, idx = row.expand(batch, -1).to(DEV), picked.expand(batch, -1).to(DEV)
+    gidx = torch.zeros(batch, 0, dtype=torch.long, device=DEV)
+    channels = (12, 7, 40, 5)
+    shapes = [rl.compact_shape(s, batch, masked, 0) for s in rl.SWIN_SUBS]
+    preds = [torch.randn(*s, c, generator=g).to(DEV, dtype).requires_grad_() for s, c in zip(shapes, channels)]
+    targets = [torch.randn(batch, (units * s) ** 2, c, generator=g).to(DEV) for s, c in zip(rl.SWIN_SUBS, channels)]
+    args = (targets, mask, idx, gidx, units, rl.SWIN_SUBS)
+    got, want = rl.recon_loss(preds, *args), rl.recon_loss_ref(preds, *args)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads(got, preds), grads(want, preds)):
+        assert a.dtype == dtype
+        assert_rel_close(a, b, 1e-6 if dtype == torch.float32 else 2e-3)
+    sel = CellSelection(idx, gidx)
+    full = [scatter_cells(p.detach().double(), sel, units, k, rl.SWIN_SUBS) for k, p in enumerate(preds)]
+    spec = [masked_mse(f, t.double(), scale_weights(mask.double(), units, s))
+            for f, t, s in zip(full, targets, rl.SWIN_SUBS)]  # fmt: skip
+    torch.testing.assert_close(want.double(), torch.stack(spec), rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=0)
 
 
 def test_kernel_channel_loop_and_weight_zero_rows():
@@ -183,10 +210,10 @@ def test_no_grad_skips_the_residual_and_gives_the_same_loss():
     preds, targets, mask, sel = compact_inputs(3, 4, 0.75)
     args = (targets, mask, sel.idx, sel.gidx, 4)
     with torch.no_grad():
-        losses, residual = rl._recon_loss_op(preds, *args, False)
+        losses, residual = rl._recon_loss_op(preds, *args, False, list(rl.SUBS))
         assert residual.numel() == 0
         torch.testing.assert_close(losses, rl.recon_loss(preds, *args), rtol=0, atol=0)
-    losses_with, residual = rl._recon_loss_op(preds, *args, True)
+    losses_with, residual = rl._recon_loss_op(preds, *args, True, list(rl.SUBS))
     assert residual.numel() == sum(p.numel() for p in preds)
     torch.testing.assert_close(losses, losses_with, rtol=0, atol=0)
 
@@ -212,13 +239,15 @@ def test_input_checks():
         rl.recon_loss_fwd(preds, [*targets[:2], targets[1], targets[3]], mask, sel.idx, sel.gidx, 4)
     with pytest.raises(ValueError, match="one dtype"):
         rl.recon_loss_fwd([preds[0].half(), *preds[1:]], targets, mask, sel.idx, sel.gidx, 4)
+    with pytest.raises(ValueError, match="at most one 0"):
+        rl.recon_loss_fwd(preds, targets, mask, sel.idx, sel.gidx, 4, subs=(4, 2, 0, 0))
     with pytest.raises(ValueError, match="detached targets"):
         rl.recon_loss(preds, [t.requires_grad_() for t in targets], mask, sel.idx, sel.gidx, 4)
 
 
 def test_custom_op_registration_and_compile_without_graph_break():
     preds, targets, mask, sel = compact_inputs(2, 4, 0.75)
-    torch.library.opcheck(rl._recon_loss_op, (preds, targets, mask, sel.idx, sel.gidx, 4, True),
+    torch.library.opcheck(rl._recon_loss_op, (preds, targets, mask, sel.idx, sel.gidx, 4, True, list(rl.SUBS)),
                           test_utils=("test_autograd_registration", "test_faketensor"))  # fmt: skip
     fn = torch.compile(lambda *p: rl.recon_loss(list(p), targets, mask, sel.idx, sel.gidx, 4), backend="aot_eager",
                        fullgraph=True)  # fmt: skip

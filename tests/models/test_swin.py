@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from fastmim import create_model
 from fastmim.config import load_config
 from fastmim.errors import FastmimError
+from fastmim.masking import scale_weights
 from fastmim.models import model_from_config
 from fastmim.models.swin import num_masked_units, unit_masking
 from fastmim.models.swin_encoder import pack_windows, unit_token_coords, window_layout
@@ -293,3 +294,75 @@ def test_swin_recipes_follow_spec_5(recipe, name, batch, blr, epochs, target):
     if target == "hog":
         assert model.target.nbins == 18 and model.target.bias is not None
     assert model.target.cell_sizes == (8, 16, 32, 32)
+
+
+# ----------------------------------------------------------------------------------------------- impl = "fast"
+
+NANO = "localmim_swin_nano_patch4_window4"
+
+
+def _fast_pair(**kw):
+    torch.manual_seed(0)
+    ref = create_model(NANO, img_size=64, **kw)
+    fast = create_model(NANO, img_size=64, impl="fast", **kw)
+    assert list(fast.state_dict()) == list(ref.state_dict())  # same parameters: checkpoints move between impls
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def _step(model, imgs, noise, autocast=False):
+    """Per-scale losses, the outputs, and every parameter gradient of a random combination of the scale losses
+    (each scale's gradient path is checked, not only their sum)."""
+    model.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(imgs, noise)
+    upstream = torch.rand(4, generator=torch.Generator().manual_seed(5)) + 0.5
+    (torch.stack(out.losses) * upstream).sum().backward()
+    return out, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("target", ["hog", "pixel"])
+def test_fast_impl_equals_reference_fp32(target, monkeypatch):
+    """Triton kernels (interpreted on CPU) for the HOG targets (18 bins, a bias per scale, 8/16/32/32 px) and the
+    fused loss; heads on masked units only: same losses, targets, predictions where the loss sees them, gradients."""
+    from fastmim.kernels import hog as hk
+    from fastmim.kernels import recon_loss as rl
+
+    calls = {"hog": 0, "loss": 0}
+    for module, fn, key in ((hk, "hog_fwd", "hog"), (rl, "recon_loss_fwd", "loss")):
+        original = getattr(module, fn)
+        monkeypatch.setattr(module, fn, lambda *a, _f=original, _k=key, **k: calls.__setitem__(_k, calls[_k] + 1)
+                            or _f(*a, **k))  # fmt: skip
+    ref, fast = _fast_pair(target=target)
+    g = torch.Generator().manual_seed(1)
+    imgs, noise = torch.randn(2, 3, 64, 64, generator=g), torch.rand(4, generator=g)
+    (want, want_grads), (got, got_grads) = _step(ref, imgs, noise), _step(fast, imgs, noise)
+    assert calls == {"hog": int(target == "hog"), "loss": 1}  # the kernels ran, not their references
+    torch.testing.assert_close(torch.stack(got.losses), torch.stack(want.losses), rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=0)
+    assert torch.equal(got.mask, want.mask) and got.mask.sum() == 2 * 3
+    for k in range(4):
+        torch.testing.assert_close(got.targets[k], want.targets[k], rtol=0, atol=1e-5)
+        seen = scale_weights(want.mask, 2, fast.tokens_per_unit[k]).bool()  # cells of masked units
+        torch.testing.assert_close(got.preds[k][seen], want.preds[k][seen], rtol=1e-5, atol=1e-6)
+        assert (got.preds[k][~seen] == 0).all()  # never computed: loss weight 0
+    assert got_grads.keys() == want_grads.keys() and len(want_grads) == len(list(ref.parameters()))
+    for name, grad in want_grads.items():
+        assert _rel(got_grads[name], grad) < 1e-4, name
+
+
+def test_fast_impl_bf16_autocast_within_twice_the_reference_error():
+    """Under bf16 autocast each loss and gradient of the fast impl is within 2 x the reference impl's own bf16 error
+    (both against the fp32 reference) + 0.5 % of its magnitude: the kernel keeps w * (P - T) in bf16 for backward, one
+    rounding more than the reference's fp32 residual."""
+    ref, fast = _fast_pair(target="pixel")  # the HOG kernel is autocast-independent (fp32 in, fp32 out)
+    g = torch.Generator().manual_seed(2)
+    imgs, noise = torch.randn(2, 3, 64, 64, generator=g), torch.rand(4, generator=g)
+    outs = [_step(ref, imgs, noise), _step(ref, imgs, noise, autocast=True), _step(fast, imgs, noise, autocast=True)]
+    (want, want_grads), (low, low_grads), (got, got_grads) = outs
+    pairs = [("losses", torch.stack(want.losses), torch.stack(low.losses), torch.stack(got.losses))]
+    pairs += [(n, w, low_grads[n], got_grads[n]) for n, w in want_grads.items()]
+    for name, w, r, f in pairs:
+        scale = w.abs().max().item()
+        err_ref, err_fast = ((x.float() - w).abs().max().item() for x in (r, f))
+        assert err_fast <= 2 * err_ref + 5e-3 * scale, f"{name}: {err_fast:.3g} vs reference bf16 {err_ref:.3g}"
