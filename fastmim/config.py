@@ -262,14 +262,27 @@ def resolve_recipe(path_or_name: str) -> Path:
     raise FastmimError(f"config file '{path_or_name}' not found; give a TOML path or a built-in recipe{hint}.")
 
 
+def read_recipe(recipe: str) -> tuple[Path, dict[str, Any]]:
+    """(path, parsed TOML) of a recipe file or built-in recipe name; bad TOML is a user error naming the file."""
+    path = resolve_recipe(recipe)
+    try:
+        return path, tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise FastmimError(f"{path}: not valid TOML ({e}); fix the file's syntax.") from None
+
+
+def check_choices(cfg: Any, choices: dict[tuple[str, str], tuple]) -> None:
+    """Every ``(section, key)`` of ``choices`` holds one of its listed values (shared with fastmim.eval.config)."""
+    for (section, key), options in choices.items():
+        value = getattr(getattr(cfg, section), key)
+        if value not in options:
+            raise FastmimError(f"{section}.{key} = '{value}' is not one of {', '.join(repr(c) for c in options)}.")
+
+
 def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
     """Build the resolved config: defaults, then the recipe (default: the tiny CPU recipe), then overrides."""
     cfg = Config()
-    path = resolve_recipe(recipe or DEFAULT_RECIPE)
-    try:
-        mapping = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise FastmimError(f"{path}: not valid TOML ({e}); fix the file's syntax.") from None
+    path, mapping = read_recipe(recipe or DEFAULT_RECIPE)
     apply_mapping(cfg, mapping, str(path))
     parse_overrides(cfg, overrides or [])
     validate(cfg)
@@ -295,10 +308,7 @@ def validate(cfg: Config) -> None:
             if isinstance(value, str) and not value.isprintable():
                 raise FastmimError(f"{section}.{key} = {value!r} has control or undecodable characters; use text.")
             setattr(values, key, value)
-    for (section, key), choices in _CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in choices:
-            raise FastmimError(f"{section}.{key} = '{value}' is not one of {', '.join(repr(c) for c in choices)}.")
+    check_choices(cfg, _CHOICES)
     m, d, t = cfg.model, cfg.data, cfg.train
     peak_lr = t.lr if t.lr > 0 else t.blr * t.batch_size * t.accum_steps / 256
     checks = [

@@ -11,7 +11,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 
-from fastmim.config import apply_mapping, dump_toml, parse_overrides, reference_markdown, resolve_recipe
+from fastmim.config import apply_mapping, check_choices, dump_toml, parse_overrides, read_recipe, reference_markdown
 from fastmim.errors import FastmimError
 
 # `fastmim finetune` / `fastmim linprobe` with no --config use this built-in recipe (configs/eval_tiny_cpu.toml).
@@ -152,11 +152,7 @@ _CHOICES = {
 def load_eval_config(recipe: str | None = None, overrides: list[str] | None = None) -> EvalConfig:
     """Defaults, then the recipe (default: the tiny CPU evaluation recipe), then ``--section.key=value`` overrides."""
     cfg = EvalConfig()
-    path = resolve_recipe(recipe or DEFAULT_EVAL_RECIPE)
-    try:
-        mapping = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise FastmimError(f"{path}: not valid TOML ({e}); fix the file's syntax.") from None
+    path, mapping = read_recipe(recipe or DEFAULT_EVAL_RECIPE)
     if "train" in mapping:
         raise FastmimError(f"{path} is a pre-training recipe; give an evaluation recipe such as {DEFAULT_EVAL_RECIPE}.")
     apply_mapping(cfg, mapping, str(path))
@@ -175,10 +171,7 @@ def eval_config_from_toml(text: str, where: str = "checkpoint") -> EvalConfig:
 
 def validate(cfg: EvalConfig) -> None:
     """Range and combination checks; every message names the key and a valid value."""
-    for (section, key), choices in _CHOICES.items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in choices:
-            raise FastmimError(f"{section}.{key} = '{value}' is not one of {', '.join(repr(c) for c in choices)}.")
+    check_choices(cfg, _CHOICES)
     m, f, p = cfg.model, cfg.finetune, cfg.linprobe
     mixing = f.mixup > 0 or f.cutmix > 0
     checks = [
