@@ -119,6 +119,8 @@ class LocalMIMSwin(nn.Module):
     """LocalMIM Swin. ``forward(imgs [B, 3, H, W] normalised, noise [U] | [B, U] | None) -> MIMOutput`` with
     ``mask`` [B, U] (the batch's unit mask, the same row for every image), U = (H / 32)^2 = ``num_patches``."""
 
+    masks_on_host = True  # the trainer passes CPU noise: the window packing is planned on the host (module docs)
+
     def __init__(
         self,
         img_size: int = 224,
