@@ -2,7 +2,8 @@
 # The GPU suite: one command on a GPU machine (its own python3 with torch, triton, timm, numpy, pytest; no network;
 # no deepspeed / ffcv / xformers). Installs fastmim without dependencies, runs the gpu-marked tests, every kernel
 # benchmark (benchmarks/bench_*.py) and `bench step` for LocalMIM ViT-B (reference eager, fast eager, fast compiled)
-# and MAE ViT-B (eager, compiled) at batch 256 in bf16, then writes a summary. Budget: about 10 minutes on one H100.
+# and MAE ViT-B (eager, compiled), and LocalMIM Swin-B (reference vs fast, eager) at batch 256 in bf16, then writes
+# a summary. Budget: about 12 minutes on one H100.
 #
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]      (default: $OUT if set, else benchmarks/results/gpu-<date>)
 #
@@ -46,6 +47,14 @@ for spec in "localmim_vit_base_patch16 reference+eager,fast+eager,fast+compile" 
     --data.num_workers=0 --data.num_images=256 --fixed-batch --steps 20 --warmup 5 --out "$WORK" --plot \
     >> "$OUT_DIR/suite.log" 2>&1 || { log "FAILED: bench step $1"; status=1; }
 done
+
+# LocalMIM-Swin-B, the swin_base_hog_400 recipe (HOG 18 bins + bias): impl=fast = the HOG kernel, heads on masked
+# units only and the fused loss kernel (issue #10).
+log "bench step localmim_swin_base_patch4_window7 (reference+eager,fast+eager)"
+timeout 300 "$PY" -m fastmim bench step --config swin_base_hog_400 --impls reference+eager,fast+eager \
+  --train.batch_size=256 --train.accum_steps=1 --train.precision=bf16 --data.source=synthetic --data.num_workers=0 \
+  --data.num_images=256 --fixed-batch --steps 20 --warmup 5 --out "$WORK" --plot >> "$OUT_DIR/suite.log" 2>&1 \
+  || { log "FAILED: bench step localmim_swin_base_patch4_window7"; status=1; }
 
 "$PY" -m fastmim.bench.summary "$WORK" > "$OUT_DIR/summary.md" 2>&1
 tar -czf "$OUT_DIR/gpu_suite.tar.gz" -C "$WORK" .
