@@ -80,6 +80,38 @@ def stage_hooks(model: nn.Module) -> Iterator[None]:
             h.remove()
 
 
+# impl = "fast" runs parts of the model as functions rather than modules: (module, function name, stage).
+FAST_PATH_FUNCTIONS = (
+    ("fastmim.models.fast_path", "encode", "patch embed"),  # fused gather + patch embed; blocks open their own range
+    ("fastmim.models.fast_path", "decode", "decoders"),  # fused decoder input, grouped decoder blocks
+    ("fastmim.models.localmim", "heads_and_loss", "heads"),  # heads on the masked cells + the fused loss kernel
+)
+
+
+@contextlib.contextmanager
+def function_ranges(functions=FAST_PATH_FUNCTIONS) -> Iterator[None]:
+    """While profiling, wrap the fast path's functions in ``stage::<name>`` ranges, as the hooks do for modules
+    (the model calls them through module attributes, so replacing the attribute reaches every call)."""
+    import importlib
+
+    saved = []
+    for module_name, name, stage in functions:
+        module = importlib.import_module(module_name)
+        original = getattr(module, name)
+
+        def ranged(*args, _fn=original, _stage=stage, **kwargs):
+            with record_function(f"stage::{_stage}"):
+                return _fn(*args, **kwargs)
+
+        saved.append((module, name, original))
+        setattr(module, name, ranged)
+    try:
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+
 def _enclosing(event, prefix: str):
     while event is not None and not event.name.startswith(prefix):
         event = event.cpu_parent
@@ -120,12 +152,16 @@ def stage_table(events, use_device: bool) -> list[dict[str, Any]]:
 
 def run_profile(cfg: Config, steps: int, warmup: int, out_dir: Path, top: int = 25, log=print) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
-    run = build_bench_run(cfg, cfg.model.impl, device)
+    # Eager unless compilation is asked for explicitly: compiled blocks fuse ops across the stage boundaries.
+    run = build_bench_run(cfg, cfg.model.impl + ("+compile" if cfg.train.compile == "on" else "+eager"), device)
     batches = device_batches(run)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     t = cfg.train
     schedule = torch.profiler.schedule(wait=0, warmup=warmup, active=steps, repeat=1)
-    with stage_hooks(run.model), profile(activities=activities, schedule=schedule, acc_events=True) as prof:
+    ranges = contextlib.ExitStack()
+    ranges.enter_context(stage_hooks(run.model))
+    ranges.enter_context(function_ranges())
+    with ranges, profile(activities=activities, schedule=schedule, acc_events=True) as prof:
         for step in range(warmup + steps):
             with record_function("stage::data"):
                 images = next(batches)
