@@ -6,6 +6,7 @@
     fastmim list-models                                            registered model names
     fastmim import-checkpoint SRC --model NAME --out DST           released LocalMIM/MAE weights -> fastmim
     fastmim export-released SRC --out DST                          fastmim weights -> the released layout
+    fastmim consolidate CKPT --out DST                             ZeRO checkpoint -> plain fastmim checkpoint
     fastmim finetune [--config RECIPE] [--section.key=value ...]   fine-tune an encoder (SPEC 6), top-1/top-5
     fastmim linprobe [--config RECIPE] [--section.key=value ...]   linear probe of a frozen encoder
     fastmim export CKPT --format timm --out FILE                   encoder -> safetensors for timm's ViT
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="released checkpoint (.pth), a dict with a 'model' entry")
     p.add_argument("--model", required=True, help="fastmim model name, e.g. localmim_vit_base_patch16")
     p.add_argument("--out", required=True, help="output file (fastmim weights)")
+    p = sub.add_parser("consolidate", help="a ZeRO (DeepSpeed) checkpoint -> a plain checkpoint that resumes anywhere")
+    p.add_argument("src", help="checkpoint-*.pt of a train.dist=deepspeed run (its checkpoint-*.zero/ beside it)")
+    p.add_argument("--out", required=True, help="output checkpoint (never overwritten)")
     p = sub.add_parser("export-released", help="write fastmim weights in the authors' released layout")
     p.add_argument("src", help="fastmim checkpoint or weights file")
     p.add_argument("--out", required=True, help="output .pth file ({'model': state_dict} with released names)")
@@ -114,8 +118,16 @@ def main(argv: list[str] | None = None) -> int:
             raise FastmimError(f"unexpected arguments {' '.join(extra)}; see `fastmim {args.command} --help`.")
         return _COMMANDS[args.command](args, extra)
     except FastmimError as e:
-        print(f"fastmim: error: {e}", file=sys.stderr)
+        if not getattr(e, "reported_by_rank0", False):  # several processes: one message per run
+            print(f"fastmim: error: {_rank_prefix()}{e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # several processes: another rank died; its own error is the one to read
+        from fastmim.train.distributed import lost_peer
+
+        if not _rank_prefix() or (message := lost_peer(e)) is None:
+            raise
+        print(f"fastmim: error: {_rank_prefix()}{message}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("fastmim: interrupted", file=sys.stderr)
         return 130
@@ -126,8 +138,12 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     from fastmim.train import train
 
     cfg = load_config(args.config, overrides)
-    print("resolved config:\n" + dump_toml(cfg))
+    main_rank = _rank_prefix() in ("", "rank 0: ")  # with several processes only rank 0 prints
+    if main_rank:
+        print("resolved config:\n" + dump_toml(cfg))
     summary = train(cfg)
+    if not main_rank:
+        return 0
     resume = f"fastmim pretrain --config {summary['config']} --train.resume=auto"
     if summary["stopped_by"]:  # pre-emption is not a failure: the last completed step is saved
         print(
@@ -142,6 +158,26 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
         f"on {summary['device']} at {summary['img_per_s']:.1f} img/s; final loss {loss}{skipped}\n"
         f"  checkpoint: {summary['checkpoint']}\n  metrics:    {summary['metrics']}\n"
         f"  loss plot:  {summary['plot']}\n  continue with: {resume} --train.steps=N"
+    )
+    return 0
+
+
+def _rank_prefix() -> str:
+    """The prefix "rank R: " in a process started by a distributed launcher (torchrun, deepspeed, srun), else ""."""
+    import os
+
+    return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+
+
+def cmd_consolidate(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastmim.train.distributed import consolidate
+
+    s = consolidate(args.src, _fresh_output(args.out))
+    print(
+        f"consolidated the ZeRO-{s['zero_stage']} checkpoint of {s['world_size']} process(es) at step {s['step']} "
+        f"-> {s['out']}\n  fp32 weights, step, data position and config kept; AdamW moments restart.\n"
+        f"  continue it on any number of processes: fastmim pretrain --config CONFIG --train.dist=auto "
+        f"--train.zero_stage=0 --train.resume={s['out']}"
     )
     return 0
 
@@ -330,4 +366,5 @@ _COMMANDS = {
     "bench": cmd_bench,
     "profile": cmd_profile,
     "data": cmd_data,
+    "consolidate": cmd_consolidate,
 }

@@ -128,10 +128,17 @@ class TrainConfig:
     """A checkpoint path to continue from, "auto" (newest intact checkpoint in out_dir, if any) or empty."""
     max_nonfinite: int = 20
     """Save and stop after this many consecutive steps with a non-finite loss or gradient (each one is skipped)."""
-    dist: str = "none"
-    """Distributed execution: "none" (later "ddp" or "deepspeed")."""
+    dist: str = "auto"
+    """Several processes (launched by torchrun, the deepspeed launcher or srun): "ddp", "deepspeed" (ZeRO, see
+    zero_stage), "none" (one process) or "auto" (ddp when WORLD_SIZE > 1, else none)."""
     zero_stage: int = 0
-    """DeepSpeed ZeRO stage (0-3); used only with train.dist = "deepspeed"."""
+    """DeepSpeed ZeRO stage: 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters); only with
+    train.dist = "deepspeed", which needs one of them."""
+    offload: str = "none"
+    """DeepSpeed ZeRO CPU offload: "none", "optimizer" (optimizer state and step on the CPU) or "all" (also the
+    parameters; ZeRO-3 only)."""
+    dist_timeout: int = 600
+    """Seconds any collective waits for the other processes before the run fails (a dead or stuck rank)."""
 
 
 @dataclass
@@ -153,7 +160,8 @@ _CHOICES = {
     ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),
     ("train", "compile"): ("auto", "on", "off"),
     ("train", "device"): ("auto", "cpu", "cuda"),
-    ("train", "dist"): ("none",),
+    ("train", "dist"): ("auto", "none", "ddp", "deepspeed"),
+    ("train", "offload"): ("none", "optimizer", "all"),
 }
 
 
@@ -337,6 +345,11 @@ def validate(cfg: Config) -> None:
         (0 <= t.seed < 2**63, "train.seed must be in [0, 2**63)"),
         (0 <= t.zero_stage <= 3, "train.zero_stage must be 0, 1, 2 or 3"),
         (t.zero_stage == 0 or t.dist == "deepspeed", "train.zero_stage needs train.dist = 'deepspeed'"),
+        (t.zero_stage > 0 or t.dist != "deepspeed", "train.dist = 'deepspeed' needs train.zero_stage 1, 2 or 3"),
+        (t.offload == "none" or t.dist == "deepspeed", "train.offload needs train.dist = 'deepspeed'"),
+        (t.offload != "all" or t.zero_stage == 3, "train.offload = 'all' (parameters too) needs train.zero_stage=3"),
+        (t.dist != "deepspeed" or t.precision != "fp16", "train.dist = 'deepspeed' needs train.precision=bf16 or fp32"),
+        (t.dist_timeout > 0, "train.dist_timeout must be positive (seconds), e.g. 600"),
         (bool(t.out_dir), "train.out_dir must not be empty"),
     ]
     for ok, message in checks:

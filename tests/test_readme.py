@@ -19,10 +19,11 @@ def test_two_setup_commands_present_and_used_by_ci():
     assert "pip install . && fastmim pretrain\n" in README
     marker = README.index("<!-- test-command")
     test_cmd = next(line for line in README[marker:].splitlines() if line.startswith(("apt-get ", "pip ")))
-    # The ffcv extra compiles against system libraries: the command installs those first, so CI runs the FFCV tests.
+    # The ffcv extra compiles against system libraries: the command installs those first, so CI runs the FFCV tests;
+    # the deepspeed extra (no pre-built ops) makes the ZeRO tests run.
     assert test_cmd == (
         "apt-get update && apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
-        'pip install -e ".[dev,ffcv]" && python -m pytest -q'
+        'DS_BUILD_OPS=0 pip install -e ".[dev,ffcv,deepspeed]" && python -m pytest -q'
     )
     assert "/^(apt-get|pip) /" in ci
     assert "<!-- test-command" in ci and "fastmim pretrain" in ci

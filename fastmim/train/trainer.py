@@ -33,6 +33,7 @@ from fastmim.data import MIMLoader, build_loader
 from fastmim.data.loader import mix_seed
 from fastmim.errors import FastmimError
 from fastmim.models import model_from_config
+from fastmim.train import distributed as D
 from fastmim.train.checkpoint import (
     FORMAT,
     VERSION,
@@ -81,6 +82,8 @@ class Run:
     resumed_from: Path | None = None
     skipped_before: int = 0  # steps skipped for non-finite values before this process resumed the run
     config_path: Path | None = None  # the config file that reproduces this run (for the resume command)
+    dist: D.Dist = field(default_factory=D.Dist)  # this process's rank and world (fastmim.train.distributed)
+    forward: Any = None  # what runs the forward: the model, or its DDP / DeepSpeed wrapper
 
 
 def resolve_device(name: str) -> torch.device:
@@ -115,21 +118,24 @@ def build_run(cfg: Config) -> Run:
     out_dir = Path(t.out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FastmimError(f"train.out_dir {out_dir} is not a directory; choose a directory for the run.")
-    resume = _resume_target(cfg, out_dir)
-    device = resolve_device(t.device)
+    dist, device = D.init_distributed(t, resolve_device(t.device))
+    resume = _resume_target_everywhere(cfg, out_dir, dist)
     torch.manual_seed(t.seed)
     model = model_from_config(cfg.model).to(device)
-    loader = build_loader(cfg.data, cfg.model.img_size or 224, t.batch_size, t.seed)
+    loader = build_loader(cfg.data, cfg.model.img_size or 224, t.batch_size, t.seed, dist.rank, dist.world)
     micro_per_epoch = loader.steps_per_epoch
     steps_per_epoch = max(1, micro_per_epoch // t.accum_steps)
     total = t.steps if t.steps > 0 else t.epochs * steps_per_epoch
     warmup = t.warmup_steps if t.warmup_steps >= 0 else round(t.warmup_epochs * steps_per_epoch)
-    peak = t.lr if t.lr > 0 else t.blr * t.batch_size * t.accum_steps / 256
+    peak = t.lr if t.lr > 0 else t.blr * t.batch_size * t.accum_steps * dist.world / 256  # global batch
     # fused AdamW on CUDA: one kernel per update, and its found_inf path skips non-finite steps without a host sync
-    optimizer = build_optimizer(model, peak, t.weight_decay, (t.beta1, t.beta2), fused=device.type == "cuda")
+    fused = device.type == "cuda" and t.offload == "none"
+    optimizer = build_optimizer(model, peak, t.weight_decay, (t.beta1, t.beta2), fused=fused)
     dtype = amp_dtype(t.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    run = Run(cfg, device, model, optimizer, scaler, loader, out_dir, total, warmup, peak, dtype)
+    forward, optimizer = D.apply_distributed(dist, model, optimizer, t)
+    run = Run(cfg, device, model, optimizer, scaler, loader, out_dir, total, warmup, peak, dtype, dist=dist)
+    run.forward = forward
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -138,8 +144,25 @@ def build_run(cfg: Config) -> Run:
         ) from None
     if resume is not None:
         _restore(run, *resume)
-    run.config_path = _save_config(run)
+    run.config_path = _save_config(run) if dist.main else None
     return run
+
+
+def _resume_target_everywhere(cfg: Config, out_dir: Path, dist: D.Dist) -> tuple[Path, dict[str, Any]] | None:
+    """:func:`_resume_target` on rank 0 (which alone cleans up and moves corrupt files aside), its choice loaded on
+    every other rank; a refusal there is raised on every rank."""
+    found: list = []
+
+    def choose() -> Path | None:
+        if cfg.train.resume == "auto" and out_dir.is_dir():
+            D.remove_stale_shards(out_dir)
+        found.append(_resume_target(cfg, out_dir))
+        return found[0][0] if found[0] else None
+
+    path = D.on_main(dist, choose)
+    if path is None:
+        return None
+    return found[0] if found else (path, load_checkpoint(path))
 
 
 def _resume_target(cfg: Config, out_dir: Path) -> tuple[Path, dict[str, Any]] | None:
@@ -186,9 +209,12 @@ def _restore(run: Run, path: Path, ckpt: dict[str, Any]) -> None:
             f"checkpoint {path} stopped at batch {data['batch']} of an epoch, but this data has "
             f"{run.loader.steps_per_epoch} batches per epoch; resume with the data and batch size it was trained with."
         )
+    D.check_resumable(run.dist, path, ckpt)
+    D.warn_if_global_batch_changed(run.dist, path, ckpt, saved.train, run.cfg.train)
     try:
-        run.model.load_state_dict(ckpt["model"])
-        run.optimizer.load_state_dict(ckpt["optimizer"])
+        if not D.load_shards(run.dist, path, ckpt):  # ZeRO: the module and optimizer come from the shards
+            run.model.load_state_dict(ckpt["model"])
+            run.optimizer.load_state_dict(ckpt["optimizer"])
         run.scaler.load_state_dict(ckpt["scaler"])
         set_rng_state(ckpt["rng"])
     except (RuntimeError, ValueError, KeyError, TypeError) as e:
@@ -223,24 +249,34 @@ def atomic_save_text(text: str, path: Path) -> None:
 
 
 def save_checkpoint(run: Run, stats: StepStats | None = None) -> Path:
-    """Write the run's checkpoint for the current step (and its record), then rotate per train.keep_last."""
+    """Write the run's checkpoint for the current step (and its record), then rotate per train.keep_last.
+    Every rank calls this; rank 0 writes (under ZeRO every rank first writes its shards, see
+    fastmim.train.distributed) and a failure there is raised on every rank."""
+    path = checkpoint_path(run.out_dir, run.pos.step)
+    zero = D.save_shards(run.dist, path)
     state = {
         "format": FORMAT,
         "version": VERSION,
         "model_name": run.cfg.model.name,
-        "model": run.model.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
+        "model": D.model_state(run.dist, run.model),
+        "optimizer": zero or run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(),
         "step": run.pos.step,
         "data": {"epoch": run.pos.epoch, "batch": run.pos.batch},
         "rng": rng_state(),
         "config": dump_toml(run.cfg),
         "skipped_steps": stats.total_skipped() if stats else run.skipped_before,
+        "world_size": run.dist.world,
     }
-    loss = stats.take_mean_loss() if stats else None
-    path = write_checkpoint(state, checkpoint_path(run.out_dir, run.pos.step), loss)
-    prune(run.out_dir, run.cfg.train.keep_last, run.pos.step)
-    return path
+    loss = stats.take_mean_loss() if stats else None  # rank 0's batches: the record's loss picks the best
+
+    def write() -> Path:
+        written = write_checkpoint(state, path, loss)
+        if prune(run.out_dir, run.cfg.train.keep_last, run.pos.step) and zero:
+            D.remove_stale_shards(run.out_dir)
+        return written
+
+    return D.on_main(run.dist, write)
 
 
 def _batches(run: Run):
@@ -258,23 +294,33 @@ def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     Returns device tensors, without synchronising (except as ``apply_update`` explains): the loss, the per-scale
     losses [K], and a bool that is True when the update was applied (False: the loss or a gradient was non-finite
     and the step was skipped)."""
-    t, model = run.cfg.train, run.model
+    t, model, dist = run.cfg.train, run.model, run.dist
+    forward = run.forward or model  # the DDP / DeepSpeed wrapper when there is one
     lr = lr_at(run.pos.step, run.total_steps, run.warmup_steps, run.peak_lr, t.min_lr)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     loss_sum = losses_sum = None
     for micro in range(t.accum_steps):
         images = next(batches)
-        noise = mask_noise(t.seed, run.pos.step, micro, images.shape[0], model.num_patches).to(run.device)
+        # Noise for the global batch, this rank's rows: W ranks x batch b mask as one process x batch W * b.
+        noise = mask_noise(t.seed, run.pos.step, micro, images.shape[0] * dist.world, model.num_patches)
+        noise = noise[dist.rank :: dist.world].to(run.device)
         autocast = torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None)
-        with autocast:
-            out = model(images, noise)
-        run.scaler.scale(out.loss / t.accum_steps).backward()
+        with D.accumulating(dist, forward, micro == t.accum_steps - 1):
+            with autocast:
+                out = forward(images, noise)
+            if dist.engine is not None:
+                D.deepspeed_backward(dist, out.loss)
+            else:
+                run.scaler.scale(out.loss / t.accum_steps).backward()
         detached = torch.stack([x.detach().float() for x in out.losses])
         loss_sum = out.loss.detach() if loss_sum is None else loss_sum + out.loss.detach()
         losses_sum = detached if losses_sum is None else losses_sum + detached
     loss = loss_sum / t.accum_steps
-    applied = apply_update(run, torch.isfinite(loss))
+    if dist.engine is not None:  # DeepSpeed's ZeRO optimizer skipped the step itself if the gradient was non-finite
+        applied = torch.tensor(dist.engine.was_step_applied(), device=run.device)
+    else:
+        applied = apply_update(run, D.all_finite(dist, torch.isfinite(loss)))
     run.pos.step += 1
     return loss, losses_sum / t.accum_steps, applied
 
@@ -362,23 +408,27 @@ def train(cfg: Config) -> dict[str, Any]:
     """Pre-train per cfg; returns a summary (steps, img/s, final loss, paths, and why it stopped early, if it did)."""
     run, t = build_run(cfg), cfg.train
     # On resume (also "auto" that found no checkpoint yet) logged rows past the restart step are recomputed.
-    log = MetricsLog(run.out_dir, run.pos.step if t.resume else None)
+    log = MetricsLog(run.out_dir, run.pos.step if t.resume else None) if run.dist.main else D.NullLog(run.out_dir)
     stats = StepStats(scale_names(run.model), run.device, run.skipped_before)
-    progress = Progress(run.total_steps, run.pos.step, t.batch_size * t.accum_steps)
+    progress = (Progress if run.dist.main else D.RankProgress)(
+        run.total_steps, run.pos.step, t.batch_size * t.accum_steps * run.dist.world
+    )
     batches, first_step, start = _batches(run), run.pos.step, time.perf_counter()
     saved = (run.pos.step, run.resumed_from) if run.resumed_from else (-1, None)
-    row, streak = None, 0
-    with StopSignals() as stop, contextlib.closing(log), progress:
-        while run.pos.step < run.total_steps and stop.name is None and streak < t.max_nonfinite:
+    row, streak, stopping = None, 0, None
+    with StopSignals() as stop, contextlib.closing(log), progress, run.dist:
+        while run.pos.step < run.total_steps and stopping is None and streak < t.max_nonfinite:
             loss, losses, applied = train_step(run, batches)
             stats.update(loss, losses, applied)
             progress.step()
-            if run.pos.step % t.log_every == 0 or run.pos.step == run.total_steps:
-                row, streak = _log_step(run, log, stats, progress, loss, losses)
+            log_step = run.pos.step % t.log_every == 0 or run.pos.step == run.total_steps
+            if log_step:  # the logged loss is the global batch's (an all-reduce with several processes)
+                row, streak = _log_step(run, log, stats, progress, *D.global_mean(run.dist, loss, losses))
+            stopping = D.agree_stop(run.dist, stop.name, log_step)  # every rank stops (and saves) the same step
             if t.save_every and run.pos.step % t.save_every == 0:
                 saved = (run.pos.step, save_checkpoint(run, stats))
-        if stop.name is not None:
-            print(f"fastmim: {stop.name} received: saving step {run.pos.step} and stopping.", flush=True)
+        if stopping is not None and run.dist.main:
+            print(f"fastmim: {stopping} received: saving step {run.pos.step} and stopping.", flush=True)
         if saved[0] != run.pos.step:
             saved = (run.pos.step, save_checkpoint(run, stats))
     if streak >= t.max_nonfinite:
@@ -388,20 +438,20 @@ def train(cfg: Config) -> dict[str, Any]:
             f"({where}; all skipped, none trained on); saved {saved[1]}: lower train.blr or use "
             "train.precision=fp32, then continue with --train.resume=auto."
         )
-    stopped_by = stop.name if run.pos.step < run.total_steps else None
+    stopped_by = stopping if run.pos.step < run.total_steps else None
     return _summary(run, log, stats, saved[1], row, stopped_by, first_step, time.perf_counter() - start)
 
 
 def _summary(run, log, stats, ckpt, row, stopped_by, first_step, elapsed) -> dict[str, Any]:
     steps_done = run.pos.step - first_step
-    plot = plot_losses(log.path, run.out_dir / "loss.png", scale_names(run.model))
+    plot = plot_losses(log.path, run.out_dir / "loss.png", scale_names(run.model)) if run.dist.main else None
     best = best_checkpoint(run.out_dir)
     return {
         "model": run.cfg.model.name,
         "steps": run.pos.step,
         "total_steps": run.total_steps,
         "steps_this_run": steps_done,
-        "img_per_s": run.cfg.train.batch_size * run.cfg.train.accum_steps * steps_done / elapsed if steps_done else 0.0,
+        "img_per_s": _images_per_step(run) * steps_done / elapsed if steps_done else 0.0,
         "final_loss": row["loss"] if row else None,
         "skipped_steps": stats.total_skipped(),
         "stopped_by": stopped_by,
@@ -413,3 +463,8 @@ def _summary(run, log, stats, ckpt, row, stopped_by, first_step, elapsed) -> dic
         "plot": str(plot) if plot else None,
         "out_dir": str(run.out_dir),
     }
+
+
+def _images_per_step(run: Run) -> int:
+    """Images per optimizer step, over all processes."""
+    return run.cfg.train.batch_size * run.cfg.train.accum_steps * run.dist.world

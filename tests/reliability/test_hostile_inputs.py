@@ -56,6 +56,8 @@ INVALID = {
     "train.max_nonfinite": ("0", "train.max_nonfinite"),
     "train.dist": ("mpi", "train.dist"),
     "train.zero_stage": ("2", "train.zero_stage needs train.dist = 'deepspeed'"),  # a combination
+    "train.offload": ("optimizer", "train.offload needs train.dist = 'deepspeed'"),  # a combination
+    "train.dist_timeout": ("0", "train.dist_timeout"),
 }
 CONTEXT = {"data.path": ["--data.source=folder"], "train.epochs": ["--train.steps=0"], "train.blr": ["--train.lr=0"]}
 KEYS = [f"{s}.{k}" for s, values in to_dict(Config()).items() for k in values]

@@ -1,0 +1,445 @@
+"""Several processes, one run: torchrun / DeepSpeed-launcher DDP and DeepSpeed ZeRO 1 / 2 / 3, applied from outside
+the model (STYLE 1: only fastmim.train knows about distributed execution).
+
+Processes. A launcher (``torchrun``, ``deepspeed``, ``srun`` + ``torchrun``) starts one process per device and sets
+``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``; :func:`init_distributed` reads them.
+``train.dist = "auto"`` is DDP when ``WORLD_SIZE > 1``, one plain process otherwise. Backend: NCCL on CUDA (one
+device per process, ``cuda:LOCAL_RANK``), gloo on CPU. Every collective waits at most ``train.dist_timeout``
+seconds, so a rank that dies or stalls ends the run instead of hanging the others forever (torchrun's agent also
+stops every process of the job as soon as one exits non-zero).
+
+Batch. ``train.batch_size`` is per process: the global batch is batch_size * accum_steps * world_size and the peak
+lr is blr * global batch / 256 (MAE / LocalMIM). Rank ``r`` reads the samples at positions r, r + W, r + 2W, ... of
+each global batch (fastmim.data.loader) and the masking noise is drawn for the whole global batch, rows
+[r::W] going to rank r (``train_step``): W processes with batch b see exactly the images and masks of one
+process with batch W * b, so their loss trajectories agree up to float summation order.
+
+DDP: gradients are all-reduced once per optimizer step (``no_sync`` on all but the last micro-batch); every
+parameter that requires a gradient gets one each step, so ``find_unused_parameters`` stays off. The skip decision
+for a non-finite step is taken on the all-reduced gradients and an all-reduced loss flag, so all ranks agree.
+
+DeepSpeed (``train.dist = "deepspeed"``, ``train.zero_stage`` 1-3, ``train.offload``): :func:`deepspeed_config`
+maps fastmim's config onto DeepSpeed's (micro-batch, accumulation, clipping, ZeRO stage, offload); the optimizer is
+fastmim's own AdamW (same groups, betas, weight decay) and fastmim still sets its lr every step. Parameters stay
+fp32 and bf16 runs under fastmim's autocast, as without DeepSpeed; fp16 is refused (DeepSpeed would convert the
+model to fp16 with its own loss scaler). A step with a non-finite gradient norm is skipped by DeepSpeed's ZeRO
+optimizer (parameters and moments unchanged); fastmim reads that back through ``was_step_applied``.
+
+Checkpoints. DDP: rank 0 writes the usual single-file checkpoint (the unwrapped model's state dict; the optimizer
+state is full on every rank), so it resumes on any number of processes. ZeRO: every rank writes its shards into a
+hidden directory that rank 0 renames to ``checkpoint-<step>.zero/`` once all are done; then rank 0 writes
+``checkpoint-<step>.pt`` as usual (atomic, verified), holding the full model weights and, in place of the optimizer
+state, a pointer ``{"zero": {"dir", "world_size", "zero_stage"}}``. A ZeRO checkpoint resumes under DeepSpeed with
+the same world size and stage; anything else is refused with the way out: ``fastmim consolidate`` writes a plain
+checkpoint (fp32 weights from the shards, the position; AdamW moments restart) that resumes anywhere.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import shutil
+import socket
+import warnings
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastmim.errors import FastmimError
+from fastmim.train.metrics import Progress, warn
+
+MODES = ("auto", "none", "ddp", "deepspeed")
+OFFLOAD = ("none", "optimizer", "all")
+
+
+@dataclass
+class Dist:
+    """This process's place in the run. ``engine`` is the DeepSpeed engine under ``mode == "deepspeed"``."""
+
+    mode: str = "none"
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    zero_stage: int = 0
+    engine: Any = None
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def __enter__(self) -> Dist:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        """Tear down in the order DeepSpeed needs (engine first, or ZeRO-3 can abort at exit), then the group."""
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+        if self.mode != "none" and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+_PEER_LOST = ("connection closed by peer", "connection reset by peer", "timed out", "timeout", "nccl", "gloo")
+
+
+def lost_peer(error: BaseException) -> str | None:
+    """One line for a collective that failed because another process died or stalled (gloo / NCCL errors),
+    or None for any other error (which then keeps its traceback: it is this rank's own failure)."""
+    text = str(error).strip()
+    if not isinstance(error, dist.DistError) and not any(k in text.lower() for k in _PEER_LOST):
+        return None
+    first = text.splitlines()[0][:160] if text else type(error).__name__
+    return (
+        f"lost contact with another process ({first}); that process's own error, above in the log (torchrun "
+        "names it the root cause), is the one to fix."
+    )
+
+
+def resolve_mode(setting: str, world: int) -> str:
+    """train.dist with "auto" resolved: DDP when the launcher started several processes, else a plain process."""
+    if setting == "auto":
+        return "ddp" if world > 1 else "none"
+    if setting == "none" and world > 1:
+        raise FastmimError(
+            f"train.dist = 'none' but the launcher started {world} processes (WORLD_SIZE); use train.dist=auto, "
+            "ddp or deepspeed, or launch one process."
+        )
+    return setting
+
+
+def init_distributed(t, device: torch.device) -> tuple[Dist, torch.device]:
+    """Join the process group the launcher set up (see the module docstring); returns this process's Dist and its
+    device (``cuda:LOCAL_RANK`` on CUDA). A single process with train.dist ddp / deepspeed forms a group of one."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    mode = resolve_mode(t.dist, world)
+    if mode == "none":
+        return Dist(), device
+    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    if world == 1:  # no launcher: a group of one needs an address of its own
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    if device.type == "cuda":
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    timeout = timedelta(seconds=t.dist_timeout)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world)
+    if mode == "deepspeed":
+        deepspeed = _import_deepspeed(device)
+        if device.type == "cpu":
+            # DeepSpeed's shared-memory all-reduce serves CPU inference only, and compiles a C++ extension at first
+            # use (minutes on 2 cores); training all-reduces through torch.distributed.
+            importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        # DeepSpeed calls torch.distributed's deprecated collective names every step: keep the log readable.
+        warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), timeout=timeout, verbose=False)
+    return Dist(mode, rank, world, local, t.zero_stage if mode == "deepspeed" else 0), device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _import_deepspeed(device: torch.device):
+    """DeepSpeed, told which accelerator to use before its first import (it probes for CUDA otherwise)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
+    try:
+        import deepspeed
+    except ImportError:
+        raise FastmimError(
+            "train.dist = 'deepspeed' needs DeepSpeed: `DS_BUILD_OPS=0 pip install \"fastmim[deepspeed]\"`."
+        ) from None
+    return deepspeed
+
+
+def on_main(d: Dist, fn):
+    """Run ``fn`` on rank 0 only and hand its result (picklable, small) to every rank; a FastmimError raised there
+    is raised on every rank with the same message, so a refusal is one clear error, not a hang."""
+    if d.world == 1:
+        return fn()
+    box: list[Any] = [None]
+    if d.main:
+        try:
+            box[0] = ("ok", fn())
+        except FastmimError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    status, value = box[0]
+    if status == "error":
+        raise FastmimError(value) if d.main else ReportedByRank0(value)
+    return value
+
+
+class ReportedByRank0(FastmimError):
+    """An error that rank 0 raised and reports; the other ranks stop with it quietly (one message per run)."""
+
+    reported_by_rank0 = True
+
+
+def apply_distributed(d: Dist, model: nn.Module, optimizer: torch.optim.Optimizer, t) -> tuple[Any, Any]:
+    """Wrap for data parallelism; returns (the callable that runs the forward, the optimizer whose groups'
+    lr the trainer sets). Unwrapped model and optimizer for a single process."""
+    if d.mode == "none":
+        return model, optimizer
+    dist.barrier()  # every rank has read the run directory before rank 0 starts writing into it
+    if d.mode == "ddp":
+        device_ids = [d.local_rank] if next(model.parameters()).is_cuda else None
+        # Every trainable parameter gets a gradient every step: no unused-parameter search (an extra graph walk).
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+        return ddp, optimizer
+    deepspeed = _import_deepspeed(next(model.parameters()).device)
+    config = deepspeed_config(t, d.world)
+    engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
+    d.engine = engine
+    return engine, ds_optimizer
+
+
+def deepspeed_config(t, world: int) -> dict[str, Any]:
+    """fastmim's train section as a DeepSpeed config. Not mapped: the lr schedule (fastmim sets the lr of every
+    group each step) and precision (fp32 parameters; bf16 comes from fastmim's autocast)."""
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.offload in ("optimizer", "all"):
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if t.offload == "all":
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.accum_steps,
+        "train_batch_size": t.batch_size * t.accum_steps * world,
+        "gradient_clipping": t.clip_grad,
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # torch's AdamW: the same update as without DeepSpeed
+        "zero_force_ds_cpu_optimizer": False,  # also with offload (DeepSpeedCPUAdam would need a compiled op)
+        "steps_per_print": 1 << 62,  # fastmim logs; DeepSpeed stays quiet
+    }
+
+
+def accumulating(d: Dist, forward, last_micro: bool):
+    """DDP: skip the gradient all-reduce on every micro-batch but the last (forward and backward inside)."""
+    if d.mode == "ddp" and not last_micro:
+        return forward.no_sync()
+    return contextlib.nullcontext()
+
+
+def deepspeed_backward(d: Dist, loss: torch.Tensor) -> None:
+    """One micro-batch under DeepSpeed: backward (it divides by accum_steps itself), then ``step``, which updates
+    only at the accumulation boundary (DeepSpeed counts micro-batches)."""
+    d.engine.backward(loss)
+    d.engine.step()
+
+
+def all_finite(d: Dist, finite: torch.Tensor) -> torch.Tensor:
+    """The loss-is-finite flag agreed over ranks (a device-side all-reduce, no host sync), so every rank takes the
+    same skip decision."""
+    if d.world == 1:
+        return finite
+    flag = finite.to(torch.int32)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.bool()
+
+
+def global_mean(d: Dist, *values: torch.Tensor) -> list[torch.Tensor]:
+    """Means over ranks of equal-weight per-rank values (log steps only: the logged loss is the global batch's)."""
+    if d.world == 1:
+        return list(values)
+    flat = torch.cat([v.detach().float().reshape(-1) for v in values])
+    dist.all_reduce(flat)  # SUM: gloo has no AVG
+    flat /= d.world
+    sizes = [v.numel() for v in values]
+    return [x.reshape(v.shape) for x, v in zip(flat.split(sizes), values)]
+
+
+def agree_stop(d: Dist, name: str | None, log_step: bool) -> str | None:
+    """The stop request, agreed over ranks so that all save the same step: one process stops after any step;
+    several compare their flags at log steps only (an all-reduce of one number), the rank that got no signal
+    reporting the others'."""
+    if d.world == 1:
+        return name
+    if not log_step:
+        return None
+    flag = torch.tensor([0 if name is None else 1], device=_comm_device(d))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return (name or "a signal to another rank") if int(flag) else None
+
+
+def _comm_device(d: Dist) -> torch.device:
+    return torch.device("cuda", d.local_rank) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+class RankProgress(Progress):
+    """Progress of a rank other than 0: measures nothing, shows nothing (rank 0 speaks for the run)."""
+
+    def __init__(self, total: int, start: int, images_per_step: int) -> None:
+        from tqdm import tqdm
+
+        super().__init__(total, start, images_per_step)
+        self.bar.close()
+        self.interactive, self.bar = False, tqdm(total=total, disable=True)
+
+    def show(self, row: dict[str, Any]) -> None:
+        pass
+
+
+class NullLog:
+    """The metrics log of a rank other than 0."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.path = out_dir / "metrics.jsonl"
+
+    def write(self, row: dict[str, Any]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# --- checkpoints ----------------------------------------------------------------------------------------------
+
+
+def warn_if_global_batch_changed(d: Dist, path: Path, ckpt: dict[str, Any], saved_t, t) -> None:
+    """The data position is a batch index per process: it names the same images only when batch_size x world
+    size is unchanged (e.g. 2 processes x 32 resumed as 1 x 64); otherwise say what that means."""
+    before, now = saved_t.batch_size * ckpt.get("world_size", 1), t.batch_size * d.world
+    if before != now:
+        warn(
+            f"checkpoint {path} read {before} images per micro-step over all processes, this run reads {now}: the "
+            f"rest of the epoch differs from an uninterrupted run's, and the lr follows the new global batch; keep "
+            f"train.batch_size x processes = {before} to continue exactly."
+        )
+
+
+def zero_dir(path: Path) -> Path:
+    """The ZeRO shard directory beside fastmim checkpoint ``path``: checkpoint-0000100.zero/."""
+    return path.with_suffix(".zero")
+
+
+def model_state(d: Dist, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full model state dict (every rank calls this: under ZeRO-3 it gathers the partitioned parameters)."""
+    if d.engine is None or d.zero_stage < 3:
+        return model.state_dict()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def save_shards(d: Dist, path: Path) -> dict[str, Any] | None:
+    """ZeRO: every rank writes its shards of checkpoint ``path`` into a hidden directory, which rank 0 renames to
+    :func:`zero_dir` once all are written (a crash before leaves only the hidden directory, removed on resume).
+    Returns the pointer that takes the optimizer state's place in the fastmim checkpoint; None without ZeRO."""
+    if d.engine is None:
+        return None
+    staging = path.parent / f".{zero_dir(path).name}.tmp"  # DeepSpeed also drops its recovery scripts here
+    on_main(d, lambda: shutil.rmtree(staging, ignore_errors=True))
+    d.engine.save_checkpoint(str(staging), tag="shards", save_latest=False)
+    dist.barrier()
+
+    def publish() -> None:
+        final = zero_dir(path)
+        if final.exists():  # the same step saved again after a resume from an earlier checkpoint
+            shutil.rmtree(final)
+        os.replace(staging / "shards", final)
+        shutil.rmtree(staging)
+
+    on_main(d, publish)
+    return {"zero": {"dir": zero_dir(path).name, "world_size": d.world, "zero_stage": d.zero_stage}}
+
+
+def zero_pointer(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """The ZeRO pointer of a loaded fastmim checkpoint, or None for a plain checkpoint."""
+    zero = ckpt["optimizer"].get("zero")
+    return zero if isinstance(zero, dict) else None
+
+
+def check_resumable(d: Dist, path: Path, ckpt: dict[str, Any]) -> None:
+    """Refuse, by name, a checkpoint this run cannot continue: a ZeRO checkpoint under another world size, stage
+    or without DeepSpeed, and a plain checkpoint under DeepSpeed (ZeRO's optimizer partitions cannot be filled
+    from a full AdamW state)."""
+    zero = zero_pointer(ckpt)
+    if zero is None:
+        if d.mode == "deepspeed":
+            raise FastmimError(
+                f"checkpoint {path} was written without DeepSpeed; resume it with train.dist=ddp (any number of "
+                "processes), or start the DeepSpeed run afresh."
+            )
+        return
+    if d.mode != "deepspeed" or zero["world_size"] != d.world or zero["zero_stage"] != d.zero_stage:
+        here = f"ZeRO-{d.zero_stage} on {d.world}" if d.mode == "deepspeed" else f"train.dist={d.mode} on {d.world}"
+        raise FastmimError(
+            f"checkpoint {path} holds ZeRO-{zero['zero_stage']} shards of {zero['world_size']} process(es), "
+            f"which cannot continue as {here} process(es); resume with train.dist=deepspeed, "
+            f"train.zero_stage={zero['zero_stage']} on {zero['world_size']} process(es), or run `fastmim consolidate "
+            f"{path} --out FILE.pt` and resume from FILE.pt (weights and position kept, AdamW moments restart)."
+        )
+
+
+def load_shards(d: Dist, path: Path, ckpt: dict[str, Any]) -> bool:
+    """ZeRO: load the module and optimizer shards of checkpoint ``path`` into the engine; False without ZeRO."""
+    zero = zero_pointer(ckpt)
+    if zero is None:
+        return False
+    shard_dir = path.parent / zero["dir"]
+    if not shard_dir.is_dir():
+        raise FastmimError(f"checkpoint {path} lacks its ZeRO shards {shard_dir}; restore the directory beside it.")
+    loaded, _ = d.engine.load_checkpoint(str(path.parent), tag=zero["dir"], load_lr_scheduler_states=False)
+    if loaded is None:
+        raise FastmimError(f"DeepSpeed could not read the ZeRO shards in {shard_dir}; resume from another checkpoint.")
+    return True
+
+
+def remove_stale_shards(out_dir: Path) -> list[Path]:
+    """Shard directories that no checkpoint refers to any more: interrupted saves (hidden ``*.zero.tmp``) and the
+    shards of checkpoints removed by rotation. Rank 0 calls this after rotating and before resuming."""
+    stale = [p for p in out_dir.glob(".checkpoint-*.zero.tmp") if p.is_dir()]
+    stale += [p for p in out_dir.glob("checkpoint-*.zero") if p.is_dir() and not p.with_suffix(".pt").exists()]
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
+def consolidate(src: str | Path, out: Path) -> dict[str, Any]:
+    """A plain fastmim checkpoint from a ZeRO one: the fp32 weights gathered from the shards (DeepSpeed's
+    ``zero_to_fp32``), the step, data position, config and RNG of ``src``, and a fresh AdamW state (the moments are
+    partitioned in a layout only DeepSpeed reads; they restart). Returns a summary."""
+    from fastmim.config import config_from_toml
+    from fastmim.models import model_from_config
+    from fastmim.train.checkpoint import load_checkpoint, write_checkpoint
+    from fastmim.train.optim import build_optimizer
+
+    src = Path(src)
+    ckpt = load_checkpoint(src)
+    zero = zero_pointer(ckpt)
+    if zero is None:
+        raise FastmimError(f"{src} is already a plain fastmim checkpoint; resume from it directly.")
+    shard_dir = src.parent / zero["dir"]
+    if not shard_dir.is_dir():
+        raise FastmimError(f"{src} lacks its ZeRO shards {shard_dir}; restore the directory beside it.")
+    _import_deepspeed(torch.device("cpu"))
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    weights = get_fp32_state_dict_from_zero_checkpoint(str(src.parent), tag=zero["dir"])
+    cfg = config_from_toml(ckpt["config"], f"checkpoint {src}")
+    model = model_from_config(cfg.model)
+    missing = set(model.state_dict()) - set(weights)
+    state = {**model.state_dict(), **weights} if missing <= _buffers(model) else None
+    if state is None:
+        raise FastmimError(f"the shards in {shard_dir} lack parameters {sorted(missing)[:3]}; they are damaged.")
+    model.load_state_dict(state)
+    t = cfg.train
+    optimizer = build_optimizer(model, t.lr or t.blr, t.weight_decay, (t.beta1, t.beta2))
+    plain = {**ckpt, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+    write_checkpoint(plain, out)
+    return {"step": ckpt["step"], "world_size": zero["world_size"], "zero_stage": zero["zero_stage"], "out": out}
+
+
+def _buffers(model: nn.Module) -> set[str]:
+    return {name for name, _ in model.named_buffers()}

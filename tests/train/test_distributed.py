@@ -1,0 +1,200 @@
+"""Several processes on CPU over gloo, through the real command line: torchrun DDP, DeepSpeed ZeRO 1 / 2 / 3, their
+checkpoints across world sizes, and a rank that fails.
+
+The reference for every multi-process run is one process with the global batch: 2 ranks x batch 4 read the same
+images and masks per step as 1 process x batch 8 (fastmim.train.distributed), so with a constant lr their losses
+and weights agree up to float summation order.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmim.config import load_config
+from fastmim.errors import FastmimError
+from fastmim.train.checkpoint import load_checkpoint
+from fastmim.train.distributed import consolidate, deepspeed_config, resolve_mode
+from fastmim.train.metrics import read_metrics
+from fastmim.train.trainer import train
+
+HERE = Path(__file__).parent
+FAST = [
+    "--model.img_size=32",
+    "--model.decoder_dim=32",
+    "--data.num_images=32",
+    "--train.precision=fp32",
+    "--train.device=cpu",
+    "--train.log_every=1",
+    "--train.lr=1e-3",
+    "--train.min_lr=1e-3",
+    "--train.warmup_steps=0",
+    "--train.dist_timeout=60",
+]
+TWO_RANKS = [*FAST, "--train.batch_size=4"]  # per process: global batch 8
+ONE_RANK = [*FAST, "--train.batch_size=8"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
+# Float summation order differs (two partial batches, a gradient all-reduce): a few ulps per step, grown by Adam.
+RTOL = 1e-4
+# Weights: Adam moves a parameter whose gradient is ~0 (the attention key bias: softmax ignores it) by up to lr per
+# step on float noise alone; 4 steps at lr 1e-3 can move anything by 4e-3, and the runs must agree to 5 % of that.
+WEIGHT_ATOL = 2e-4
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(*args: str, timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port())]
+    return subprocess.run([*cmd, *args], env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def _losses(out_dir: Path) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in read_metrics(out_dir / "metrics.jsonl")}
+
+
+def _close(a: dict[int, float], b: dict[int, float], steps) -> None:
+    for step in steps:
+        assert a[step] == pytest.approx(b[step], rel=RTOL), (step, a, b)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> Path:
+    """The reference: one process, batch 8, 4 steps."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    train(load_config(None, [*ONE_RANK, "--train.steps=4", f"--train.out_dir={out}"]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
+    """`torchrun --nproc_per_node 2 -m fastmim pretrain`: DDP (train.dist = auto), batch 4 per rank, 4 steps."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    result = _torchrun("-m", "fastmim", "pretrain", *TWO_RANKS, "--train.steps=4", "--train.save_every=2",
+                       f"--train.out_dir={out}")  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, result
+
+
+@pytest.fixture(scope="module")
+def zero(tmp_path_factory) -> tuple[Path, list[list[int]]]:
+    """ZeRO 1, 2, 3 on 2 processes (3 steps, saving at 2 and 3), then ZeRO-2 resumed from step 2 to step 4."""
+    root = tmp_path_factory.mktemp("zero")
+    base = ["pretrain", *TWO_RANKS, "--train.dist=deepspeed"]
+    jobs = [{"argv": [*base, f"--train.zero_stage={z}", "--train.steps=3", "--train.save_every=2",
+                      f"--train.out_dir={root / f'z{z}'}"], "world": 2} for z in (1, 2, 3)]  # fmt: skip
+    resume = f"--train.resume={root / 'z2' / 'checkpoint-0000002.pt'}"
+    jobs.append({"argv": [*base, "--train.zero_stage=2", "--train.steps=4", resume, f"--train.out_dir={root / 'z2r'}"],
+                 "world": 2})  # fmt: skip
+    (root / "jobs.json").write_text(json.dumps(jobs))
+    result = subprocess.run([sys.executable, str(HERE / "_launch.py"), str(root / "jobs.json")], env=ENV,
+                            capture_output=True, text=True, timeout=400)  # fmt: skip
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")]
+    assert lines, result.stderr[-4000:]
+    return root, json.loads(lines[0].removeprefix("RESULTS "))
+
+
+def test_ddp_trains_and_only_rank_0_reports(ddp):
+    out, result = ddp
+    assert result.stdout.count("resolved config:") == 1 and result.stdout.count("done: ") == 1
+    assert [row["step"] for row in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
+    assert "8.0 img" not in result.stdout  # (images per step are counted over both ranks; see the summary below)
+    ckpt = load_checkpoint(out / "checkpoint-0000004.pt")
+    assert ckpt["world_size"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
+    assert (out / "checkpoint-0000002.pt").exists() and (out / "loss.png").exists()
+
+
+def test_ddp_two_ranks_follow_one_process_with_twice_the_batch(ddp, one_process):
+    out, _ = ddp
+    _close(_losses(out), _losses(one_process), [1, 2, 3, 4])
+    a = load_checkpoint(out / "checkpoint-0000004.pt")["model"]
+    b = load_checkpoint(one_process / "checkpoint-0000004.pt")["model"]
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=WEIGHT_ATOL) for k in a)
+
+
+def test_ddp_checkpoint_of_two_ranks_resumes_on_one(ddp, one_process, tmp_path):
+    out, _ = ddp
+    resumed = train(load_config(None, [*ONE_RANK, "--train.steps=4", f"--train.resume={out / 'checkpoint-0000002.pt'}",
+                                       f"--train.out_dir={tmp_path / 'r'}"]))  # fmt: skip
+    assert resumed["steps_this_run"] == 2
+    _close(_losses(tmp_path / "r"), _losses(one_process), [3, 4])
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_zero_stage_trains_like_ddp(zero, ddp, stage):
+    root, codes = zero
+    assert codes[stage - 1] == [0, 0]
+    out = root / f"z{stage}"
+    _close(_losses(out), _losses(ddp[0]), [1, 2, 3])
+    ckpt = load_checkpoint(out / "checkpoint-0000003.pt")
+    assert ckpt["optimizer"]["zero"] == {"dir": "checkpoint-0000003.zero", "world_size": 2, "zero_stage": stage}
+    assert (out / "checkpoint-0000003.zero").is_dir() and not list(out.glob(".*.tmp"))
+    ref = load_checkpoint(ddp[0] / "checkpoint-0000002.pt")["model"]
+    mid = load_checkpoint(out / "checkpoint-0000002.pt")["model"]  # the full weights, gathered under ZeRO-3 too
+    assert all(torch.allclose(mid[k], ref[k], rtol=0, atol=WEIGHT_ATOL) for k in ref)
+
+
+def test_zero_resumes_on_the_same_world_size(zero, ddp):
+    root, codes = zero
+    assert codes[3] == [0, 0]
+    _close(_losses(root / "z2r"), _losses(ddp[0]), [3, 4])
+
+
+def test_zero_checkpoint_is_refused_elsewhere_and_consolidates(zero, tmp_path):
+    root, _ = zero
+    src = root / "z3" / "checkpoint-0000003.pt"
+    with pytest.raises(FastmimError, match=r"ZeRO-3 shards of 2 process.*fastmim consolidate"):
+        train(load_config(None, [*ONE_RANK, "--train.steps=4", f"--train.resume={src}", f"--train.out_dir={tmp_path}"]))
+    summary = consolidate(src, tmp_path / "plain.pt")
+    assert (summary["step"], summary["zero_stage"], summary["world_size"]) == (3, 3, 2)
+    plain, record = load_checkpoint(tmp_path / "plain.pt"), load_checkpoint(src)
+    assert all(torch.equal(plain["model"][k], record["model"][k]) for k in record["model"])
+    assert plain["optimizer"]["state"] == {} and plain["step"] == 3
+    resumed = train(load_config(None, [*ONE_RANK, "--train.steps=4", f"--train.resume={tmp_path / 'plain.pt'}",
+                                       f"--train.out_dir={tmp_path / 'r'}"]))  # fmt: skip
+    assert resumed["steps"] == 4 and resumed["steps_this_run"] == 1
+
+
+def test_a_failing_rank_ends_the_job(tmp_path):
+    """Rank 1 raises at its second step while rank 0 waits for it in an all-reduce: torchrun must end the job
+    with a non-zero status, rank 0 with one line that points at the other rank's error."""
+    start = time.monotonic()
+    result = _torchrun(str(HERE / "_failing_rank.py"), "pretrain", *TWO_RANKS, "--train.steps=3",
+                       f"--train.out_dir={tmp_path / 'run'}", timeout=180)  # fmt: skip
+    assert result.returncode != 0
+    assert time.monotonic() - start < 120
+    assert "injected failure on rank 1" in result.stderr
+    assert "fastmim: error: rank 0: lost contact with another process" in result.stderr
+
+
+def test_dist_modes_and_deepspeed_config():
+    assert resolve_mode("auto", 1) == "none" and resolve_mode("auto", 4) == "ddp"
+    with pytest.raises(FastmimError, match="launcher started 2 processes"):
+        resolve_mode("none", 2)
+    cfg = load_config(None, ["--train.dist=deepspeed", "--train.zero_stage=3", "--train.offload=all",
+                             "--train.batch_size=16", "--train.accum_steps=4", "--train.clip_grad=1.0"])  # fmt: skip
+    ds = deepspeed_config(cfg.train, world=8)
+    assert ds["train_batch_size"] == 16 * 4 * 8 and ds["gradient_accumulation_steps"] == 4
+    assert ds["gradient_clipping"] == 1.0 and ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    for bad, message in [
+        (["--train.dist=deepspeed"], "needs train.zero_stage 1, 2 or 3"),
+        (["--train.zero_stage=2"], "needs train.dist = 'deepspeed'"),
+        (["--train.offload=optimizer"], "train.offload needs"),
+        (["--train.dist=deepspeed", "--train.zero_stage=2", "--train.offload=all"], "needs train.zero_stage=3"),
+        (
+            ["--train.dist=deepspeed", "--train.zero_stage=1", "--train.precision=fp16"],
+            "needs train.precision=bf16 or fp32",
+        ),
+    ]:
+        with pytest.raises(FastmimError, match=message):
+            load_config(None, bad)
