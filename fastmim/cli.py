@@ -153,6 +153,8 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
         return 0
     loss = "n/a" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
     skipped = f" ({summary['skipped_steps']} non-finite steps skipped)" if summary["skipped_steps"] else ""
+    if summary.get("skipped_images"):
+        skipped += f" ({summary['skipped_images']} unreadable images replaced; see the warnings above)"
     print(
         f"done: {summary['model']} trained to step {summary['steps']} ({summary['steps_this_run']} steps this run) "
         f"on {summary['device']} at {summary['img_per_s']:.1f} img/s; final loss {loss}{skipped}\n"

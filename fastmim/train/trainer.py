@@ -31,6 +31,7 @@ import torch
 from fastmim.config import Config, config_from_toml, dump_toml
 from fastmim.data import MIMLoader, build_loader
 from fastmim.data.loader import mix_seed
+from fastmim.data.prefetch import DevicePrefetcher
 from fastmim.errors import FastmimError
 from fastmim.models import model_from_config
 from fastmim.train import distributed as D
@@ -51,6 +52,7 @@ from fastmim.train.checkpoint import (
 )
 from fastmim.train.metrics import MetricsLog, Progress, StepStats, peak_memory_gib, plot_losses, warn
 from fastmim.train.optim import build_optimizer, lr_at
+from fastmim.train.parallel import apply_compile, compile_wanted, timed_first_call
 
 SCALE_NAMES = ["s=4", "s=2", "s=1", "s=1/2"]
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
@@ -84,6 +86,8 @@ class Run:
     config_path: Path | None = None  # the config file that reproduces this run (for the resume command)
     dist: D.Dist = field(default_factory=D.Dist)  # this process's rank and world (fastmim.train.distributed)
     forward: Any = None  # what runs the forward: the model, or its DDP / DeepSpeed wrapper
+    compiled_blocks: int = 0  # transformer blocks compiled per train.compile (0: eager)
+    compile_s: float | None = None  # seconds of the first (compiling) step, when compiled
 
 
 def resolve_device(name: str) -> torch.device:
@@ -107,6 +111,15 @@ def mask_noise(seed: int, step: int, micro: int, batch: int, num_patches: int) -
     return torch.rand(batch, num_patches, generator=g)
 
 
+def noise_to_model(noise: torch.Tensor, model: torch.nn.Module, device: torch.device) -> torch.Tensor:
+    """The host-made noise where the model wants it: kept on the host for models that mask on the host (Swin's one
+    mask per batch), else copied to the device from pinned memory, asynchronously (a copy from pageable memory
+    would make the host wait for the device every step)."""
+    if getattr(model, "masks_on_host", False) or device.type != "cuda":
+        return noise
+    return noise.pin_memory().to(device, non_blocking=True)
+
+
 def scale_names(model: torch.nn.Module) -> list[str]:
     """Names of the model's per-scale losses, in ``out.losses`` order (SPEC's s = 4, 2, 1, 1/2 for LocalMIM)."""
     cells = model.target.cell_sizes
@@ -122,6 +135,7 @@ def build_run(cfg: Config) -> Run:
     resume = _resume_target_everywhere(cfg, out_dir, dist)
     torch.manual_seed(t.seed)
     model = model_from_config(cfg.model).to(device)
+    compiled = apply_compile(model) if compile_wanted(t.compile, device) else 0  # before any wrapper: same keys
     loader = build_loader(cfg.data, cfg.model.img_size or 224, t.batch_size, t.seed, dist.rank, dist.world)
     micro_per_epoch = loader.steps_per_epoch
     steps_per_epoch = max(1, micro_per_epoch // t.accum_steps)
@@ -136,6 +150,7 @@ def build_run(cfg: Config) -> Run:
     forward, optimizer = D.apply_distributed(dist, model, optimizer, t)
     run = Run(cfg, device, model, optimizer, scaler, loader, out_dir, total, warmup, peak, dtype, dist=dist)
     run.forward = forward
+    run.compiled_blocks = compiled
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -280,12 +295,11 @@ def save_checkpoint(run: Run, stats: StepStats | None = None) -> Path:
 
 
 def _batches(run: Run):
-    """Endless (images on device) stream from the saved position; advances run.pos.epoch / batch as it reads."""
-    while True:
-        for images, _ in run.loader.iterate(run.pos.epoch, run.pos.batch):
-            run.pos.batch += 1
-            yield images.to(run.device, non_blocking=True)
-        run.pos.epoch, run.pos.batch = run.pos.epoch + 1, 0
+    """Endless stream of normalised images on the device from the saved position, read one step ahead on CUDA
+    (fastmim.data.prefetch); advances run.pos.epoch / batch as batches are taken."""
+    stream = DevicePrefetcher(run.loader, run.device, run.pos.epoch, run.pos.batch)
+    for images, run.pos.epoch, run.pos.batch in stream:
+        yield images
 
 
 def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -304,7 +318,7 @@ def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         images = next(batches)
         # Noise for the global batch, this rank's rows: W ranks x batch b mask as one process x batch W * b.
         noise = mask_noise(t.seed, run.pos.step, micro, images.shape[0] * dist.world, model.num_patches)
-        noise = noise[dist.rank :: dist.world].to(run.device)
+        noise = noise_to_model(noise[dist.rank :: dist.world], model, run.device)
         autocast = torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None)
         with D.accumulating(dist, forward, micro == t.accum_steps - 1):
             with autocast:
@@ -418,7 +432,8 @@ def train(cfg: Config) -> dict[str, Any]:
     row, streak, stopping = None, 0, None
     with StopSignals() as stop, contextlib.closing(log), progress, run.dist:
         while run.pos.step < run.total_steps and stopping is None and streak < t.max_nonfinite:
-            loss, losses, applied = train_step(run, batches)
+            first = run.pos.step == first_step and run.compiled_blocks
+            loss, losses, applied = _compiling_step(run, batches) if first else train_step(run, batches)
             stats.update(loss, losses, applied)
             progress.step()
             log_step = run.pos.step % t.log_every == 0 or run.pos.step == run.total_steps
@@ -442,6 +457,19 @@ def train(cfg: Config) -> dict[str, Any]:
     return _summary(run, log, stats, saved[1], row, stopped_by, first_step, time.perf_counter() - start)
 
 
+def _compiling_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first step of a run with compiled blocks: compiles them (lazily, at their first call), timed and reported
+    (synchronised: this step is not one of the overlapped ones)."""
+    if run.dist.main:
+        print(
+            f"fastmim: compiling {run.compiled_blocks} transformer blocks (train.compile=off skips it) ...", flush=True
+        )
+    out, run.compile_s = timed_first_call(train_step, run, batches)
+    if run.dist.main:
+        print(f"fastmim: first step with compilation took {run.compile_s:.1f} s", flush=True)
+    return out
+
+
 def _summary(run, log, stats, ckpt, row, stopped_by, first_step, elapsed) -> dict[str, Any]:
     steps_done = run.pos.step - first_step
     plot = plot_losses(log.path, run.out_dir / "loss.png", scale_names(run.model)) if run.dist.main else None
@@ -454,6 +482,8 @@ def _summary(run, log, stats, ckpt, row, stopped_by, first_step, elapsed) -> dic
         "img_per_s": _images_per_step(run) * steps_done / elapsed if steps_done else 0.0,
         "final_loss": row["loss"] if row else None,
         "skipped_steps": stats.total_skipped(),
+        "skipped_images": run.loader.skipped,
+        "compile_s": run.compile_s,
         "stopped_by": stopped_by,
         "device": str(run.device),
         "checkpoint": str(ckpt),

@@ -108,3 +108,17 @@ def test_bad_resume_targets(tmp_path):
         train(_cfg(tmp_path, f"--train.resume={junk}", name="z"))
     with pytest.raises(FastmimError, match="does not exist"):
         train(_cfg(tmp_path, f"--train.resume={tmp_path / 'missing.pt'}", name="w"))
+
+
+def test_compiled_run_reports_compile_time_and_trains_like_eager(tmp_path, capsys):
+    """train.compile=on (inductor, also on the CPU): the first step's compile time is reported, and the losses
+    follow the eager run's (inductor fuses ops, so equal up to float rounding)."""
+    const = ["--train.steps=2", "--train.warmup_steps=0", "--train.lr=1e-3", "--data.num_images=16"]
+    eager = train(_cfg(tmp_path, *const, "--train.compile=off", name="eager"))
+    compiled = train(_cfg(tmp_path, *const, "--train.compile=on", name="compiled"))
+    assert eager["compile_s"] is None and compiled["compile_s"] > 0
+    assert "compiling 16 transformer blocks" in capsys.readouterr().out
+    a, b = _rows(tmp_path / "eager" / "metrics.jsonl"), _rows(tmp_path / "compiled" / "metrics.jsonl")
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["loss"] == pytest.approx(ra["loss"], rel=1e-4)
+        assert rb["losses"] == pytest.approx(ra["losses"], rel=1e-4)
