@@ -80,11 +80,12 @@ def assert_matches_ref(out, ref, img, cells, nbins, bias=None, mean=None, std=No
         ((2, 3, 32, 32), VIT, 9, False),
         ((1, 3, 32, 32), VIT, 18, True),
         ((1, 3, 32, 64), SWIN, 18, True),
+        ((2, 3, 64, 32), SWIN, 18, False),  # two equal 32 px scales pooled from the same sums (hog_bias=off)
         ((1, 3, 96, 64), VIT, 9, False),
         ((1, 3, 32, 48), (2, 4, 8, 16), 9, False),
         ((1, 3, 32, 32), (8, 4, 32, 16), 18, False),
     ],
-    ids=["vit", "vit-18-bias", "swin-18-bias", "96x64", "32x48-patch8", "unsorted-18"],
+    ids=["vit", "vit-18-bias", "swin-18-bias", "swin-18", "96x64", "32x48-patch8", "unsorted-18"],
 )
 def test_matches_reference_on_random_images(shape, cells, nbins, biased):
     img = images(*shape[:1], *shape[2:], seed=sum(shape))
