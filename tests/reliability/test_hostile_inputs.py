@@ -47,6 +47,7 @@ INVALID = {
     "train.clip_grad": ("-1", "train.clip_grad"),
     "train.precision": ("fp8", "train.precision"),
     "train.device": ("tpu", "train.device"),
+    "train.compile": ("yes", "train.compile"),
     "train.seed": ("-1", "train.seed"),
     "train.out_dir": ("", "train.out_dir"),
     "train.log_every": ("0", "train.log_every"),
