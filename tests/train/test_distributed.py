@@ -43,8 +43,9 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
 # Float summation order differs (two partial batches, a gradient all-reduce): a few ulps per step, grown by Adam.
 RTOL = 1e-4
 # Weights: Adam moves a parameter whose gradient is ~0 (the attention key bias: softmax ignores it) by up to lr per
-# step on float noise alone; 4 steps at lr 1e-3 can move anything by 4e-3, and the runs must agree to 5 % of that.
-WEIGHT_ATOL = 2e-4
+# step on float noise alone, so single entries may differ by ~1e-4; over all weights, the runs must differ by under
+# 1 % of how far two steps move them (measured: 0.03 % for DDP, 0.02 % for ZeRO-3, 0 for ZeRO 1 and 2).
+WEIGHT_RTOL = 0.01
 
 
 def _free_port() -> int:
@@ -67,11 +68,22 @@ def _close(a: dict[int, float], b: dict[int, float], steps) -> None:
         assert a[step] == pytest.approx(b[step], rel=RTOL), (step, a, b)
 
 
+def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return sum(float((a[k].double() - b[k].double()).square().sum()) for k in a if a[k].is_floating_point()) ** 0.5
+
+
+def _weights_agree(a: Path, b: Path, one_process: Path) -> None:
+    """Checkpoints a and b hold the same weights, up to WEIGHT_RTOL of the reference's movement over steps 3-4."""
+    step2, step4 = (load_checkpoint(one_process / f"checkpoint-000000{n}.pt")["model"] for n in (2, 4))
+    distance = _distance(load_checkpoint(a)["model"], load_checkpoint(b)["model"])
+    assert distance < WEIGHT_RTOL * _distance(step2, step4), distance
+
+
 @pytest.fixture(scope="module")
 def one_process(tmp_path_factory) -> Path:
     """The reference: one process, batch 8, 4 steps."""
     out = tmp_path_factory.mktemp("one") / "run"
-    train(load_config(None, [*ONE_RANK, "--train.steps=4", f"--train.out_dir={out}"]))
+    train(load_config(None, [*ONE_RANK, "--train.steps=4", "--train.save_every=2", f"--train.out_dir={out}"]))
     return out
 
 
@@ -116,9 +128,7 @@ def test_ddp_trains_and_only_rank_0_reports(ddp):
 def test_ddp_two_ranks_follow_one_process_with_twice_the_batch(ddp, one_process):
     out, _ = ddp
     _close(_losses(out), _losses(one_process), [1, 2, 3, 4])
-    a = load_checkpoint(out / "checkpoint-0000004.pt")["model"]
-    b = load_checkpoint(one_process / "checkpoint-0000004.pt")["model"]
-    assert all(torch.allclose(a[k], b[k], rtol=0, atol=WEIGHT_ATOL) for k in a)
+    _weights_agree(out / "checkpoint-0000004.pt", one_process / "checkpoint-0000004.pt", one_process)
 
 
 def test_ddp_checkpoint_of_two_ranks_resumes_on_one(ddp, one_process, tmp_path):
@@ -130,7 +140,7 @@ def test_ddp_checkpoint_of_two_ranks_resumes_on_one(ddp, one_process, tmp_path):
 
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
-def test_zero_stage_trains_like_ddp(zero, ddp, stage):
+def test_zero_stage_trains_like_ddp(zero, ddp, one_process, stage):
     root, codes = zero
     assert codes[stage - 1] == [0, 0]
     out = root / f"z{stage}"
@@ -138,9 +148,8 @@ def test_zero_stage_trains_like_ddp(zero, ddp, stage):
     ckpt = load_checkpoint(out / "checkpoint-0000003.pt")
     assert ckpt["optimizer"]["zero"] == {"dir": "checkpoint-0000003.zero", "world_size": 2, "zero_stage": stage}
     assert (out / "checkpoint-0000003.zero").is_dir() and not list(out.glob(".*.tmp"))
-    ref = load_checkpoint(ddp[0] / "checkpoint-0000002.pt")["model"]
-    mid = load_checkpoint(out / "checkpoint-0000002.pt")["model"]  # the full weights, gathered under ZeRO-3 too
-    assert all(torch.allclose(mid[k], ref[k], rtol=0, atol=WEIGHT_ATOL) for k in ref)
+    # The record holds the full weights, gathered under ZeRO-3 too.
+    _weights_agree(out / "checkpoint-0000002.pt", ddp[0] / "checkpoint-0000002.pt", one_process)
 
 
 def test_zero_resumes_on_the_same_world_size(zero, ddp):
