@@ -52,9 +52,10 @@ class ModelConfig:
     """HOG orientation bins; 0 = the model's default (9 for ViT-S/B, 18 for ViT-L and Swin)."""
     hog_bias: str = "default"
     """"default", "on" or "off": the frozen random Sobel bias per scale (SPEC 3.3); default = on for ViT-L and Swin."""
-    attn: str = "sdpa"
-    """Attention backend: "sdpa" (torch picks per call), "flash", "cudnn", "efficient", "math" (SDPA forced to
-    that kernel) or "xformers"; CUDA-only choices fall back to "sdpa" on CPU with a warning."""
+    attn: str = "auto"
+    """Attention backend: "auto" (on CUDA, the fastest backend at each attention shape, measured before training;
+    "sdpa" on CPU), "sdpa" (torch picks per call), "flash", "cudnn", "efficient", "math" (SDPA forced to that
+    kernel) or "xformers"; CUDA-only choices fall back to "sdpa" on CPU with a warning."""
     decoder_dim: int = 0
     """Decoder width; 0 = the model's default (256 for LocalMIM ViT, 512 for MAE, 128 for Swin, whose first is half)."""
     mask_rule: str = "exact"
@@ -151,7 +152,7 @@ class Config:
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
 _CHOICES = {
     ("model", "impl"): ("reference", "fast"),
-    ("model", "attn"): ("sdpa", "flash", "cudnn", "efficient", "math", "xformers"),
+    ("model", "attn"): ("auto", "sdpa", "flash", "cudnn", "efficient", "math", "xformers"),
     ("model", "target"): ("", "hog", "pixel"),
     ("model", "hog_bias"): ("default", "on", "off"),
     ("model", "mask_rule"): ("exact", "released"),

@@ -33,6 +33,7 @@ from fastmim.data import build_loader
 from fastmim.data.prefetch import DevicePrefetcher
 from fastmim.errors import FastmimError
 from fastmim.models import model_from_config
+from fastmim.train.attn_choice import choose_attention, describe
 from fastmim.train.metrics import peak_memory_gib
 from fastmim.train.optim import build_optimizer
 from fastmim.train.parallel import apply_compile, compile_wanted, timed_first_call
@@ -82,6 +83,10 @@ def build_bench_run(cfg: Config, impl: str, device: torch.device) -> Run:
     t = cfg.train
     torch.manual_seed(t.seed)
     model = model_from_config(cfg.model).to(device)
+    if cfg.model.attn == "auto":  # as the trainer does: the fastest backend per attention shape on this card
+        rows = choose_attention(model, t.batch_size, cfg.model.img_size or 224, amp_dtype(t.precision, device), device)
+        if device.type == "cuda":
+            print(f"bench step: model.attn=auto measured {describe(rows)}", flush=True)
     compile_now = compile_wanted(t.compile, device) if compile_mode is None else compile_mode
     compiled = apply_compile(model) if compile_now else 0
     loader = build_loader(cfg.data, cfg.model.img_size or 224, t.batch_size, t.seed)

@@ -45,8 +45,9 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> Tensor:
     return emb.float()
 
 
-# model.attn: "sdpa" lets torch choose per call; the others force one SDPA backend or use xformers.
-ATTN_BACKENDS = ("sdpa", "flash", "cudnn", "efficient", "math", "xformers")
+# model.attn: "sdpa" lets torch choose per call; the others force one SDPA backend or use xformers; "auto" is
+# resolved by measurement before training (fastmim.train.attn_choice) and acts as "sdpa" until then.
+ATTN_BACKENDS = ("auto", "sdpa", "flash", "cudnn", "efficient", "math", "xformers")
 _FORCED = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -72,6 +73,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, backend: str = "sdpa") -> Tensor:
     Forced CUDA backends (flash, cudnn, efficient, xformers) fall back to automatic SDPA on CPU tensors, and
     xformers also when it is not installed, with a one-time warning naming the fallback.
     """
+    if backend == "auto":
+        backend = "sdpa"
     if backend in _CUDA_ONLY and (not q.is_cuda or (backend == "xformers" and _xformers_ops() is None)):
         if backend not in _fallback_warned:
             _fallback_warned.add(backend)

@@ -35,6 +35,7 @@ from fastmim.data.prefetch import DevicePrefetcher
 from fastmim.errors import FastmimError
 from fastmim.models import model_from_config
 from fastmim.train import distributed as D
+from fastmim.train.attn_choice import choose_attention, describe
 from fastmim.train.checkpoint import (
     FORMAT,
     VERSION,
@@ -135,6 +136,7 @@ def build_run(cfg: Config) -> Run:
     resume = _resume_target_everywhere(cfg, out_dir, dist)
     torch.manual_seed(t.seed)
     model = model_from_config(cfg.model).to(device)
+    _choose_attention(cfg, model, device, dist.main)
     compiled = apply_compile(model) if compile_wanted(t.compile, device) else 0  # before any wrapper: same keys
     loader = build_loader(cfg.data, cfg.model.img_size or 224, t.batch_size, t.seed, dist.rank, dist.world)
     micro_per_epoch = loader.steps_per_epoch
@@ -161,6 +163,16 @@ def build_run(cfg: Config) -> Run:
         _restore(run, *resume)
     run.config_path = _save_config(run) if dist.main else None
     return run
+
+
+def _choose_attention(cfg: Config, model: torch.nn.Module, device: torch.device, report: bool) -> None:
+    """model.attn = "auto": measure the backends at the model's attention shapes (CUDA) and keep the fastest."""
+    if cfg.model.attn != "auto":
+        return
+    dtype = amp_dtype(cfg.train.precision, device)
+    rows = choose_attention(model, cfg.train.batch_size, cfg.model.img_size or 224, dtype, device)
+    if report and device.type == "cuda":
+        print(f"fastmim: model.attn=auto measured {describe(rows)}", flush=True)
 
 
 def _resume_target_everywhere(cfg: Config, out_dir: Path, dist: D.Dist) -> tuple[Path, dict[str, Any]] | None:
