@@ -30,6 +30,7 @@ images must be uint8 RGB. Tensors a kernel cannot run on (CPU without TRITON_INT
 
 from __future__ import annotations
 
+import functools
 import math
 import types
 
@@ -92,7 +93,13 @@ def resample_coeffs(length: Tensor, out_size: int) -> tuple[Tensor, Tensor]:
 
 
 def normalize_lut(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> Tensor:
-    """float32 [3, 256]: ``(u / 255 - mean_c) / std_c`` computed as to_tensor + normalize do, for every byte u."""
+    """float32 [3, 256]: ``(u / 255 - mean_c) / std_c`` computed as to_tensor + normalize do, for every byte u.
+    Made once per (mean, std, device): a fresh host-to-device copy per batch would synchronise."""
+    return _cached_lut(tuple(mean), tuple(std), torch.device(device))
+
+
+@functools.cache
+def _cached_lut(mean: tuple[float, ...], std: tuple[float, ...], device: torch.device) -> Tensor:
     u = torch.arange(256, dtype=torch.float32).div(255)
     m = torch.tensor(mean, dtype=torch.float32)[:, None]
     s = torch.tensor(std, dtype=torch.float32)[:, None]
@@ -112,13 +119,24 @@ def _check(images: Tensor, boxes: Tensor, flips: Tensor, size: int) -> None:
         raise ValueError(f"every box (top, left, height, width) must lie inside the {h} x {w} images")
 
 
+def to_device_async(t: Tensor, device: torch.device) -> Tensor:
+    """``t`` on ``device``; a host tensor goes to a GPU through pinned memory, without making the host wait."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _prepare(images: Tensor, boxes: Tensor, size: int, mean, std):
-    """Device tensors both implementations use: box columns, coefficients (absolute tap starts) and the LUT."""
-    boxes = boxes.to(images.device, torch.int64)
+    """What both implementations use: the tallest box (read on the host when the boxes are there, as the loader's
+    are: no device read), then device tensors: box columns, coefficients (absolute tap starts) and the LUT."""
+    rows = int(boxes[:, 2].max()) if boxes.shape[0] else 0
+    boxes = to_device_async(boxes.to(torch.int64), images.device)
     top, left, h, w = boxes.unbind(1)
     y0, ky = resample_coeffs(h, size)
     x0, kx = resample_coeffs(w, size)
-    return top, left, h, x0 + left[:, None], kx, y0, ky, normalize_lut(mean, std, images.device)
+    return rows, top, left, h, x0 + left[:, None], kx, y0, ky, normalize_lut(mean, std, images.device)
 
 
 # ----------------------------------------------------------------------------------------------- reference
@@ -129,8 +147,7 @@ def crop_resize_ref(images: Tensor, boxes: Tensor, flips: Tensor, size: int, mea
     """The module docstring's math in plain torch (int64 gathers, one per tap): float32 [B, 3, size, size]."""
     _check(images, boxes, flips, size)
     b, h_img, w_img, c = images.shape
-    top, _, h, x0, kx, y0, ky, lut = _prepare(images, boxes, size, mean, std)
-    rows = int(h.max()) if b else 0
+    rows, top, _, _, x0, kx, y0, ky, lut = _prepare(images, boxes, size, mean, std)
     # Horizontal pass over the box rows only: t [B, rows, S, C] (rows past a box's height are never read).
     src_rows = (top[:, None] + torch.arange(rows, device=images.device)).clamp(max=h_img - 1)
     img = torch.gather(images, 1, src_rows[:, :, None, None].expand(b, rows, w_img, c)).to(torch.int64)
@@ -213,10 +230,9 @@ def crop_resize_fwd(images: Tensor, boxes: Tensor, flips: Tensor, size: int, mea
         return out
     if images.stride(3) != 1 or images.stride(2) != 3:
         images = images.contiguous()  # rows may be strided (a padded batch), pixels within a row may not
-    top, _, h, x0, kx, y0, ky, lut = _prepare(images, boxes, size, mean, std)
-    rows = int(h.max())
+    rows, top, _, h, x0, kx, y0, ky, lut = _prepare(images, boxes, size, mean, std)
     t = torch.empty(b, rows, size, 3, dtype=torch.uint8, device=images.device)
-    flip8 = flips.to(images.device, torch.uint8)
+    flip8 = to_device_async(flips.to(torch.uint8), images.device)
     grid = (b, triton.cdiv(rows * size * 3, _BLOCK))
     _resize_rows_kernel[grid](images, top.contiguous(), h.contiguous(), x0.contiguous(), kx.contiguous(), t, w_img,
                               size, rows, kx.shape[-1], images.stride(0), images.stride(1), BLOCK=_BLOCK)  # fmt: skip

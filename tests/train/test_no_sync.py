@@ -114,16 +114,17 @@ def test_device_input_makes_no_reads(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["reference", "fast"])
-def test_a_non_logging_cuda_step_does_not_synchronise(tmp_path, impl):
+@pytest.mark.parametrize("impl,augment", [("reference", "cpu"), ("fast", "cpu"), ("fast", "gpu")])
+def test_a_non_logging_cuda_step_does_not_synchronise(tmp_path, impl, augment):
     """The real check: CUDA's sync debug mode raises on any synchronising call during two non-logging steps
-    (bf16 autocast, fused AdamW, gradient clipping, device-side input from the prefetcher, mask noise copied from
-    pinned memory)."""
+    (bf16 autocast, fused AdamW, gradient clipping, device-side input from the prefetcher, for data.augment=gpu
+    the crop-resize kernel, mask noise copied from pinned memory)."""
     from fastmim.train.trainer import _batches
 
     cfg = load_config(None, [
         "--model.img_size=64", "--model.decoder_dim=64", f"--model.impl={impl}", "--data.num_images=64",
         "--train.batch_size=8", "--train.clip_grad=1.0", "--train.device=cuda", "--train.compile=off",
+        f"--data.augment={augment}",
         f"--train.out_dir={tmp_path / 'run'}",
     ])  # fmt: skip
     run = build_run(cfg)
