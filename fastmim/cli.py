@@ -144,7 +144,11 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     summary = train(cfg)
     if not main_rank:
         return 0
-    resume = f"fastmim pretrain --config {summary['config']} --train.resume=auto"
+    n, per_node = summary["processes"], summary.get("processes_per_node", summary["processes"])
+    launcher = "fastmim" if n == 1 else f"torchrun --nproc_per_node {per_node} -m fastmim"
+    if n > per_node:  # several nodes: the same rendezvous as before, on every node
+        launcher = f"torchrun --nnodes {n // per_node} --nproc_per_node {per_node} --rdzv-endpoint HOST:PORT -m fastmim"
+    resume = f"{launcher} pretrain --config {summary['config']} --train.resume=auto"
     if summary["stopped_by"]:  # pre-emption is not a failure: the last completed step is saved
         print(
             f"stopped by {summary['stopped_by']} at step {summary['steps']} of {summary['total_steps']}; "

@@ -86,3 +86,26 @@ def test_config_command_prints_resolved_toml_and_keys(capsys):
     out = capsys.readouterr().out
     assert "batch_size = 128" in out and 'name = "localmim_vit_base_patch16"' in out
     assert main(["config", "--keys"]) == 0 and "`train.resume`" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "processes,per_node,command",
+    [
+        (1, 1, "fastmim pretrain"),
+        (2, 2, "torchrun --nproc_per_node 2 -m fastmim pretrain"),
+        (16, 8, "torchrun --nnodes 2 --nproc_per_node 8 --rdzv-endpoint HOST:PORT -m fastmim pretrain"),
+    ],
+)
+def test_the_printed_resume_command_uses_the_run_launcher(monkeypatch, capsys, processes, per_node, command):
+    """A run of several processes is continued the way it was started (torchrun), not as one process."""
+    import fastmim.train
+
+    summary = {"model": "m", "steps": 2, "total_steps": 2, "steps_this_run": 2, "img_per_s": 1.0, "final_loss": 0.5,
+               "skipped_steps": 0, "skipped_images": 3, "stopped_by": None, "device": "cpu", "processes": processes,
+               "processes_per_node": per_node, "checkpoint": "c.pt", "metrics": "m.jsonl", "plot": None,
+               "config": "runs/x/config.toml"}  # fmt: skip
+    monkeypatch.setattr(fastmim.train, "train", lambda cfg: summary)
+    assert main(["pretrain"]) == 0
+    out = capsys.readouterr().out
+    assert f"continue with: {command}" in out and "--config runs/x/config.toml --train.resume=auto" in out
+    assert "3 unreadable images replaced" in out

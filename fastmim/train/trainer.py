@@ -498,6 +498,8 @@ def _summary(run, log, stats, ckpt, row, stopped_by, first_step, elapsed) -> dic
         "compile_s": run.compile_s,
         "stopped_by": stopped_by,
         "device": str(run.device),
+        "processes": run.dist.world,
+        "processes_per_node": int(os.environ.get("LOCAL_WORLD_SIZE", run.dist.world)),  # torchrun sets it
         "checkpoint": str(ckpt),
         "best_checkpoint": str(best) if best else None,
         "config": str(run.config_path),
