@@ -21,7 +21,8 @@ recorded training loss.
 The checkpoint dict: ``format`` ("fastmim-checkpoint"), ``version``, ``model_name``, ``model`` (state dict),
 ``optimizer``, ``scaler``, ``step``, ``data`` ({"epoch", "batch"}: the next batch to read), ``rng`` (torch CPU /
 CUDA generator states), ``config`` (the resolved config as TOML text) and ``skipped_steps`` (optimizer steps skipped
-for a non-finite loss or gradient so far; optional, 0 when absent).
+for a non-finite loss or gradient so far; optional, 0 when absent). Under DeepSpeed ZeRO ``optimizer`` is a pointer
+to the ``checkpoint-NNNNNNN.zero/`` shard directory with the shards' sizes and SHA-256 (fastmim.train.distributed).
 """
 
 from __future__ import annotations
@@ -273,17 +274,22 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def latest_good_checkpoint(out_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in ``out_dir`` that passes :func:`load_checkpoint`, loaded, or None if there is none.
+def latest_good_checkpoint(out_dir: str | Path, verify=None) -> tuple[Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``out_dir`` that passes :func:`load_checkpoint` (and ``verify(path, ckpt)``, which
+    raises :class:`CorruptCheckpoint` for damaged side files such as ZeRO shards), loaded, or None if there is none.
 
     A corrupt newer one is renamed ``<name>.corrupt`` (kept for inspection, out of the way of later saves and
-    resumes) with a warning. A foreign or hostile file raises; so does a directory whose checkpoints are all
-    corrupt, since restarting from scratch silently would throw the run away.
+    resumes; its ``.zero`` shard directory, if any, likewise) with a warning. A foreign or hostile file raises; so
+    does a directory whose checkpoints are all corrupt, since restarting from scratch silently would throw the run
+    away.
     """
     found = checkpoints(out_dir)
     for _, path in reversed(found):
         try:
-            return path, load_checkpoint(path)
+            ckpt = load_checkpoint(path)
+            if verify is not None:
+                verify(path, ckpt)
+            return path, ckpt
         except CorruptCheckpoint as err:
             moved = _quarantine(path)
             warn(f"{err}; moved it aside as {moved.name} and falling back to the previous checkpoint.")
@@ -296,12 +302,22 @@ def latest_good_checkpoint(out_dir: str | Path) -> tuple[Path, dict[str, Any]] |
 
 
 def _quarantine(path: Path) -> Path:
-    target = path.with_name(path.name + ".corrupt")
-    n = 1
-    while target.exists() or record_path(target).exists():
-        target, n = path.with_name(f"{path.name}.corrupt{n}"), n + 1
+    """Move checkpoint ``path``, its record and its ZeRO shard directory (``.zero``, fastmim.train.distributed)
+    aside under one new suffix: ``.corrupt``, else ``.corrupt1``, ``.corrupt2``, ..."""
+    shards = path.with_suffix(".zero")
+    suffix, n = ".corrupt", 1
+
+    def taken(suffix: str) -> bool:
+        target = path.with_name(path.name + suffix)
+        return target.exists() or record_path(target).exists() or shards.with_name(shards.name + suffix).exists()
+
+    while taken(suffix):
+        suffix, n = f".corrupt{n}", n + 1
+    target = path.with_name(path.name + suffix)
     if record_path(path).exists():
         os.replace(record_path(path), record_path(target))
+    if shards.is_dir():
+        os.replace(shards, shards.with_name(shards.name + suffix))
     os.replace(path, target)
     return target
 

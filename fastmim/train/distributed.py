@@ -23,13 +23,21 @@ maps fastmim's config onto DeepSpeed's (micro-batch, accumulation, clipping, ZeR
 fastmim's own AdamW (same groups, betas, weight decay) and fastmim still sets its lr every step. Parameters stay
 fp32 and bf16 runs under fastmim's autocast, as without DeepSpeed; fp16 is refused (DeepSpeed would convert the
 model to fp16 with its own loss scaler). A step with a non-finite gradient norm is skipped by DeepSpeed's ZeRO
-optimizer (parameters and moments unchanged); fastmim reads that back through ``was_step_applied``.
+optimizer, also in fp32 (stage 1/2: an invalid global norm marks an overflow unless the dtype is DeepSpeed's bf16;
+stage 3: always), on every rank since the norm is global; parameters, fp32 partitions, moments and AdamW's step
+count are unchanged (tests/train/test_distributed.py compares the shards before and after). fastmim reads that
+back through ``was_step_applied``. The checkpoint record's loss (which picks the best checkpoint) is the mean over
+every rank's batches (:func:`mean_loss_since_save`).
 
 Checkpoints. DDP: rank 0 writes the usual single-file checkpoint (the unwrapped model's state dict; the optimizer
 state is full on every rank), so it resumes on any number of processes. ZeRO: every rank writes its shards into a
 hidden directory that rank 0 renames to ``checkpoint-<step>.zero/`` once all are done; then rank 0 writes
 ``checkpoint-<step>.pt`` as usual (atomic, verified), holding the full model weights and, in place of the optimizer
-state, a pointer ``{"zero": {"dir", "world_size", "zero_stage"}}``. A ZeRO checkpoint resumes under DeepSpeed with
+state, a pointer ``{"zero": {"dir", "world_size", "zero_stage", "files"}}``; ``files`` is the manifest of the shard
+directory ({"name", "size", "sha256"} per file, hashed after every rank has written, the ranks sharing the work),
+so the verified record vouches for the shards too: :func:`verify_shards` checks them on resume (``auto`` falls back
+past a checkpoint whose shards are missing or damaged, moving file, record and shards aside) and in
+``fastmim consolidate``. A ZeRO checkpoint resumes under DeepSpeed with
 the same world size and stage; anything else is refused with the way out: ``fastmim consolidate`` writes a plain
 checkpoint (fp32 weights from the shards, the position; AdamW moments restart) that resumes anywhere.
 """
@@ -37,6 +45,7 @@ checkpoint (fp32 weights from the shards, the position; AdamW moments restart) t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
 import os
 import shutil
@@ -258,6 +267,12 @@ def global_mean(d: Dist, *values: torch.Tensor) -> list[torch.Tensor]:
     return [x.reshape(v.shape) for x, v in zip(flat.split(sizes), values)]
 
 
+def mean_loss_since_save(d: Dist, stats) -> float | None:
+    """The mean loss of the applied steps since the previous save over every rank's batches (what a checkpoint's
+    record stores to pick the best one): one all-reduce of two numbers, at saves, on every rank."""
+    return stats.take_mean_loss(dist.all_reduce if d.world > 1 else None)
+
+
 def agree_stop(d: Dist, name: str | None, log_step: bool) -> str | None:
     """The stop request, agreed over ranks so that all save the same step: one process stops after any step;
     several compare their flags at log steps only (an all-reduce of one number), the rank that got no signal
@@ -342,6 +357,7 @@ def save_shards(d: Dist, path: Path) -> dict[str, Any] | None:
     on_main(d, lambda: shutil.rmtree(staging, ignore_errors=True))
     d.engine.save_checkpoint(str(staging), tag="shards", save_latest=False)
     dist.barrier()
+    files = _shard_manifest(d, staging / "shards")
 
     def publish() -> None:
         final = zero_dir(path)
@@ -351,7 +367,51 @@ def save_shards(d: Dist, path: Path) -> dict[str, Any] | None:
         shutil.rmtree(staging)
 
     on_main(d, publish)
-    return {"zero": {"dir": zero_dir(path).name, "world_size": d.world, "zero_stage": d.zero_stage}}
+    return {"zero": {"dir": zero_dir(path).name, "world_size": d.world, "zero_stage": d.zero_stage, "files": files}}
+
+
+def _shard_manifest(d: Dist, shard_dir: Path) -> list[dict[str, Any]]:
+    """{"name", "size", "sha256"} of every file in ``shard_dir`` once all ranks have written theirs (the caller's
+    barrier), for the checkpoint record: the files are hashed in parallel, rank r reading every W-th of them (a
+    shared file system, as the rename in :func:`save_shards` already needs), and the lists gathered on every rank."""
+    names = sorted(p.relative_to(shard_dir).as_posix() for p in shard_dir.rglob("*") if p.is_file())
+    mine = [{"name": n, **_digest(shard_dir / n)} for n in names[d.rank :: d.world]]
+    parts: list[Any] = [None] * d.world
+    dist.all_gather_object(parts, mine)
+    return sorted((entry for part in parts for entry in part), key=lambda e: e["name"])
+
+
+def _digest(file: Path) -> dict[str, Any]:
+    sha, size = hashlib.sha256(), 0
+    with file.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            sha.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": sha.hexdigest()}
+
+
+def verify_shards(path: Path, ckpt: dict[str, Any]) -> None:
+    """Check the ZeRO shards of checkpoint ``path`` against the manifest its (verified) record holds: every file
+    present, with its size and SHA-256. Raises :class:`CorruptCheckpoint` naming the first bad file; nothing to
+    check for a plain checkpoint. A pointer without a manifest (written before fastmim recorded one) is checked
+    for the directory only."""
+    from fastmim.train.checkpoint import CorruptCheckpoint
+
+    zero = zero_pointer(ckpt)
+    if zero is None:
+        return
+    shard_dir = Path(path).parent / zero["dir"]
+    if not shard_dir.is_dir():
+        raise CorruptCheckpoint(f"checkpoint {path} lacks its ZeRO shard directory {shard_dir}")
+    for entry in zero.get("files", []):
+        file = shard_dir / entry["name"]
+        if not file.is_file():
+            raise CorruptCheckpoint(f"the ZeRO shard {file} of checkpoint {path} is missing")
+        if file.stat().st_size != entry["size"] or _digest(file)["sha256"] != entry["sha256"]:
+            raise CorruptCheckpoint(
+                f"the ZeRO shard {file} of checkpoint {path} is truncated or altered (its size or SHA-256 differs "
+                "from the one recorded at save)"
+            )
 
 
 def zero_pointer(ckpt: dict[str, Any]) -> dict[str, Any] | None:
@@ -421,8 +481,13 @@ def consolidate(src: str | Path, out: Path) -> dict[str, Any]:
     if zero is None:
         raise FastmimError(f"{src} is already a plain fastmim checkpoint; resume from it directly.")
     shard_dir = src.parent / zero["dir"]
-    if not shard_dir.is_dir():
-        raise FastmimError(f"{src} lacks its ZeRO shards {shard_dir}; restore the directory beside it.")
+    try:
+        verify_shards(src, ckpt)
+    except FastmimError as e:  # CorruptCheckpoint
+        raise FastmimError(
+            f"{e}; consolidate an intact checkpoint instead (an earlier checkpoint-*.pt of the run), or restore "
+            f"{shard_dir} from a backup."
+        ) from None
     _import_deepspeed(torch.device("cpu"))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 

@@ -122,8 +122,11 @@ class StepStats:
         """Skipped steps over the whole run, resumed parts included. Synchronises."""
         return self.skipped_before + int(self._counts[0])
 
-    def take_mean_loss(self) -> float | None:
-        """Mean loss of the applied steps since the previous call, None if there were none. Synchronises."""
+    def take_mean_loss(self, reduce=None) -> float | None:
+        """Mean loss of the applied steps since the previous call, None if there were none. Synchronises.
+        ``reduce`` (several processes) sums the device tally [loss sum, steps] over the ranks in place first."""
+        if reduce is not None:
+            reduce(self._loss)
         total, n = self._loss.tolist()
         self._loss.zero_()
         return total / n if n else None

@@ -202,10 +202,12 @@ def _resume_target(cfg: Config, out_dir: Path) -> tuple[Path, dict[str, Any]] | 
     if resume == "auto":
         if removed := clean_partial_saves(out_dir):
             warn(f"removed {len(removed)} partial file(s) left in {out_dir} by an interrupted save.")
-        return latest_good_checkpoint(out_dir)
+        return latest_good_checkpoint(out_dir, verify=D.verify_shards)
     if resume:
         try:
-            return Path(resume), load_checkpoint(resume)
+            ckpt = load_checkpoint(resume)
+            D.verify_shards(Path(resume), ckpt)
+            return Path(resume), ckpt
         except CorruptCheckpoint as e:
             raise FastmimError(
                 f"{e}; give another checkpoint, or train.resume=auto to take the newest intact one."
@@ -295,7 +297,7 @@ def save_checkpoint(run: Run, stats: StepStats | None = None) -> Path:
         "skipped_steps": stats.total_skipped() if stats else run.skipped_before,
         "world_size": run.dist.world,
     }
-    loss = stats.take_mean_loss() if stats else None  # rank 0's batches: the record's loss picks the best
+    loss = D.mean_loss_since_save(run.dist, stats) if stats else None  # all ranks' batches: picks the best
 
     def write() -> Path:
         written = write_checkpoint(state, path, loss)
@@ -424,7 +426,8 @@ def _log_step(run: Run, log: MetricsLog, stats: StepStats, progress: Progress, l
     if window["skipped"]:
         row["nonfinite"] = window["nonfinite"]
         where = ", ".join(f"{name} x{n}" for name, n in window["nonfinite"].items())
-        warn(f"step {run.pos.step}: skipped {window['skipped']} step(s) since the last log (non-finite: {where}).")
+        if run.dist.main:  # rank 0 speaks for the run
+            warn(f"step {run.pos.step}: skipped {window['skipped']} step(s) since the last log (non-finite: {where}).")
     log.write(row)
     progress.show(row)
     return row, window["streak"]

@@ -6,8 +6,14 @@ launcher sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): each ran
 ``fastmim.cli.main(argv)``, as `torchrun -m fastmim` would. Jobs run one after the other.
 
     python tests/train/_launch.py JOBS.json   # [{"argv": [...], "world": 2}, ...] -> prints RESULTS [[rc, ...], ...]
+
+Test hooks of a job (this script's only, never fastmim's): ``"poison": {"rank": r, "step": s}`` makes rank r's
+model predict NaN at one scale during optimizer step s (1-based), so that step's loss and gradients are non-finite
+on that rank alone; ``"flip": GLOB`` flips one byte in the middle of the first file matching GLOB before the job
+starts (a damaged checkpoint file).
 """
 
+import glob
 import json
 import os
 import socket
@@ -30,13 +36,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_job(argv: list[str], world: int) -> list[int]:
+def poison(step: int) -> None:
+    """From now on in this process, optimizer step ``step`` (1-based) runs with a NaN prediction at the last scale."""
+    train_step = fastmim.train.trainer.train_step
+
+    def poisoned(run, batches):
+        if run.pos.step + 1 != step:
+            return train_step(run, batches)
+        hook = run.model.decoders[-1].head.register_forward_hook(lambda module, args, out: out * float("nan"))
+        try:
+            return train_step(run, batches)
+        finally:
+            hook.remove()
+
+    fastmim.train.trainer.train_step = poisoned
+
+
+def flip(pattern: str) -> None:
+    path = sorted(glob.glob(pattern))[0]
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def run_job(argv: list[str], world: int, poisoned: dict | None = None) -> list[int]:
     port, pids = free_port(), []
     for rank in range(world):
         pid = os.fork()
         if pid == 0:
             env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "MASTER_PORT": port}
             os.environ.update({"MASTER_ADDR": "127.0.0.1", **{k: str(v) for k, v in env.items()}})
+            if poisoned and poisoned["rank"] == rank:
+                poison(poisoned["step"])
             try:
                 code = fastmim.cli.main(argv)
             except BaseException:
@@ -50,5 +83,9 @@ def run_job(argv: list[str], world: int) -> list[int]:
 
 
 if __name__ == "__main__":
-    jobs = json.loads(open(sys.argv[1]).read())
-    print("RESULTS " + json.dumps([run_job(job["argv"], job["world"]) for job in jobs]), flush=True)
+    results = []
+    for job in json.loads(open(sys.argv[1]).read()):
+        if "flip" in job:
+            flip(job["flip"])
+        results.append(run_job(job["argv"], job["world"], job.get("poison")))
+    print("RESULTS " + json.dumps(results), flush=True)

@@ -7,7 +7,9 @@ and weights agree up to float summation order.
 """
 
 import json
+import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -19,7 +21,7 @@ import torch
 
 from fastmim.config import load_config
 from fastmim.errors import FastmimError
-from fastmim.train.checkpoint import load_checkpoint
+from fastmim.train.checkpoint import load_checkpoint, read_record
 from fastmim.train.distributed import consolidate, deepspeed_config, resolve_mode
 from fastmim.train.metrics import read_metrics
 from fastmim.train.trainer import train
@@ -99,7 +101,9 @@ def ddp(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 
 @pytest.fixture(scope="module")
 def zero(tmp_path_factory) -> tuple[Path, list[list[int]]]:
-    """ZeRO 1, 2, 3 on 2 processes (3 steps, saving at 2 and 3), then ZeRO-2 resumed from step 2 to step 4."""
+    """ZeRO 1, 2, 3 on 2 processes (3 steps, saving at 2 and 3), then ZeRO-2 resumed from step 2 to step 4; ZeRO 2
+    and 3 with rank 1's loss NaN at step 3 (4 steps, saving each); then one byte of a shard of the ZeRO-2 run's
+    step-4 checkpoint flipped and that run continued to step 5 with train.resume=auto (stderr in stderr.txt)."""
     root = tmp_path_factory.mktemp("zero")
     base = ["pretrain", *TWO_RANKS, "--train.dist=deepspeed"]
     jobs = [{"argv": [*base, f"--train.zero_stage={z}", "--train.steps=3", "--train.save_every=2",
@@ -107,9 +111,16 @@ def zero(tmp_path_factory) -> tuple[Path, list[list[int]]]:
     resume = f"--train.resume={root / 'z2' / 'checkpoint-0000002.pt'}"
     jobs.append({"argv": [*base, "--train.zero_stage=2", "--train.steps=4", resume, f"--train.out_dir={root / 'z2r'}"],
                  "world": 2})  # fmt: skip
+    each = [*base, "--train.save_every=1", "--train.keep_last=0"]
+    jobs += [{"argv": [*each, f"--train.zero_stage={z}", "--train.steps=4", f"--train.out_dir={root / f'nan{z}'}"],
+              "world": 2, "poison": {"rank": 1, "step": 3}} for z in (2, 3)]  # fmt: skip
+    jobs.append({"argv": [*each, "--train.zero_stage=2", "--train.steps=5", "--train.resume=auto",
+                          f"--train.out_dir={root / 'nan2'}"], "world": 2,
+                 "flip": str(root / "nan2" / "checkpoint-0000004.zero" / "*optim_states.pt")})  # fmt: skip
     (root / "jobs.json").write_text(json.dumps(jobs))
     result = subprocess.run([sys.executable, str(HERE / "_launch.py"), str(root / "jobs.json")], env=ENV,
                             capture_output=True, text=True, timeout=400)  # fmt: skip
+    (root / "stderr.txt").write_text(result.stderr)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")]
     assert lines, result.stderr[-4000:]
     return root, json.loads(lines[0].removeprefix("RESULTS "))
@@ -118,8 +129,12 @@ def zero(tmp_path_factory) -> tuple[Path, list[list[int]]]:
 def test_ddp_trains_and_only_rank_0_reports(ddp):
     out, result = ddp
     assert result.stdout.count("resolved config:") == 1 and result.stdout.count("done: ") == 1
-    assert [row["step"] for row in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
-    assert "8.0 img" not in result.stdout  # (images per step are counted over both ranks; see the summary below)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [row["step"] for row in rows] == [1, 2, 3, 4]
+    # The record's loss (which picks the best checkpoint) is the global batch's, as logged: both ranks' batches.
+    assert read_record(out / "checkpoint-0000002.pt")["loss"] == pytest.approx((rows[0]["loss"] + rows[1]["loss"]) / 2)
+    progress = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert progress == ["1/4", "2/4", "3/4", "4/4"]  # one progress line per step: rank 0's
     ckpt = load_checkpoint(out / "checkpoint-0000004.pt")
     assert ckpt["world_size"] == 2 and not any(k.startswith("module.") for k in ckpt["model"])
     assert (out / "checkpoint-0000002.pt").exists() and (out / "loss.png").exists()
@@ -146,8 +161,14 @@ def test_zero_stage_trains_like_ddp(zero, ddp, one_process, stage):
     out = root / f"z{stage}"
     _close(_losses(out), _losses(ddp[0]), [1, 2, 3])
     ckpt = load_checkpoint(out / "checkpoint-0000003.pt")
-    assert ckpt["optimizer"]["zero"] == {"dir": "checkpoint-0000003.zero", "world_size": 2, "zero_stage": stage}
+    pointer = dict(ckpt["optimizer"]["zero"])
+    files = pointer.pop("files")
+    assert pointer == {"dir": "checkpoint-0000003.zero", "world_size": 2, "zero_stage": stage}
     assert (out / "checkpoint-0000003.zero").is_dir() and not list(out.glob(".*.tmp"))
+    # The record's manifest names every shard file, with its size (and SHA-256, checked on resume).
+    written = {p.name: p.stat().st_size for p in (out / "checkpoint-0000003.zero").iterdir()}
+    assert {f["name"]: f["size"] for f in files} == written and all(len(f["sha256"]) == 64 for f in files)
+    assert len(written) >= 3  # model states and one optimizer partition per rank
     # The record holds the full weights, gathered under ZeRO-3 too.
     _weights_agree(out / "checkpoint-0000002.pt", ddp[0] / "checkpoint-0000002.pt", one_process)
 
@@ -156,6 +177,92 @@ def test_zero_resumes_on_the_same_world_size(zero, ddp):
     root, codes = zero
     assert codes[3] == [0, 0]
     _close(_losses(root / "z2r"), _losses(ddp[0]), [3, 4])
+
+
+def _tensors(x, prefix=""):
+    """(name, tensor) of every tensor in a nested DeepSpeed shard file."""
+    if isinstance(x, torch.Tensor):
+        yield prefix, x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield from _tensors(v, f"{prefix}/{k}")
+    elif isinstance(x, (list, tuple)):
+        for i, v in enumerate(x):
+            yield from _tensors(v, f"{prefix}/{i}")
+
+
+def _optimizer_shards(ckpt: Path) -> dict[str, torch.Tensor]:
+    shards = sorted(ckpt.with_suffix(".zero").glob("*optim_states.pt"))
+    assert len(shards) == 2
+    loaded = {f.name: torch.load(f, map_location="cpu", weights_only=False) for f in shards}  # DeepSpeed's pickles
+    return {f"{name}{k}": v for name, state in loaded.items() for k, v in _tensors(state)}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_skips_a_nonfinite_step_and_goes_on(zero, stage):
+    """Rank 1's loss is NaN at step 3 (rank 0's is finite): DeepSpeed's ZeRO optimizer sees the non-finite global
+    gradient norm and skips the step on both ranks; fastmim counts it; step 4 trains again."""
+    root, codes = zero
+    assert codes[4 + stage - 2] == [0, 0]
+    out = root / f"nan{stage}"
+    rows = {row["step"]: row for row in read_metrics(out / "metrics.jsonl")}
+    assert [rows[s]["skipped"] for s in (1, 2, 3, 4)] == [0, 0, 1, 0]
+    assert rows[3]["nonfinite"] == {"gradient": 1}  # rank 0's view: its own loss was finite
+    warning = "step 3: skipped 1 step(s) since the last log (non-finite: gradient x1)"
+    assert (root / "stderr.txt").read_text().count(warning) == 2  # once per poisoned run: rank 0 speaks
+    assert all(math.isfinite(rows[s]["loss"]) for s in (1, 2, 4)) and not math.isfinite(rows[3]["loss"])
+    ckpts = {n: out / f"checkpoint-000000{n}.pt" for n in (2, 3)}
+    weights = {n: load_checkpoint(p)["model"] for n, p in ckpts.items()}
+    assert all(torch.equal(weights[2][k], weights[3][k]) for k in weights[2])  # the skipped step moved nothing
+    moments = {n: _optimizer_shards(p) for n, p in ckpts.items()}  # fp32 partitions, AdamW moments, step count
+    assert moments[2].keys() == moments[3].keys() and len(moments[2]) >= 6
+    assert all(torch.equal(moments[2][k], moments[3][k]) for k in moments[2])
+    if stage == 3:  # (the ZeRO-2 run's step 4 is re-trained by the resume test below)
+        after = _optimizer_shards(out / "checkpoint-0000004.pt")
+        assert all(not torch.equal(after[k], moments[3][k]) for k in after if after[k].is_floating_point())
+        weights4 = load_checkpoint(out / "checkpoint-0000004.pt")
+        assert weights4["skipped_steps"] == 1 and _distance(weights4["model"], weights[3]) > 0
+
+
+def test_zero_resume_auto_falls_back_past_damaged_shards(zero, one_process):
+    """One byte of a shard of checkpoint 4 flipped: resume=auto moves checkpoint 4 (file, record, shards) aside and
+    continues from checkpoint 3, re-training step 4 to the same weights."""
+    root, codes = zero
+    assert codes[6] == [0, 0]
+    out = root / "nan2"
+    assert (
+        "checkpoint-0000004.zero/zero_pp_rank_0_mp_rank_00_optim_states.pt of checkpoint"
+        in (root / "stderr.txt").read_text()
+    )
+    assert (out / "checkpoint-0000004.pt.corrupt").is_file() and (out / "checkpoint-0000004.zero.corrupt").is_dir()
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and [r["skipped"] for r in rows] == [0, 0, 1, 0, 0]
+    first = torch.load(out / "checkpoint-0000004.pt.corrupt", map_location="cpu", weights_only=True)
+    again = load_checkpoint(out / "checkpoint-0000004.pt")
+    step2, step4 = (load_checkpoint(one_process / f"checkpoint-000000{n}.pt")["model"] for n in (2, 4))
+    assert _distance(first["model"], again["model"]) < WEIGHT_RTOL * _distance(step2, step4)
+    assert load_checkpoint(out / "checkpoint-0000005.pt")["skipped_steps"] == 1
+
+
+def test_damaged_or_missing_shards_are_refused(zero, tmp_path):
+    """An explicit resume or a consolidation of a checkpoint whose shards are damaged or missing is refused."""
+    root, _ = zero
+    for name in ("checkpoint-0000003.pt", "checkpoint-0000003.pt.json"):
+        shutil.copy(root / "z3" / name, tmp_path / name)
+    shutil.copytree(root / "z3" / "checkpoint-0000003.zero", tmp_path / "checkpoint-0000003.zero")
+    src, shards = tmp_path / "checkpoint-0000003.pt", sorted((tmp_path / "checkpoint-0000003.zero").iterdir())
+    data = bytearray(shards[-1].read_bytes())
+    data[len(data) // 2] ^= 1
+    shards[-1].write_bytes(data)
+    resume = [*ONE_RANK, "--train.steps=4", f"--train.resume={src}", f"--train.out_dir={tmp_path / 'r'}"]
+    with pytest.raises(FastmimError, match=rf"ZeRO shard .*{shards[-1].name} .* altered .*; give another checkpoint"):
+        train(load_config(None, resume))
+    with pytest.raises(FastmimError, match=r"altered .*; consolidate an intact checkpoint"):
+        consolidate(src, tmp_path / "plain.pt")
+    shards[0].unlink()
+    with pytest.raises(FastmimError, match=rf"ZeRO shard .*{shards[0].name} of checkpoint .* is missing; give"):
+        train(load_config(None, resume))
+    assert not (tmp_path / "plain.pt").exists() and src.exists()  # nothing written, nothing moved
 
 
 def test_zero_checkpoint_is_refused_elsewhere_and_consolidates(zero, tmp_path):
