@@ -1,7 +1,7 @@
 """Tests for fastmim.data.loader: exact resume, worker independence, rank sharding, epochs, unreadable images
 (replaced, counted, warned) and the device ("gpu") placement of the augmentation, run on CPU tensors."""
 
-import contextlib
+import multiprocessing
 import os
 import signal
 import time
@@ -228,22 +228,13 @@ def test_unknown_placement_is_a_user_error() -> None:
         build_loader(_cfg(augment="tpu"), img_size=16, batch_size=4, seed=0)
 
 
-def _child_pids() -> list[int]:
-    pids = []
-    for task in Path("/proc/self/task").iterdir():
-        with contextlib.suppress(OSError):
-            pids += [int(p) for p in (task / "children").read_text().split()]
-    return pids
-
-
-@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads worker pids from Linux /proc")
 def test_data_workers_survive_stop_signals_sent_to_the_process_group() -> None:
     """scancel / Ctrl-C signal every process of the group: the workers must outlive the signal so that the trainer
     can finish its step and save; they end when the trainer stops iterating."""
     loader = MIMLoader(_IndexSource(64), PretrainTransform(8), batch_size=4, seed=0, num_workers=1)
     batches = loader.iterate(0)
     first = next(batches)
-    workers = _child_pids()
+    workers = [p.pid for p in multiprocessing.active_children()]
     assert workers, "the DataLoader worker should be running"
     for pid in workers:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
