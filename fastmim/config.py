@@ -288,22 +288,24 @@ def check_choices(cfg: Any, choices: dict[tuple[str, str], tuple]) -> None:
             raise FastmimError(f"{section}.{key} = '{value}' is not one of {', '.join(repr(c) for c in options)}.")
 
 
+def resolve_config(cfg: Any, mapping: dict[str, Any], where: str, overrides: list[str] | None, check) -> Any:
+    """``cfg`` (a config tree of defaults) updated from ``mapping`` (parsed TOML, named ``where`` in errors), then
+    from ``--section.key=value`` overrides, then checked by ``check``; shared with fastmim.eval.config."""
+    apply_mapping(cfg, mapping, where)
+    parse_overrides(cfg, overrides or [])
+    check(cfg)
+    return cfg
+
+
 def load_config(recipe: str | None = None, overrides: list[str] | None = None) -> Config:
     """Build the resolved config: defaults, then the recipe (default: the tiny CPU recipe), then overrides."""
-    cfg = Config()
     path, mapping = read_recipe(recipe or DEFAULT_RECIPE)
-    apply_mapping(cfg, mapping, str(path))
-    parse_overrides(cfg, overrides or [])
-    validate(cfg)
-    return cfg
+    return resolve_config(Config(), mapping, str(path), overrides, validate)
 
 
 def config_from_toml(text: str, where: str = "checkpoint") -> Config:
     """Rebuild a Config from the TOML text saved with a run or checkpoint."""
-    cfg = Config()
-    apply_mapping(cfg, tomllib.loads(text), where)
-    validate(cfg)
-    return cfg
+    return resolve_config(Config(), tomllib.loads(text), where, None, validate)
 
 
 def validate(cfg: Config) -> None:

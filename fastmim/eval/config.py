@@ -11,7 +11,7 @@ from __future__ import annotations
 import tomllib
 from dataclasses import dataclass, field
 
-from fastmim.config import apply_mapping, check_choices, dump_toml, parse_overrides, read_recipe, reference_markdown
+from fastmim.config import check_choices, dump_toml, read_recipe, reference_markdown, resolve_config
 from fastmim.errors import FastmimError
 
 # `fastmim finetune` / `fastmim linprobe` with no --config use this built-in recipe (configs/eval_tiny_cpu.toml).
@@ -151,22 +151,15 @@ _CHOICES = {
 
 def load_eval_config(recipe: str | None = None, overrides: list[str] | None = None) -> EvalConfig:
     """Defaults, then the recipe (default: the tiny CPU evaluation recipe), then ``--section.key=value`` overrides."""
-    cfg = EvalConfig()
     path, mapping = read_recipe(recipe or DEFAULT_EVAL_RECIPE)
     if "train" in mapping:
         raise FastmimError(f"{path} is a pre-training recipe; give an evaluation recipe such as {DEFAULT_EVAL_RECIPE}.")
-    apply_mapping(cfg, mapping, str(path))
-    parse_overrides(cfg, overrides or [])
-    validate(cfg)
-    return cfg
+    return resolve_config(EvalConfig(), mapping, str(path), overrides, validate)
 
 
 def eval_config_from_toml(text: str, where: str = "checkpoint") -> EvalConfig:
     """Rebuild an EvalConfig from the TOML text saved with a run or checkpoint."""
-    cfg = EvalConfig()
-    apply_mapping(cfg, tomllib.loads(text), where)
-    validate(cfg)
-    return cfg
+    return resolve_config(EvalConfig(), tomllib.loads(text), where, None, validate)
 
 
 def validate(cfg: EvalConfig) -> None:
