@@ -329,7 +329,7 @@ KERNEL_COLUMNS = ("provider", "mode", "shape", "dtype", "ms_p50", "ms_p20", "ms_
 
 def kernel_main(make_bench: Callable[[torch.device, bool], KernelBench], argv: Sequence[str] | None = None) -> int:
     """Command line shared by benchmarks/bench_<op>.py: ``[--providers a,b] [--modes fwd,full] [--out DIR]
-    [--quick] [--plot] [--device cuda|cpu]``. Exit status 1 when a provider fails the correctness gate."""
+    [--quick] [--rep-ms MS] [--plot] [--device cuda|cpu]``. Exit status 1 when a provider fails the correctness gate."""
     import argparse
 
     parser = argparse.ArgumentParser(description=make_bench.__doc__)
@@ -337,13 +337,19 @@ def kernel_main(make_bench: Callable[[torch.device, bool], KernelBench], argv: S
     parser.add_argument("--modes", help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--out", help="directory for the JSON record (default benchmarks/results)")
     parser.add_argument("--quick", action="store_true", help="small shapes and short timing (smoke runs)")
+    parser.add_argument(
+        "--rep-ms", type=float, help="timing budget per measurement in ms (default 100, 20 with --quick)"
+    )
     parser.add_argument("--plot", action="store_true", help="also write a PNG chart next to the JSON")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     bench = make_bench(device, args.quick)
     split = lambda s: s.split(",") if s else None  # noqa: E731
-    rep = 20 if args.quick else 100
+    unknown = sorted(set(split(args.providers) or ()) - set(bench.providers))
+    if unknown:
+        parser.error(f"unknown provider(s) {', '.join(unknown)}; {bench.name} has {', '.join(bench.providers)}")
+    rep = args.rep_ms or (20 if args.quick else 100)
     rows = run_kernel_bench(bench, device, split(args.providers), split(args.modes), warmup_ms=rep / 4, rep_ms=rep)
     add_speedups(rows, bench.reference)
     print(f"{bench.name} on {device_name(device)} (torch {torch.__version__}, triton {triton_version()})")

@@ -63,39 +63,47 @@ def peak_tflops(device: torch.device, dtype_name: str) -> float | None:
     return next((v for (gpu, dt), v in PEAK_TFLOPS.items() if gpu in name and dt == dtype_name), None)
 
 
-def parse_variant(name: str) -> tuple[str, bool | None]:
-    """``"fast"``, ``"fast+compile"``, ``"reference+eager"`` ... -> (impl, compile: True / False / None = as
-    train.compile says)."""
-    impl, plus, mode = name.partition("+")
-    if impl not in ("reference", "fast") or mode not in ("", "compile", "eager") or (plus and not mode):
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def parse_variant(name: str) -> tuple[str, bool | None, str | None]:
+    """``"fast"``, ``"fast+compile"``, ``"reference+eager"``, ``"fast+compile:reduce-overhead"`` ... -> (impl,
+    compile: True / False / None = as train.compile says, torch.compile mode or None = its default)."""
+    impl, plus, rest = name.partition("+")
+    how, colon, mode = rest.partition(":")
+    known = impl in ("reference", "fast") and how in ("", "compile", "eager") and (how or not plus)
+    if not known or (colon and (how != "compile" or mode not in COMPILE_MODES)):
         raise FastmimError(
             f"bench step variant {name!r} is unknown; write IMPL or IMPL+compile or IMPL+eager, IMPL = reference or "
-            "fast (e.g. --impls reference+eager,fast+compile)."
+            f"fast, optionally IMPL+compile:MODE with MODE one of {', '.join(COMPILE_MODES)} (e.g. --impls "
+            "reference+eager,fast+compile)."
         )
-    return impl, {"": None, "compile": True, "eager": False}[mode]
+    return impl, {"": None, "compile": True, "eager": False}[how], mode or None
 
 
 def build_bench_run(cfg: Config, impl: str, device: torch.device) -> Run:
     """A trainer Run for benchmarking: no run directory, constant learning rate, nothing written. ``impl`` may
     name a variant (:func:`parse_variant`); the blocks are compiled as it, or train.compile, says."""
     cfg = copy.deepcopy(cfg)
-    cfg.model.impl, compile_mode = parse_variant(impl)
+    cfg.model.impl, compile_now, compile_mode = parse_variant(impl)
     t = cfg.train
     torch.manual_seed(t.seed)
     model = model_from_config(cfg.model).to(device)
+    attn = cfg.model.attn
     if cfg.model.attn == "auto":  # as the trainer does: the fastest backend per attention shape on this card
         rows = choose_attention(model, t.batch_size, cfg.model.img_size or 224, amp_dtype(t.precision, device), device)
+        attn = f"auto: {describe(rows)}"
         if device.type == "cuda":
-            print(f"bench step: model.attn=auto measured {describe(rows)}", flush=True)
-    compile_now = compile_wanted(t.compile, device) if compile_mode is None else compile_mode
-    compiled = apply_compile(model) if compile_now else 0
+            print(f"bench step: model.attn={attn}", flush=True)
+    compile_now = compile_wanted(t.compile, device) if compile_now is None else compile_now
+    compiled = apply_compile(model, mode=compile_mode) if compile_now else 0
     loader = build_loader(cfg.data, cfg.model.img_size or 224, t.batch_size, t.seed)
     lr = t.lr if t.lr > 0 else t.blr * t.batch_size * t.accum_steps / 256
     optimizer = build_optimizer(model, lr, t.weight_decay, (t.beta1, t.beta2), fused=device.type == "cuda")
     dtype = amp_dtype(t.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     run = Run(cfg, device, model, optimizer, scaler, loader, Path("."), 10**9, 0, lr, dtype)
-    run.compiled_blocks = compiled
+    run.compiled_blocks, run.compile_mode, run.attn_choice = compiled, compile_mode, attn
     return run
 
 
@@ -191,13 +199,36 @@ def run_step_bench(
             rows[impl]["round_ms"].append(_timed_steps(runs[impl], streams[impl], per_round))
     out = [_row(cfg, impl, runs[impl], rows[impl], device, per_round * rounds, fixed_batch) for impl in impls]
     for impl, row in zip(impls, out):
+        base = _allocated(device)
         row.update(stage_breakdown(runs[impl], streams[impl], breakdown_steps))
+        if device.type == "cuda":
+            row.update(_own_memory(runs[impl], base, device))
     # The baseline: the reference impl as the released code runs it (eager), else whatever reference row there is.
     refs = sorted((r for r in out if r["impl"].startswith("reference")), key=lambda r: r["compile"])
     base = refs[0]["img_per_s"] if refs else None
     for row in out:
         row["speedup_vs_reference"] = row["img_per_s"] / base if base else None
     return out, device
+
+
+def _allocated(device: torch.device) -> int:
+    """Bytes held by the CUDA allocator now, its peak counter reset (0 on CPU)."""
+    if device.type != "cuda":
+        return 0
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _own_memory(run: Run, base: int, device: torch.device) -> dict[str, float]:
+    """Memory one variant needs on its own, although every variant's model lives on the device at once: its
+    parameters and optimizer state, plus the peak its breakdown steps allocated above what was held before them
+    (activations, gradients, workspaces). ``peak_mem_all_gib`` is the process's peak over the timed rounds."""
+    state = [p for p in run.model.parameters()]
+    state += [t for s in run.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
+    state_gib = sum(t.numel() * t.element_size() for t in state) / 2**30
+    step_gib = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    return {"state_gib": state_gib, "step_peak_gib": step_gib, "peak_mem_gib": state_gib + step_gib}
 
 
 def _row(cfg: Config, impl: str, run: Run, timing: dict[str, Any], device: torch.device, steps: int,
@@ -211,6 +242,8 @@ def _row(cfg: Config, impl: str, run: Run, timing: dict[str, Any], device: torch
         "impl": impl,
         "compile": bool(run.compiled_blocks),
         "compile_s": timing.get("compile_s"),
+        "compile_mode": run.compile_mode,
+        "attn": run.attn_choice,
         "model": cfg.model.name,
         "batch": batch,
         "dtype": dtype_name,
@@ -226,7 +259,8 @@ def _row(cfg: Config, impl: str, run: Run, timing: dict[str, Any], device: torch
         "tflops": flops / (ms / 1e3) / 1e12,
         "peak_tflops": peak,
         "mfu": flops / (ms / 1e3) / (peak * 1e12) if peak else None,
-        "peak_mem_gib": peak_memory_gib(device) if device.type == "cuda" else None,
+        "peak_mem_gib": None,  # CUDA: this variant's own peak, filled in by _own_memory after the rounds
+        "peak_mem_all_gib": peak_memory_gib(device) if device.type == "cuda" else None,
         "peak_rss_gib": peak_memory_gib(torch.device("cpu")),
     }
 

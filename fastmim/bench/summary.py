@@ -22,8 +22,10 @@ def _fmt(value, spec: str = ".3g") -> str:
 
 
 def step_table(records: list[dict]) -> list[str]:
-    lines = ["| model | impl | batch | dtype | img/s | ms/step | x reference | MFU | peak GiB | GPU | torch | file |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    head = ("model", "impl", "batch", "dtype", "img/s", "ms/step", "x reference", "MFU", "peak GiB", "compile s",
+            "GPU", "torch", "file")  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    choices = []
     for rec in records:
         if rec.get("bench") != "step":
             continue
@@ -31,9 +33,15 @@ def step_table(records: list[dict]) -> list[str]:
             lines.append(
                 f"| {r['model']} | {r['impl']} | {r['batch']} | {r['dtype']} | {r['img_per_s']:.0f} | "
                 f"{r['ms_per_step']:.2f} | {_fmt(r.get('speedup_vs_reference'), '.2f')} | {_fmt(r.get('mfu'), '.1%')} "
-                f"| {_fmt(r.get('peak_mem_gib'), '.1f')} | {rec['gpu']} | {rec['torch']} | {rec['_file']} |"
+                f"| {_fmt(r.get('peak_mem_gib'), '.1f')} | {_fmt(r.get('compile_s'), '.0f')} | {rec['gpu']} | "
+                f"{rec['torch']} | {rec['_file']} |"
             )
-    return lines if len(lines) > 2 else []
+            if r.get("attn") and (r["model"], r["attn"]) not in {c[:2] for c in choices}:
+                choices.append((r["model"], r["attn"], rec["gpu"]))
+    if len(lines) == 2:
+        return []
+    # model.attn=auto's choice per attention shape, once per model and card (the rows of one record share it)
+    return lines + ["", *(f"- attention, {model} on {gpu}: {attn}" for model, attn, gpu in choices)]
 
 
 def kernel_table(records: list[dict]) -> list[str]:
@@ -42,8 +50,8 @@ def kernel_table(records: list[dict]) -> list[str]:
     for rec in records:
         if rec.get("bench") in ("step", "data"):
             continue
-        for r in rec["rows"]:
-            if "ms_p50" not in r:
+        for r in rec.get("rows", []):  # records without kernel rows (e.g. the convergence check) are skipped
+            if "ms_p50" not in r or "provider" not in r:
                 continue
             shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
             lines.append(

@@ -23,17 +23,18 @@ def compile_wanted(setting: str, device: torch.device) -> bool:
     return setting == "on" or (setting == "auto" and device.type == "cuda")
 
 
-def apply_compile(model: nn.Module, backend: str = "inductor") -> int:
+def apply_compile(model: nn.Module, backend: str = "inductor", mode: str | None = None) -> int:
     """Compile every transformer Block of ``model`` in place, and the grouped decoder block of ``impl = "fast"``
     (a function, compiled once for all decoders); returns how many blocks are covered. Compilation itself happens
     lazily at the first forward (see :func:`timed_first_call` to report its cost). Swin's sparse window blocks stay
-    eager (their packed shapes change with every mask); Swin's decoder blocks are compiled."""
+    eager (their packed shapes change with every mask); Swin's decoder blocks are compiled. ``mode``: torch.compile's
+    mode (None = its default; `bench step` measures the others)."""
     blocks = [m for m in model.modules() if isinstance(m, Block)]
     for block in blocks:
-        block.compile(backend=backend, dynamic=False)
+        block.compile(backend=backend, dynamic=False, mode=mode)
     for m in model.modules():
         if getattr(m, "grouped_block_fn", None) is not None:
-            m.grouped_block_fn = torch.compile(fast_path.grouped_block, backend=backend, dynamic=False)
+            m.grouped_block_fn = torch.compile(fast_path.grouped_block, backend=backend, dynamic=False, mode=mode)
     return len(blocks)
 
 
