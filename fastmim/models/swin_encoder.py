@@ -24,12 +24,12 @@ Token coordinates (they decide each token's window and relative-position index) 
 (``COORD_RULES``). "true": every token at its own position. "released": the rule of the authors' released
 pre-training code, which produced the published Swin results. It keeps tokens in unit-major order, but after a patch
 merge it rebuilds the coordinates in raster order of the full map and filters them with the unit-ordered visibility
-mask, so at a stage with r x r tokens per unit (side = units_per_side * r tokens) the token with unit-major index
-t = u * r * r + a * r + b (unit u, row a, column b in the unit; masked units counted) sits at raster position
-divmod(t, side). The first stage (its coordinates are made before any merge) and the r = 1 stage (where divmod(t,
-side) is the unit's own position) are unaffected; at 224 px, r = 4 and 2 (stages 2 and 3), most visible tokens get
-another token's position, so windows and relative positions differ. The network's parameters are the same under
-both rules; only the function they compute differs.
+mask, so at a stage with r x r tokens per unit (side = units_per_side * r tokens) the token with unit-major index t =
+u * r * r + a * r + b (unit u, row a, column b in the unit; masked units counted) sits at raster position divmod(t,
+side). The first stage (its coordinates are made before any merge) and the r = 1 stage (where divmod(t, side) is the
+unit's own position) are unaffected; in stages 2 and 3 (r = 4, 2) about 86 % of the visible tokens get another
+token's position at 224 px with 37 of 49 units masked, so windows and relative positions differ. The network's
+parameters are the same under both rules; only the function they compute differs.
 """
 
 from __future__ import annotations
