@@ -120,16 +120,20 @@ def window_layout(coords: Tensor, window: int, shift: int) -> WindowLayout:
 COORD_RULES = ("true", "released")
 
 
+def check_coord_rule(rule: str) -> str:
+    if rule not in COORD_RULES:
+        raise ValueError(f"unknown coordinate rule '{rule}'; use one of {', '.join(COORD_RULES)}")
+    return rule
+
+
 def unit_token_coords(visible: Tensor, units_per_side: int, r: int, rule: str = "true") -> Tensor:
     """Coordinates [V * r * r, 2] (row, column) of the tokens of the visible units (unit-major order) on a map of
     units_per_side * r tokens per side: their own positions ("true"), or ("released") the raster position of each
     token's unit-major index among all units' tokens (module docstring; the caller applies it after a merge only)."""
-    if rule == "released":
+    if check_coord_rule(rule) == "released":
         t = (visible[:, None] * r * r + torch.arange(r * r)).flatten()
         side = units_per_side * r
         return torch.stack([t // side, t % side], dim=-1)
-    if rule != "true":
-        raise ValueError(f"unknown coordinate rule '{rule}'; use one of {', '.join(COORD_RULES)}")
     uy, ux = (visible // units_per_side) * r, (visible % units_per_side) * r
     a = torch.arange(r)
     rows = (uy[:, None, None] + a[None, :, None]).expand(-1, r, r)
@@ -251,9 +255,7 @@ class SparseSwinEncoder(nn.Module):
         super().__init__()
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} must have the same length")
-        if coords not in COORD_RULES:
-            raise ValueError(f"unknown coordinate rule '{coords}'; use one of {', '.join(COORD_RULES)}")
-        self.coords = coords
+        self.coords = check_coord_rule(coords)
         self.unit_size = patch_size * 2 ** (len(depths) - 1)
         if img_size % self.unit_size:
             raise ValueError(f"the image size {img_size} must be a multiple of the {self.unit_size} px mask unit")
