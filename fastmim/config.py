@@ -59,7 +59,14 @@ class ModelConfig:
     decoder_dim: int = 0
     """Decoder width; 0 = the model's default (256 for LocalMIM ViT, 512 for MAE, 128 for Swin, whose first is half)."""
     mask_rule: str = "exact"
-    """Swin (one mask of 32 px units per batch): "exact" masks round(ratio * units), "released" int(ratio*units) + 1."""
+    """Swin (one mask of 32 px units per batch): "exact" masks round(ratio * units), "released" int(ratio * units) + 1
+    (the authors' code); they agree at 0.75 (37 of 49 units) but not at e.g. 0.6 (29 vs 30) or 0.8 (39 vs 40).
+    "released" also selects the released token coordinates (model.swin_coords)."""
+    swin_coords: str = "default"
+    """Swin token coordinates, which decide windows and relative positions after a patch merge: "true" (each token at
+    its own position), "released" (the authors' pre-training code, which produced the published results: a merged
+    token gets the raster position of its index in unit-major order) or "default" (released when model.mask_rule is
+    "released", else true)."""
 
 
 @dataclass
@@ -156,6 +163,7 @@ _CHOICES = {
     ("model", "target"): ("", "hog", "pixel"),
     ("model", "hog_bias"): ("default", "on", "off"),
     ("model", "mask_rule"): ("exact", "released"),
+    ("model", "swin_coords"): ("default", "true", "released"),
     ("data", "source"): ("demo", "folder", "synthetic", "ffcv"),
     ("data", "augment"): ("cpu", "gpu"),
     ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),

@@ -21,6 +21,8 @@ Public names:
     sincos_pos_embed_2d(dim, grid_size) -> Tensor [1 + grid_size**2, dim]  (cls row zero)
     ReleasedLocalMIMViT(...)  forward(imgs, noise=None) -> (loss, [L_0, L_1, L_2, L_3])
     ReleasedMAEViT(...)       forward(imgs, noise=None) -> loss
+
+The LocalMIM-Swin oracle (the released pre-training computation, both token-coordinate rules) is tests/oracles_swin.py.
 """
 
 import math

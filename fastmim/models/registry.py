@@ -60,8 +60,11 @@ def model_from_config(mcfg: Any) -> nn.Module:
         raise FastmimError(f"{mcfg.name} always uses normalised-pixel targets; unset model.target/nbins/hog_bias.")
     if name_is_swin(mcfg.name):
         overrides["mask_rule"] = mcfg.mask_rule
-    elif mcfg.mask_rule != "exact":
-        raise FastmimError(f"model.mask_rule applies to Swin models only; unset it for {mcfg.name}.")
+        if mcfg.swin_coords != "default":
+            overrides["swin_coords"] = mcfg.swin_coords
+    elif mcfg.mask_rule != "exact" or mcfg.swin_coords != "default":
+        key = "mask_rule" if mcfg.mask_rule != "exact" else "swin_coords"
+        raise FastmimError(f"model.{key} applies to Swin models only; unset it for {mcfg.name}.")
     return set_attention_backend(create_model(mcfg.name, impl=mcfg.impl, **overrides), mcfg.attn)
 
 

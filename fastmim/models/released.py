@@ -168,10 +168,12 @@ def _infer_overrides(sd: dict[str, Tensor], name: str) -> dict[str, Any]:
 
 
 def import_released(state_dict: dict[str, Tensor], name: str, impl: str = "reference", **overrides: Any) -> nn.Module:
-    """Build model ``name`` from a released state dict; it computes the authors' loss and gradients.
+    """Build model ``name`` from a released state dict; it computes the authors' loss and gradients (LocalMIM-Swin:
+    with ``mask_rule="released"``, which selects the authors' mask count and token coordinates; the default,
+    "exact", computes the true-coordinate variant with the same weights).
 
     Image size, decoder width, HOG bins and bias are read off the tensors; ``overrides`` set what shapes cannot
-    tell (head counts) or a non-registered size.
+    tell (head counts), a non-registered size, or Swin's ``mask_rule`` / ``swin_coords``.
     """
     converted = convert_released_state_dict(state_dict, name)
     try:

@@ -11,6 +11,12 @@ authors' ``randperm(L) <= int(ratio * L)`` test, which masks one unit more: 37 o
 least one unit always stays visible. The same noise row reproduces the mask exactly. The mask is computed on the
 host: noise on a GPU costs one small device-to-host copy per step (pass CPU noise to avoid it).
 
+Token coordinates (``swin_coords``, see swin_encoder.py): "true" (every token at its own position) or "released"
+(the authors' pre-training code, which gives the merged tokens of stages 2 and 3 the raster position of their
+unit-major index, and so other windows and relative positions). Unset, it follows ``mask_rule``: "released" selects
+the whole released computation (mask count and coordinates), "exact" the true coordinates. The published Swin
+recipes use the released rule, the one that produced the published numbers.
+
 Taps: the outputs of the four stages, after patch merging for stages 1-3 (28 x 28, 14 x 14, 7 x 7, 7 x 7 tokens at
 224 px), each through its own LayerNorm, feed one decoder each: Linear in -> w (w = decoder_dim / 2, then
 decoder_dim: 64, 128, 128, 128), the decoder's mask token at masked positions, raster order, fixed 2-D sin-cos
@@ -137,6 +143,7 @@ class LocalMIMSwin(nn.Module):
         hog_bias: bool = True,
         mask_ratio: float = 0.75,
         mask_rule: str = "exact",
+        swin_coords: str | None = None,
         impl: str = "reference",
     ) -> None:
         super().__init__()
@@ -146,7 +153,9 @@ class LocalMIMSwin(nn.Module):
         if impl not in ("reference", "fast"):
             raise ValueError(f"unknown impl '{impl}'; use 'reference' or 'fast'")
         self.mask_ratio, self.mask_rule, self.impl = mask_ratio, mask_rule, impl
-        self.encoder = SparseSwinEncoder(img_size, patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio)
+        coords = swin_coords or ("released" if mask_rule == "released" else "true")
+        self.encoder = SparseSwinEncoder(img_size, patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio,
+                                         coords)  # fmt: skip
         # Tap k: 2^(k+1) times coarser than the patch grid, except the last stage, which has no merging.
         levels = [min(k + 1, 3) for k in range(4)]
         self.tokens_per_unit = [8 // 2**lv for lv in levels]  # r: 4, 2, 1, 1 tokens per unit side
@@ -173,6 +182,11 @@ class LocalMIMSwin(nn.Module):
     def num_patches(self) -> int:
         """The length of a noise row (the trainer draws noise [B, num_patches]): one value per mask unit."""
         return self.encoder.num_units
+
+    @property
+    def swin_coords(self) -> str:
+        """The token-coordinate rule, "true" or "released" (module docstring)."""
+        return self.encoder.coords
 
     def no_weight_decay(self) -> set[str]:
         """Parameters that SPEC 5 exempts from weight decay for Swin beyond 1-D tensors and biases: the decoders'

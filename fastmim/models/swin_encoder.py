@@ -17,8 +17,19 @@ token at (y, x) in window ((y + o) // w, (x + o) // w), o = (w - s) % w. Wheneve
 this is exactly the partition of Swin's cyclic shift plus region mask; otherwise the edge windows are simply smaller
 (no padding tokens). Windows, each holding 1..w^2 visible tokens, are packed greedily (first fit, largest first) into
 groups of at most G = min(w^2, largest window) tokens; attention runs per group with a mask that lets a token see only
-the tokens of its own window, and the relative position bias is indexed by the true coordinate offsets. A stage whose
+the tokens of its own window, and the relative position bias is indexed by the coordinate offsets. A stage whose
 resolution is at most w uses one window covering the map and no shift, as Swin does.
+
+Token coordinates (they decide each token's window and relative-position index) follow one of two rules
+(``COORD_RULES``). "true": every token at its own position. "released": the rule of the authors' released
+pre-training code, which produced the published Swin results. It keeps tokens in unit-major order, but after a patch
+merge it rebuilds the coordinates in raster order of the full map and filters them with the unit-ordered visibility
+mask, so at a stage with r x r tokens per unit (side = units_per_side * r tokens) the token with unit-major index t =
+u * r * r + a * r + b (unit u, row a, column b in the unit; masked units counted) sits at raster position divmod(t,
+side). The first stage (its coordinates are made before any merge) and the r = 1 stage (where divmod(t, side) is the
+unit's own position) are unaffected; in stages 2 and 3 (r = 4, 2) about 86 % of the visible tokens get another
+token's position at 224 px with 37 of 49 units masked, so windows and relative positions differ. The network's
+parameters are the same under both rules; only the function they compute differs.
 """
 
 from __future__ import annotations
@@ -106,9 +117,23 @@ def window_layout(coords: Tensor, window: int, shift: int) -> WindowLayout:
     return WindowLayout(flat, scatter, allowed, bias_index, len(slots), capacity)
 
 
-def unit_token_coords(visible: Tensor, units_per_side: int, r: int) -> Tensor:
+COORD_RULES = ("true", "released")
+
+
+def check_coord_rule(rule: str) -> str:
+    if rule not in COORD_RULES:
+        raise ValueError(f"unknown coordinate rule '{rule}'; use one of {', '.join(COORD_RULES)}")
+    return rule
+
+
+def unit_token_coords(visible: Tensor, units_per_side: int, r: int, rule: str = "true") -> Tensor:
     """Coordinates [V * r * r, 2] (row, column) of the tokens of the visible units (unit-major order) on a map of
-    units_per_side * r tokens per side."""
+    units_per_side * r tokens per side: their own positions ("true"), or ("released") the raster position of each
+    token's unit-major index among all units' tokens (module docstring; the caller applies it after a merge only)."""
+    if check_coord_rule(rule) == "released":
+        t = (visible[:, None] * r * r + torch.arange(r * r)).flatten()
+        side = units_per_side * r
+        return torch.stack([t // side, t % side], dim=-1)
     uy, ux = (visible // units_per_side) * r, (visible % units_per_side) * r
     a = torch.arange(r)
     rows = (uy[:, None, None] + a[None, :, None]).expand(-1, r, r)
@@ -220,14 +245,17 @@ class SparseSwinEncoder(nn.Module):
     [B, V, r_i, r_i, C_i]``: each stage's output after its patch merging (stages 1-3) or blocks (stage 4), un-normed;
     r_i = 4, 2, 1, 1 and C_i = 2C, 4C, 8C, 8C for four stages. Module names follow Swin with the downsample at the
     end of a stage (``layers.{i}.blocks.{j}``, ``layers.{i}.downsample``); timm's layout is one index later.
+    ``coords``: the token-coordinate rule of the stages after the first, "true" or "released" (module docstring);
+    a plain attribute, not part of the state dict, so weights move freely between the rules.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 4, embed_dim: int = 128,
                  depths: Sequence[int] = (2, 2, 18, 2), num_heads: Sequence[int] = (4, 8, 16, 32),
-                 window_size: int = 7, mlp_ratio: float = 4.0) -> None:  # fmt: skip
+                 window_size: int = 7, mlp_ratio: float = 4.0, coords: str = "true") -> None:  # fmt: skip
         super().__init__()
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} must have the same length")
+        self.coords = check_coord_rule(coords)
         self.unit_size = patch_size * 2 ** (len(depths) - 1)
         if img_size % self.unit_size:
             raise ValueError(f"the image size {img_size} must be a multiple of the {self.unit_size} px mask unit")
@@ -258,7 +286,8 @@ class SparseSwinEncoder(nn.Module):
         x = self.patch_embed(units.reshape(-1, 3, s, s))
         x = x.reshape(b, len(visible), *x.shape[1:])
         outs = []
-        for layer in self.layers:
-            x = layer(x, unit_token_coords(visible, u, x.shape[2]))
+        for i, layer in enumerate(self.layers):
+            # the first stage's coordinates predate any merge: the released rule leaves them true
+            x = layer(x, unit_token_coords(visible, u, x.shape[2], self.coords if i else "true"))
             outs.append(x)
         return outs

@@ -21,8 +21,10 @@ from fastmim.models.swin import num_masked_units, unit_masking
 from fastmim.models.swin_encoder import pack_windows, unit_token_coords, window_layout
 from fastmim.models.swin_weights import export_timm_swin
 from fastmim.train.trainer import train
+from tests.oracles_swin import released_swin_unit_mask, swin_token_coords
 
 NAME = "localmim_swin_base_patch4_window7"
+NANO = "localmim_swin_nano_patch4_window4"
 TINY = {"img_size": 128, "embed_dim": 16, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 2, 4), "window_size": 4,
         "decoder_dim": 32, "decoder_heads": 2}  # fmt: skip
 STANDARD = [(0, 0), (1, 0), (0, 1), (1, 1)]  # (row, column) offsets of the merged 2 x 2 tokens, Swin / timm
@@ -140,6 +142,8 @@ def test_registry_published_sizes_and_geometry():
 def test_mask_rules(ratio, exact, released):
     assert num_masked_units(49, ratio, "exact") == exact
     assert num_masked_units(49, ratio, "released") == released
+    if ratio:  # the authors' randperm test (at ratio 0 it masks unit 0; fastmim then masks one by noise)
+        assert released_swin_unit_mask(torch.randperm(49), ratio).sum() == released
     assert num_masked_units(4, 0.75, "released") == 3  # one unit always stays visible
 
 
@@ -154,14 +158,15 @@ def test_noise_contract_reproduces_the_batch_mask():
         unit_masking(torch.rand(3, 196), 49, 0.75)
 
 
+@pytest.mark.parametrize("rule", ["true", "released"])
 @pytest.mark.parametrize("units,r,window", [(7, 8, 7), (2, 8, 7), (4, 4, 3), (7, 2, 7), (4, 8, 4)])
-def test_packing_places_every_visible_token_exactly_once(units, r, window):
+def test_packing_places_every_visible_token_exactly_once(units, r, window, rule):
     g = torch.Generator().manual_seed(units * 100 + r + window)
     res = units * r
     for trial in range(4):
         keep = max(1, int(units * units * [0.25, 0.5, 0.1, 1.0][trial]))
         visible = torch.randperm(units * units, generator=g)[:keep].sort().values
-        coords = unit_token_coords(visible, units, r)
+        coords = unit_token_coords(visible, units, r, rule)
         w = min(window, res)
         for shift in {0, w // 2 if res > window else 0}:
             lay = window_layout(coords, w, shift)
@@ -182,6 +187,22 @@ def test_packing_places_every_visible_token_exactly_once(units, r, window):
             assert torch.equal(same, same & (group_of[:, None] == group_of[None, :]))
             a = lay.allowed[group_of[:, None], pos[:, None] % lay.group_size, pos[None, :] % lay.group_size]
             assert torch.equal(a & (group_of[:, None] == group_of[None, :]), same)
+
+
+@pytest.mark.parametrize("rule", ["true", "released"])
+@pytest.mark.parametrize("units,r", [(2, 4), (2, 2), (7, 4), (7, 2), (7, 1), (3, 8)])
+def test_token_coords_follow_the_oracle(units, r, rule):
+    """fastmim's coordinates of the visible tokens after a merge equal the oracle's literal transcription of each
+    rule (tests/oracles_swin.py); the two rules differ whenever r > 1."""
+    g = torch.Generator().manual_seed(units * 10 + r)
+    for keep in (1, units, units * units // 2, units * units):
+        visible = torch.randperm(units * units, generator=g)[:keep].sort().values
+        masked = torch.ones(units * units, dtype=torch.bool)
+        masked[visible] = False
+        ours = unit_token_coords(visible, units, r, rule)
+        assert torch.equal(ours, swin_token_coords(masked, units, r, rule, merged=True))
+        other = unit_token_coords(visible, units, r, "true" if rule == "released" else "released")
+        assert torch.equal(ours, other) == (r == 1)
 
 
 def test_pack_windows_greedy():
@@ -257,14 +278,39 @@ def test_prediction_ignores_masked_pixels_and_every_parameter_learns():
     }
 
 
-def test_released_mask_rule_through_the_config():
-    args = [f"--model.name={NAME}", "--model.img_size=224", "--model.mask_rule=released", "--model.mask_ratio=0.6"]
-    cfg = load_config(None, args)
+CONFIG_RULES = [("exact", "default", "true"), ("released", "default", "released"), ("released", "true", "true"),
+                ("exact", "released", "released")]  # fmt: skip
+
+
+@pytest.mark.parametrize("mask_rule,swin_coords,rule", CONFIG_RULES)
+def test_released_rules_through_the_config(mask_rule, swin_coords, rule):
+    """model.mask_rule = "released" selects the released coordinates unless model.swin_coords says otherwise."""
+    args = [f"--model.name={NAME}", "--model.img_size=224", f"--model.mask_rule={mask_rule}", "--model.mask_ratio=0.6",
+            f"--model.swin_coords={swin_coords}"]  # fmt: skip
     with torch.device("meta"):
-        model = model_from_config(cfg.model)
-    assert model.mask_rule == "released" and num_masked_units(model.num_units, 0.6, model.mask_rule) == 30
-    with pytest.raises(FastmimError, match="mask_rule applies to Swin models only"):
-        model_from_config(load_config(None, ["--model.mask_rule=released"]).model)
+        model = model_from_config(load_config(None, args).model)
+    assert model.mask_rule == mask_rule and model.swin_coords == rule == model.encoder.coords
+    assert num_masked_units(model.num_units, 0.6, model.mask_rule) == {"exact": 29, "released": 30}[mask_rule]
+    for key in ("mask_rule", "swin_coords"):
+        with pytest.raises(FastmimError, match=f"{key} applies to Swin models only"):
+            model_from_config(load_config(None, [f"--model.{key}=released"]).model)
+
+
+def test_coordinate_rule_is_not_in_the_state_dict():
+    """The rule is a setting, not a weight: the state dicts of both rules have the same keys (a checkpoint or released
+    import made before the rule existed loads into either), and weights move strictly between them."""
+    torch.manual_seed(0)
+    true = create_model(NANO, img_size=64)
+    released = create_model(NANO, img_size=64, mask_rule="released")
+    assert (true.swin_coords, released.swin_coords) == ("true", "released")
+    assert list(true.state_dict()) == list(released.state_dict())
+    released.load_state_dict(true.state_dict(), strict=True)
+    imgs, noise = torch.randn(2, 3, 64, 64), torch.tensor([0.9, 0.1, 0.8, 0.3])
+    with torch.no_grad():  # 3 of 4 units masked, unit 1 visible: its tokens move under the released rule
+        assert true(imgs, noise).losses[0] == released(imgs, noise).losses[0]  # the first tap: stage 1, before a merge
+        assert true(imgs, noise).losses[1] != released(imgs, noise).losses[1]
+    with pytest.raises(FastmimError, match="unknown coordinate rule 'raster'"):
+        create_model(NANO, img_size=64, swin_coords="raster")
 
 
 def test_trains_a_few_steps_through_the_trainer(tmp_path):
@@ -285,20 +331,20 @@ def test_trains_a_few_steps_through_the_trainer(tmp_path):
 def test_swin_recipes_follow_spec_5(recipe, name, batch, blr, epochs, target):
     cfg = load_config(recipe, ["--data.path=/data"])
     t = cfg.train
-    assert cfg.model.name == name and cfg.model.mask_ratio == 0.75 and cfg.model.mask_rule == "exact"
+    assert cfg.model.name == name and cfg.model.mask_ratio == 0.75 and cfg.model.mask_rule == "released"
     assert t.batch_size * t.accum_steps == batch and t.blr == blr and (t.epochs, t.warmup_epochs) == (epochs, 40)
     assert (t.min_lr, t.weight_decay, t.beta1, t.beta2, t.clip_grad) == (0.0, 0.05, 0.9, 0.95, 0.0)
     with torch.device("meta"):
         model = model_from_config(cfg.model)
     assert type(model.target).__name__ == {"hog": "HOGTarget", "pixel": "PixelTarget"}[target]
+    # the released computation, which produced the published numbers: 37 of 49 units, the released coordinates
+    assert num_masked_units(model.num_units, 0.75, model.mask_rule) == 37 and model.swin_coords == "released"
     if target == "hog":
         assert model.target.nbins == 18 and model.target.bias is not None
     assert model.target.cell_sizes == (8, 16, 32, 32)
 
 
 # ----------------------------------------------------------------------------------------------- impl = "fast"
-
-NANO = "localmim_swin_nano_patch4_window4"
 
 
 def _fast_pair(**kw):

@@ -1,64 +1,92 @@
-"""LocalMIM-Swin weights: released-checkpoint import (names, merge-order fix, same loss and gradients as a literal
-transcription of the released model) and export of the encoder as a timm Swin (names, shapes, same features).
+"""LocalMIM-Swin weights: released-checkpoint import (names, merge-order fix, the released computation's loss and
+gradients under both token-coordinate rules) and export of the encoder as a timm Swin (names, shapes, same features).
 
-The released model is transcribed below from its description (SPEC 4 and the authors' module structure): the dense
-Swin oracle of test_swin.py with the released merge order, tap norms ``encoder.norm.{k}``, and decoders that insert
-mask tokens in unit-major order, reorder to raster, add the position embedding, run one block, a LayerNorm and the
-Linear ``pred``; loss = sum over taps of the masked MSE with the unit mask upsampled x4, x2, x1, x1.
+The released computation is tests/oracles_swin.py's ReleasedLocalMIMSwin, a literal transcription written
+independently of fastmim's Swin modules; a model imported from its state dict must compute its loss, per-scale
+losses and every gradient, with the coordinate rule that ``mask_rule`` (or ``swin_coords``) selects.
 """
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastmim import convert_released_state_dict, create_model, export_released_state_dict, import_released
 from fastmim.cli import main
 from fastmim.errors import FastmimError
 from fastmim.models.swin import unit_masking
 from fastmim.models.swin_weights import export_timm_swin, timm_swin_kwargs
-from tests.models.test_swin import NAME, TINY, _ln, _rel, dense_swin, visible_part
+from tests.models.test_swin import NAME, NANO, TINY, _ln, _rel, dense_swin, visible_part
+from tests.oracles_swin import ReleasedLocalMIMSwin
 
 LARGE = "localmim_swin_large_patch4_window14"
+# noise -> with mask ratio 0.5 on the 2 x 2 units of 64 px: "exact" keeps units 1 and 3, "released" (3 of 4 masked)
+# unit 1. A masked unit precedes each visible one, so the released rule's counting of masked units matters.
+NOISE = torch.tensor([0.9, 0.1, 0.8, 0.3])
+# (mask_rule, swin_coords argument, the coordinate rule they select)
+RULES = [("exact", None, "true"), ("released", None, "released"), ("exact", "released", "released")]
 
 
-def _released_decoder(sd, k, x, visible, u, r, heads):
-    """decoder.{k} of the released model on visible tokens x [B, N_vis, D] (unit-major order)."""
-    x = F.linear(x, sd[f"decoder.{k}.embed.weight"], sd[f"decoder.{k}.embed.bias"])
-    b, n, c = x.shape
-    tokens_masked = torch.ones(u * u, r * r)
-    tokens_masked[visible] = 0
-    tokens_masked = tokens_masked.flatten()  # unit-major order
-    ids_restore = torch.argsort(
-        torch.argsort(tokens_masked + torch.arange(len(tokens_masked)) / (5 * len(tokens_masked)))
-    )
-    x = torch.cat([x, sd[f"decoder.{k}.mask_token"].expand(b, len(tokens_masked) - n, c)], dim=1)[:, ids_restore]
-    x = x.reshape(b, u, u, r, r, c).transpose(2, 3).reshape(b, -1, c) + sd[f"decoder.{k}.pos_embed"]
-    pre = f"decoder.{k}.blocks.0."
-    y = F.linear(_ln(x, sd, pre + "norm1"), sd[pre + "attn.qkv.weight"], sd[pre + "attn.qkv.bias"])
-    q, kk, v = y.reshape(b, -1, 3, heads, c // heads).permute(2, 0, 3, 1, 4)
-    attn = ((q * (c // heads) ** -0.5) @ kk.transpose(-2, -1)).softmax(-1)
-    x = x + F.linear(
-        (attn @ v).transpose(1, 2).reshape(b, -1, c), sd[pre + "attn.proj.weight"], sd[pre + "attn.proj.bias"]
-    )
-    hidden = F.gelu(F.linear(_ln(x, sd, pre + "norm2"), sd[pre + "mlp.fc1.weight"], sd[pre + "mlp.fc1.bias"]))
-    x = x + F.linear(hidden, sd[pre + "mlp.fc2.weight"], sd[pre + "mlp.fc2.bias"])
-    return F.linear(_ln(x, sd, f"decoder.{k}.norm"), sd[f"decoder.{k}.pred.weight"], sd[f"decoder.{k}.pred.bias"])
+def _oracle(window, target, coords):
+    arch = {"embed_dim": 16, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 2, 4), "decoder_dim": 32, "decoder_heads": 2}
+    return ReleasedLocalMIMSwin(img_size=64, window_size=window, target=target, coords=coords, **arch)
 
 
-def released_loss(sd, imgs, mask_units, targets, enc_heads, window, dec_heads):
-    """The released LocalMIM-Swin loss for a batch unit mask (bool [U], True = masked) and given targets."""
-    u = round(len(mask_units) ** 0.5)
-    visible = (~mask_units).nonzero().flatten()
-    taps = dense_swin(sd, imgs, enc_heads, window, ~mask_units.reshape(u, u), released=True)
-    total = 0.0
-    for k, (tap, scale) in enumerate(zip(taps, [4, 2, 1, 1])):
-        x = visible_part(tap, visible, u)
-        x = _ln(x.reshape(x.shape[0], -1, x.shape[-1]), sd, f"encoder.norm.{k}")
-        pred = _released_decoder(sd, k, x, visible, u, scale, dec_heads)
-        m = mask_units.double().reshape(u, u).repeat_interleave(scale, 0).repeat_interleave(scale, 1).flatten()
-        m = m.expand(imgs.shape[0], -1)
-        total = total + (((pred - targets[k]) ** 2).mean(-1) * m).sum() / m.sum()
-    return total
+def _backward(losses, module):
+    """Per-scale losses and, in fastmim names, the gradients of a random combination of them (each scale's path is
+    checked, not only their sum)."""
+    module.zero_grad(set_to_none=True)
+    upstream = torch.rand(4, generator=torch.Generator().manual_seed(5)).to(losses[0].dtype) + 0.5
+    (torch.stack(losses) * upstream).sum().backward()
+    grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+    if isinstance(module, ReleasedLocalMIMSwin):
+        grads = convert_released_state_dict(grads, NANO)
+    return torch.stack(losses).detach(), grads
+
+
+def _compare_with_oracle(window, target, mask_rule, swin_coords, rule, impl):
+    """fastmim (``impl``) against the oracle with ``rule``, same weights, image and mask: the worst relative
+    difference over the losses (total and per scale) and over the gradients; and the smallest difference between
+    that oracle's gradients and the other rule's for the relative-position tables of stages 2 and 3, which shows
+    that the comparison tells the two rules apart."""
+    torch.manual_seed(window)
+    oracle = _oracle(window, target, rule)
+    kw = {"swin_coords": swin_coords} if swin_coords else {}
+    model = import_released(oracle.state_dict(), NANO, impl=impl, decoder_heads=2, mask_rule=mask_rule,
+                            mask_ratio=0.5, **kw)  # fmt: skip
+    assert model.swin_coords == rule and (type(model.target).__name__ == "HOGTarget") == (target == "hog")
+    imgs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(window))
+    out = model(imgs, NOISE)
+    mask = out.mask[0]
+    assert mask.sum() == {"exact": 2, "released": 3}[mask_rule]
+    got, got_grads = _backward(out.losses, model)
+    want, want_grads = _backward(oracle(imgs, mask)[1], oracle)
+    assert set(want_grads) == set(got_grads), "every trainable released tensor maps to a trainable fastmim one"
+    loss_err = max(_rel(got, want), _rel(out.loss.detach(), want.sum()))
+    grad_err = max(_rel(got_grads[n], g) for n, g in want_grads.items())
+    other = _oracle(window, target, "true" if rule == "released" else "released")
+    other.load_state_dict(oracle.state_dict())
+    other_grads = _backward(other(imgs, mask)[1], other)[1]
+    tables = [n for n in want_grads if n.startswith(("encoder.layers.1.", "encoder.layers.2.")) and "position" in n]
+    gap = min(_rel(other_grads[n], want_grads[n]) for n in tables)
+    return loss_err, grad_err, gap
+
+
+@pytest.mark.parametrize("window", [2, 4])
+@pytest.mark.parametrize("target", ["hog", "pixel"])
+@pytest.mark.parametrize("mask_rule,swin_coords,rule", RULES)
+def test_imported_model_computes_the_released_oracle_fp64(fp64, window, target, mask_rule, swin_coords, rule):
+    """Reference impl, fp64: loss, per-scale losses and every gradient within 1e-12 (relative) of the oracle."""
+    loss_err, grad_err, gap = _compare_with_oracle(window, target, mask_rule, swin_coords, rule, "reference")
+    assert loss_err <= 1e-12 and grad_err <= 1e-12 and gap > 1e-3, (loss_err, grad_err, gap)
+
+
+@pytest.mark.parametrize("window", [2, 4])
+@pytest.mark.parametrize("target", ["hog", "pixel"])
+@pytest.mark.parametrize("mask_rule,swin_coords,rule", RULES[:2])
+def test_fast_impl_computes_the_released_oracle_fp32(window, target, mask_rule, swin_coords, rule):
+    """impl = "fast" (Triton kernels under the interpreter), fp32: the ViT fast path's tolerances, 1e-5 on the
+    losses and 1e-4 on the gradients (relative)."""
+    loss_err, grad_err, gap = _compare_with_oracle(window, target, mask_rule, swin_coords, rule, "fast")
+    assert loss_err <= 1e-5 and grad_err <= 1e-4 and gap > 1e-3, (loss_err, grad_err, gap)
 
 
 def test_released_names_and_shapes_full_size():
@@ -112,27 +140,6 @@ def test_import_applies_the_merge_order_fix(fp64):
     unswapped = {**released, merge: ours.state_dict()[merge]}
     wrong = dense_swin(unswapped, imgs, TINY["num_heads"], 4, vis, released=True)[0]
     assert _rel(sparse[0], visible_part(wrong, masking.visible, 4)) > 1e-3
-
-
-@pytest.mark.parametrize("target", ["hog", "pixel"])
-def test_imported_model_matches_released_loss_and_gradients(fp64, target):
-    torch.manual_seed(1)
-    released = export_released_state_dict(create_model(NAME, **TINY, target=target).state_dict(), NAME)
-    frozen = ("pos_embed", "relative_position_index", "hog_enc.")
-    leaves = {k: v.clone().requires_grad_(not any(f in k for f in frozen)) for k, v in released.items()}
-    model = import_released(released, NAME, decoder_heads=2)
-    assert (model.target.__class__.__name__ == "HOGTarget") == (target == "hog")
-    imgs, noise = torch.randn(2, 3, 128, 128), torch.rand(2, 16)
-    out = model(imgs, noise)
-    ref = released_loss(leaves, imgs, out.mask[0].bool(), out.targets, TINY["num_heads"], 4, 2)
-    assert _rel(out.loss, ref) < 1e-10
-    out.loss.backward()
-    ref.backward()
-    grads = convert_released_state_dict({k: v.grad for k, v in leaves.items() if v.requires_grad}, NAME)
-    params = dict(model.named_parameters())
-    assert set(grads) == set(params)
-    for name, grad in grads.items():
-        assert _rel(params[name].grad, grad) < 1e-10, name
 
 
 def test_foreign_or_damaged_checkpoints_are_refused():

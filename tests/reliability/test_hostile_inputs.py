@@ -26,6 +26,7 @@ INVALID = {
     "model.attn": ("fast", "model.attn"),
     "model.decoder_dim": ("-8", "model.decoder_dim"),
     "model.mask_rule": ("released", "mask_rule applies to Swin models only"),  # a combination: ViT + Swin rule
+    "model.swin_coords": ("released", "swin_coords applies to Swin models only"),  # a combination, as above
     "data.source": ("web", "data.source"),
     "data.path": ("/nonexistent/images", "/nonexistent/images"),  # with data.source = folder, below
     "data.num_workers": ("-1", "data.num_workers"),
