@@ -169,8 +169,9 @@ class Progress:
 
 
 def plot_losses(metrics_path: Path, png_path: Path, scale_names: list[str]) -> Path | None:
-    """Total and per-scale loss against step, as a PNG; None when there is nothing to plot."""
-    rows = read_metrics(metrics_path)
+    """Total and per-scale loss against step, as a PNG; None when there is nothing to plot (also when no log step
+    was reached, so there is no metrics file: a run stopped before its first one)."""
+    rows = read_metrics(metrics_path) if metrics_path.exists() else []
     if not rows:
         return None
     import matplotlib

@@ -8,8 +8,9 @@ Reliability (README "Interruptions and failures"):
 
 - Checkpoints are atomic and verified (fastmim.train.checkpoint); ``train.resume = "auto"`` takes the newest intact
   one, falling back past corrupt ones; ``train.keep_last`` rotates them, keeping the best.
-- SIGTERM, SIGINT and SIGUSR1 finish the current step, save, and return with ``stopped_by`` set (the CLI exits 0
-  and prints the resume command); a second signal stops at once.
+- SIGTERM, SIGINT, SIGUSR1 and SIGHUP finish the current step, save, and return with ``stopped_by`` set (the CLI
+  exits 0 and prints the resume command); a second signal stops at once. The data workers are shut down on every
+  way out of the loop.
 - A step whose loss or gradient is non-finite is skipped: no parameter, moment or step count changes (see
   ``apply_update``); skips are counted per scale and logged; ``train.max_nonfinite`` consecutive ones save and stop.
 """
@@ -32,7 +33,7 @@ from fastmim.config import Config, config_from_toml, dump_toml
 from fastmim.data import MIMLoader, build_loader
 from fastmim.data.loader import mix_seed
 from fastmim.data.prefetch import DevicePrefetcher
-from fastmim.errors import FastmimError
+from fastmim.errors import STOP_SIGNALS, FastmimError
 from fastmim.models import model_from_config
 from fastmim.train import distributed as D
 from fastmim.train.attn_choice import choose_attention, describe
@@ -56,7 +57,6 @@ from fastmim.train.optim import build_optimizer, lr_at
 from fastmim.train.parallel import apply_compile, compile_wanted, timed_first_call
 
 SCALE_NAMES = ["s=4", "s=2", "s=1", "s=1/2"]
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 @dataclass
@@ -310,10 +310,14 @@ def save_checkpoint(run: Run, stats: StepStats | None = None) -> Path:
 
 def _batches(run: Run):
     """Endless stream of normalised images on the device from the saved position, read one step ahead on CUDA
-    (fastmim.data.prefetch); advances run.pos.epoch / batch as batches are taken."""
+    (fastmim.data.prefetch); advances run.pos.epoch / batch as batches are taken. Closing it (the trainer does, on
+    every way out of the loop) shuts the data workers down."""
     stream = DevicePrefetcher(run.loader, run.device, run.pos.epoch, run.pos.batch)
-    for images, run.pos.epoch, run.pos.batch in stream:
-        yield images
+    try:
+        for images, run.pos.epoch, run.pos.batch in stream:
+            yield images
+    finally:
+        stream.close()
 
 
 def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -384,11 +388,11 @@ def apply_update(run: Run, loss_finite: torch.Tensor) -> torch.Tensor:
 
 
 class StopSignals:
-    """Turns SIGTERM / SIGINT / SIGUSR1 into a request to stop after the current step: the handler only records the
-    signal's name in ``name``, which the loop reads between steps (no syscall, no device sync). A second signal
-    raises KeyboardInterrupt at once; the last checkpoint stays valid since saves are atomic. DataLoader workers
-    forked while this is active inherit the handler and ignore the signal (their parent shuts them down). Outside
-    the main thread (where Python cannot install handlers) it does nothing."""
+    """Turns the stop signals (SIGTERM, SIGINT, SIGUSR1, SIGHUP) into a request to stop after the current step: the
+    handler only records the signal's name in ``name``, which the loop reads between steps (no syscall, no device
+    sync). A second signal raises KeyboardInterrupt at once; the last checkpoint stays valid since saves are atomic.
+    DataLoader workers forked while this is active ignore the signals (their parent shuts them down). Outside the
+    main thread (where Python cannot install handlers) it does nothing."""
 
     def __enter__(self) -> StopSignals:
         self.name: str | None = None
@@ -445,7 +449,7 @@ def train(cfg: Config) -> dict[str, Any]:
     batches, first_step, start = _batches(run), run.pos.step, time.perf_counter()
     saved = (run.pos.step, run.resumed_from) if run.resumed_from else (-1, None)
     row, streak, stopping = None, 0, None
-    with StopSignals() as stop, contextlib.closing(log), progress, run.dist:
+    with StopSignals() as stop, contextlib.closing(log), progress, run.dist, contextlib.closing(batches):
         while run.pos.step < run.total_steps and stopping is None and streak < t.max_nonfinite:
             first = run.pos.step == first_step and run.compiled_blocks
             loss, losses, applied = _compiling_step(run, batches) if first else train_step(run, batches)

@@ -1,5 +1,6 @@
-"""Pre-emption: SIGTERM / SIGINT / SIGUSR1 finish the current step, save, exit 0 and say how to resume; the resumed
-run equals the uninterrupted one bit for bit (losses, weights, optimizer state; data order and masks included)."""
+"""Pre-emption: SIGTERM / SIGINT / SIGUSR1 / SIGHUP finish the current step, save, exit 0 and say how to resume;
+the resumed run equals the uninterrupted one bit for bit (losses, weights, optimizer state; data order and masks
+included)."""
 
 import re
 import shlex
@@ -7,6 +8,7 @@ import signal
 
 import pytest
 
+from fastmim.errors import STOP_SIGNALS
 from fastmim.train.checkpoint import checkpoints, load_checkpoint, read_record
 from tests.reliability._harness import STEPS, Proc, assert_same_run, pretrain_args, run, wait_for_rows
 
@@ -18,7 +20,7 @@ def _resume_argv(output: str) -> list[str]:
     return shlex.split(match.group(1))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
+@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda s: s.name)
 def test_signal_saves_exits_0_and_resume_is_exact(tmp_path, reference, signum):
     out = tmp_path / "run"
     proc = Proc(pretrain_args(out, f"--train.steps={STEPS}"), tmp_path / "log1")
