@@ -218,19 +218,28 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FastmimError(f"checkpoint '{path}' does not exist; give an existing file or train.resume=auto.")
     verify_checkpoint(path)
+    ckpt = load_data_only(path, f"'{path}'")
+    _check_format(ckpt, path)
+    return ckpt
+
+
+def load_data_only(path: Path, name: str, allowed: list | tuple = (), mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, containers, numbers and strings, plus the ``allowed``
+    classes, never code. A file that holds any other pickled object raises :class:`FastmimError`; an unreadable
+    one :class:`CorruptCheckpoint`. ``name`` says what the file is in those messages; ``mmap`` leaves tensor data
+    on disk (enough to check what a file holds without reading it)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "unsupported global" in str(e).lower():
             raise FastmimError(
-                f"'{path}' holds pickled Python objects, not just tensors; fastmim never executes code from a "
+                f"{name} holds pickled Python objects, not just tensors; fastmim never executes code from a "
                 "checkpoint: give a checkpoint written by fastmim."
             ) from None
-        raise CorruptCheckpoint(f"'{path}' is not a readable checkpoint (UnpicklingError)") from None
+        raise CorruptCheckpoint(f"{name} is not a readable checkpoint (UnpicklingError)") from None
     except Exception as e:
-        raise CorruptCheckpoint(f"'{path}' is not a readable checkpoint ({type(e).__name__})") from None
-    _check_format(ckpt, path)
-    return ckpt
+        raise CorruptCheckpoint(f"{name} is not a readable checkpoint ({type(e).__name__})") from None
 
 
 def _check_format(ckpt: Any, path: Path) -> None:
