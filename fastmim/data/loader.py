@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastmim.data.sources import ImageSource, UnreadableImageError, build_source
 from fastmim.data.transforms import PretrainTransform, normalize_uint8
-from fastmim.errors import STOP_SIGNALS, FastmimError
+from fastmim.errors import STOP_SIGNALS, FastmimError, one_line
 
 _MASK64 = (1 << 64) - 1
 _MASK63 = (1 << 63) - 1
@@ -155,8 +155,8 @@ class _AugmentedSource(Dataset):
             except UnreadableImageError:
                 continue
         raise FastmimError(
-            f"cannot read image {bad.path} ({bad.reason}), nor any of {_MAX_REPLACEMENT_TRIES} replacements drawn "
-            "at random; most of data.path is unreadable: check its files."
+            f"cannot read image {one_line(bad.path)} ({bad.reason}), nor any of {_MAX_REPLACEMENT_TRIES} "
+            "replacements drawn at random; most of data.path is unreadable: check its files."
         )
 
 
@@ -302,7 +302,8 @@ class MIMLoader:
             if path not in self.skipped_files:
                 self.skipped_files[path] = reason
                 warnings.warn(
-                    f"skipped unreadable image {path} ({reason}); a replacement image takes its place", stacklevel=3
+                    f"skipped unreadable image {one_line(path)} ({reason}); a replacement image takes its place",
+                    stacklevel=3,
                 )
 
 

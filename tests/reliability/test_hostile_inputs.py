@@ -4,15 +4,17 @@ models', versions' and tools' files refused by name; a run writes nothing outsid
 import os
 from typing import get_type_hints
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fastmim.cli import main
 from fastmim.config import Config, load_config, to_dict, validate
 from fastmim.errors import FastmimError
 from fastmim.train import train
 from fastmim.train.checkpoint import checkpoint_path, load_checkpoint, write_checkpoint
-from tests.reliability._harness import FAST, config, run
+from tests.reliability._harness import FAST, config, pretrain_args, run
 
 # For every key: an invalid value and what the one-line error says (ranges and combinations; types are below).
 INVALID = {
@@ -178,3 +180,24 @@ def test_a_run_writes_nothing_outside_its_run_directory(tmp_path):
     files = sorted(p.name for p in (sandbox["work"] / "run").iterdir())
     assert "checkpoint-0000004.pt" in files and not [name for name in files if name.startswith(".")], files
     assert "checkpoint: run/checkpoint-0000004.pt" in output
+
+
+def test_a_hostile_image_folder_trains_and_says_what_it_skipped(tmp_path):
+    """Links looping back to their folder (the listing hung), a FIFO named pipe.png (open() blocked forever, and a
+    SIGTERM then neither stopped nor saved) and an unreadable file with a newline in its name, next to real images:
+    the run lists each image once, skips and names the rest on one line each, and finishes."""
+    images = tmp_path / "images" / "cls"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    (images / "loop_a").symlink_to(images)
+    (images / "loop_b").symlink_to(images)
+    os.mkfifo(images / "pipe.png")
+    (images / "bad\nname.png").write_text("not an image")
+    argv = pretrain_args(tmp_path / "run", "--train.steps=4", "--data.source=folder", f"--data.path={images.parent}")
+    code, output = run(argv, tmp_path / "log")
+    assert code == 0, output
+    assert "2 links to a folder listed already" in output and "1 image names that are not regular files" in output
+    assert "skipped unreadable image " in output and "bad\\nname.png (not a recognised image)" in output, output
+    assert "done: " in output
