@@ -96,3 +96,26 @@ def test_a_user_error_with_workers_exits_2(tmp_path):
     assert cmd.wait() == 2, cmd.output()
     errors = [line for line in cmd.output().splitlines() if line.startswith("fastmim: error:")]
     assert len(errors) == 1 and "unreadable" in errors[0] and "Traceback" not in cmd.output(), cmd.output()
+
+
+def _catches(pid: int, signum: int) -> bool:
+    """Whether process ``pid`` has a handler installed for ``signum`` (Linux: SigCgt in /proc/PID/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigCgt:")), 16)
+    return bool(mask >> (signum - 1) & 1)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+def test_a_stop_signal_during_start_up_is_one_line(tmp_path, signum):
+    """Ctrl-C during the seconds torch takes to import ended in a KeyboardInterrupt traceback; SIGTERM killed the
+    process without a word. Signalled as soon as the command handles signals, while it imports torch: one line."""
+    cmd = Command(["pretrain", *ARGS, "--train.steps=2", f"--train.out_dir={tmp_path / 'run'}"], tmp_path / "log")
+    deadline = time.monotonic() + LIMIT_S
+    while not _catches(cmd.proc.pid, signal.SIGTERM) and cmd.proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(cmd.proc.pid, signum)
+    assert cmd.wait() == 128 + signum, cmd.output()
+    assert cmd.output().strip() == f"fastmim: interrupted by {signum.name}; what was written before is intact."

@@ -55,3 +55,19 @@ def test_signal_to_the_process_group_with_data_workers(tmp_path, reference, sig)
     code, resumed = run(_resume_argv(proc.output()), tmp_path / "log2")
     assert code == 0, resumed
     assert_same_run(out, reference)
+
+
+def test_a_second_sigterm_inside_a_save_stops_in_one_line(tmp_path, reference):
+    """The first SIGTERM asks to stop, the second one stops at once; when it lands inside torch.save, torch turned
+    the interruption into a RuntimeError traceback (exit 1). Now: one line, exit 128 + 15, the save abandoned, the
+    previous checkpoint intact, and the resumed run exact."""
+    out = tmp_path / "run"
+    sigterm_twice = ("mid-write", 2, (signal.SIGTERM, signal.SIGTERM))  # inside the second save, of step 4
+    argv = pretrain_args(out, f"--train.steps={STEPS}", "--train.save_every=2")
+    code, output = run(argv, tmp_path / "log1", crash=sigterm_twice)
+    assert code == 128 + signal.SIGTERM, output
+    assert "fastmim: interrupted by SIGTERM; what was written before is intact." in output
+    assert "Traceback" not in output and [step for step, _ in checkpoints(out)] == [2], output
+    code, resumed = run([*argv, "--train.resume=auto"], tmp_path / "log2")
+    assert code == 0, resumed
+    assert_same_run(out, reference)
