@@ -21,10 +21,12 @@ User errors print one line (``fastmim: error: ...``) and exit with status 2.
 from __future__ import annotations
 
 import argparse
+import os
+import signal
 import sys
 from pathlib import Path
 
-from fastmim.errors import FastmimError
+from fastmim.errors import FastmimError, interrupt_on_stop_signals, one_line
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -108,6 +110,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A stop signal outside the training loop (which saves and stops instead): start-up, a conversion, an
+    # evaluation have nothing to finish first, so the command ends at once, in one line.
+    with interrupt_on_stop_signals() as reported:
+        try:
+            return _main(argv)
+        except KeyboardInterrupt as e:  # Interrupted, or a second signal in training; files are written atomically
+            reported()
+            name = getattr(e, "signal_name", "SIGINT")
+            print(f"fastmim: interrupted by {name}; what was written before is intact.", file=sys.stderr)
+            return 128 + signal.Signals[name]
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     try:
@@ -119,18 +134,32 @@ def main(argv: list[str] | None = None) -> int:
         return _COMMANDS[args.command](args, extra)
     except FastmimError as e:
         if not getattr(e, "reported_by_rank0", False):  # several processes: one message per run
-            print(f"fastmim: error: {_rank_prefix()}{e}", file=sys.stderr)
+            print(f"fastmim: error: {_rank_prefix()}{one_line(str(e))}", file=sys.stderr)
         return 2
-    except RuntimeError as e:  # several processes: another rank died; its own error is the one to read
-        from fastmim.train.distributed import lost_peer
+    except (MemoryError, OverflowError, RuntimeError) as e:
+        if (message := _too_large(e)) is not None:
+            print(f"fastmim: error: {_rank_prefix()}{message}", file=sys.stderr)
+            return 2
+        from fastmim.train.distributed import lost_peer  # several processes: another rank died; read its error
 
-        if not _rank_prefix() or (message := lost_peer(e)) is None:
+        if not isinstance(e, RuntimeError) or not _rank_prefix() or (message := lost_peer(e)) is None:
             raise
         print(f"fastmim: error: {_rank_prefix()}{message}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("fastmim: interrupted", file=sys.stderr)
-        return 130
+
+
+def _too_large(error: BaseException) -> str | None:
+    """One line for a configuration too large for this machine (an allocation that failed, a number that
+    overflowed), or None for any other error."""
+    text = one_line(str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__)[:200]
+    if isinstance(error, MemoryError) or "can't allocate memory" in text or "out of memory" in text.lower():
+        return (
+            f"out of memory ({text}); lower train.batch_size, model.img_size or data.num_images, or use a machine "
+            "with more memory."
+        )
+    if isinstance(error, OverflowError) or "overflow" in text.lower():
+        return f"a value is too large to compute with ({text}); use smaller sizes, counts or rates."
+    return None
 
 
 def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
@@ -161,17 +190,22 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
         skipped += f" ({summary['skipped_images']} unreadable images replaced; see the warnings above)"
     print(
         f"done: {summary['model']} trained to step {summary['steps']} ({summary['steps_this_run']} steps this run) "
-        f"on {summary['device']} at {summary['img_per_s']:.1f} img/s; final loss {loss}{skipped}\n"
+        f"on {summary['device']} at {summary['img_per_s']:.1f} img/s{_startup(summary)}; final loss {loss}{skipped}\n"
         f"  checkpoint: {summary['checkpoint']}\n  metrics:    {summary['metrics']}\n"
         f"  loss plot:  {summary['plot']}\n  continue with: {resume} --train.steps=N"
     )
     return 0
 
 
+def _startup(summary: dict) -> str:
+    """How long the run took to reach its steady rate (which the img/s figure is: the steps after the first)."""
+    if summary.get("startup_s") is None:
+        return ""
+    return f" (steady; start-up {summary['startup_s']:.1f} s: building, data workers, first batch and step)"
+
+
 def _rank_prefix() -> str:
     """The prefix "rank R: " in a process started by a distributed launcher (torchrun, deepspeed, srun), else ""."""
-    import os
-
     return f"rank {os.environ['RANK']}: " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
 
 
@@ -184,8 +218,13 @@ def cmd_consolidate(args: argparse.Namespace, extra: list[str]) -> int:
         f"-> {s['out']}\n  fp32 weights, step, data position and config kept; AdamW moments restart.\n"
         f"  continue it on any number of processes: fastmim pretrain --config CONFIG --train.dist=auto "
         f"--train.zero_stage=0 --train.resume={s['out']}"
+        + ("" if _same_dir(s["out"], args.src) else " --train.out_dir=NEW_DIR (a run directory holds one run)")
     )
     return 0
+
+
+def _same_dir(a: str | Path, b: str | Path) -> bool:
+    return Path(a).resolve().parent == Path(b).resolve().parent
 
 
 def cmd_config(args: argparse.Namespace, overrides: list[str]) -> int:

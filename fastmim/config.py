@@ -280,12 +280,27 @@ def resolve_recipe(path_or_name: str) -> Path:
 
 
 def read_recipe(recipe: str) -> tuple[Path, dict[str, Any]]:
-    """(path, parsed TOML) of a recipe file or built-in recipe name; bad TOML is a user error naming the file."""
+    """(path, parsed TOML) of a recipe file or built-in recipe name; a file that is not UTF-8 text (a checkpoint
+    given by mistake) or not valid TOML is a user error naming the file."""
     path = resolve_recipe(recipe)
     try:
-        return path, tomllib.loads(path.read_text())
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = "not UTF-8 text" if isinstance(e, UnicodeDecodeError) else e.strerror
+        raise FastmimError(f"{path} cannot be read as a TOML recipe ({reason}); give a TOML file.") from None
+    return path, parse_toml(text, f"{path}: not valid TOML", "fix the file's syntax")
+
+
+def parse_toml(text: str, what: str, fix: str) -> dict[str, Any]:
+    """Parsed TOML text; bad syntax, and nesting too deep for the parser (thousands of levels: a RecursionError),
+    raise :class:`FastmimError` as ``"{what} ({reason}); {fix}."``."""
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise FastmimError(f"{path}: not valid TOML ({e}); fix the file's syntax.") from None
+        reason = str(e)
+    except RecursionError:
+        reason = "nested too deeply"
+    raise FastmimError(f"{what} ({reason}); {fix}.")
 
 
 def check_choices(cfg: Any, choices: dict[tuple[str, str], tuple]) -> None:
@@ -313,7 +328,8 @@ def load_config(recipe: str | None = None, overrides: list[str] | None = None) -
 
 def config_from_toml(text: str, where: str = "checkpoint") -> Config:
     """Rebuild a Config from the TOML text saved with a run or checkpoint."""
-    return resolve_config(Config(), tomllib.loads(text), where, None, validate)
+    mapping = parse_toml(text, f"{where} holds no readable config", "give one written by fastmim")
+    return resolve_config(Config(), mapping, where, None, validate)
 
 
 def validate(cfg: Config) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from fastmim.errors import FastmimError
+from fastmim.errors import FastmimError, one_line
 from fastmim.models.released import unwrap_state_dict
 
 WEIGHTS_FORMAT = "fastmim-weights"
@@ -20,6 +20,8 @@ WEIGHTS_FORMAT = "fastmim-weights"
 
 def safe_load(path: str | Path) -> Any:
     path = Path(path)
+    if path.is_dir():
+        raise FastmimError(f"'{path}' is a directory; give a checkpoint file in it (e.g. {path}/checkpoint-*.pt).")
     if not path.is_file():
         raise FastmimError(f"'{path}' does not exist; give the path of a checkpoint file.")
     try:
@@ -38,7 +40,20 @@ def load_released_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def load_fastmim_weights(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
     """(model name, state dict) from a fastmim checkpoint or weights file."""
-    obj = safe_load(path)
+    return checked_weights(safe_load(path), path)
+
+
+def checked_weights(obj: Any, path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """(model name, state dict) of a loaded fastmim checkpoint or weights file; refuses, in one line, another kind
+    of file, a model name that is missing or not registered, and a ``model`` that is not a dict of tensors."""
+    from fastmim.models import list_models
+
     if not isinstance(obj, dict) or obj.get("format") not in (WEIGHTS_FORMAT, "fastmim-checkpoint"):
         raise FastmimError(f"'{path}' is not a fastmim checkpoint or weights file; import it first.")
-    return obj["model_name"], obj["model"]
+    name, state = obj.get("model_name"), obj.get("model")
+    if not isinstance(name, str) or name not in list_models():
+        shown = one_line(repr(name))[:80]
+        raise FastmimError(f"'{path}' names no registered model (model_name {shown}); give a file written by fastmim.")
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FastmimError(f"'{path}' holds no model weights (tensors by name); give a file written by fastmim.")
+    return name, state

@@ -18,12 +18,19 @@ drawn identically, so the placements differ only by Pillow's pass-order rounding
 Unreadable images (empty, truncated, not an image, too large) do not stop a run: the sample is replaced by another
 image drawn from its own seed (batches stay full, resume stays exact), counted in :attr:`MIMLoader.skipped` and
 warned about once per file.
+
+Worker processes ignore the stop signals (see :func:`_ignore_stop_signals`), so nothing but their parent ends them:
+an epoch's workers are shut down as soon as its batches stop being read (the iterator finished, closed or
+abandoned), and any still running when the process exits are shut down then (:func:`stop_workers`); otherwise
+Python's exit handler would send them a SIGTERM they ignore and wait for them forever.
 """
 
 from __future__ import annotations
 
+import atexit
 import signal
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,7 +41,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastmim.data.sources import ImageSource, UnreadableImageError, build_source
 from fastmim.data.transforms import PretrainTransform, normalize_uint8
-from fastmim.errors import FastmimError
+from fastmim.errors import STOP_SIGNALS, FastmimError, one_line
 
 _MASK64 = (1 << 64) - 1
 _MASK63 = (1 << 63) - 1
@@ -46,6 +53,10 @@ PLACEMENTS: tuple[str, ...] = ("cpu", "gpu")
 # replacements in a row the data is hopeless and the run stops.
 _REPLACEMENT_SALT = 0x5EED_BAD1
 _MAX_REPLACEMENT_TRIES = 32
+# Seconds a worker gets to exit after being asked to (an idle one takes milliseconds) before it is killed.
+_WORKER_GRACE_S = 2.0
+# DataLoader iterators whose workers may still run: shut down at exit if nothing else did (see the module docstring).
+_LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
 
 
 def mix_seed(*words: int | np.ndarray) -> np.ndarray:
@@ -144,8 +155,8 @@ class _AugmentedSource(Dataset):
             except UnreadableImageError:
                 continue
         raise FastmimError(
-            f"cannot read image {bad.path} ({bad.reason}), nor any of {_MAX_REPLACEMENT_TRIES} replacements drawn "
-            "at random; most of data.path is unreadable: check its files."
+            f"cannot read image {one_line(bad.path)} ({bad.reason}), nor any of {_MAX_REPLACEMENT_TRIES} "
+            "replacements drawn at random; most of data.path is unreadable: check its files."
         )
 
 
@@ -252,14 +263,19 @@ class MIMLoader:
             generator=torch.Generator().manual_seed(int(mix_seed(self.seed, epoch))),
             worker_init_fn=_ignore_stop_signals if self.num_workers else None,
         )
+        batches = iter(loader)
+        if self.num_workers:
+            _LIVE_ITERATORS.add(batches)
         try:
-            for batch in loader:
+            for batch in batches:
                 self._count_skips(batch[-1])
                 yield batch
         except FastmimError as err:
             if not str(err).startswith(_WORKER_ERROR_HEADER):
                 raise
             raise FastmimError(_original_message(str(err))) from None
+        finally:
+            stop_workers(batches)
 
     def finish(self, batch: tuple, device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(images, labels)`` from a raw batch, the images float32 and normalised on ``device``: the uint8 batch is
@@ -286,16 +302,43 @@ class MIMLoader:
             if path not in self.skipped_files:
                 self.skipped_files[path] = reason
                 warnings.warn(
-                    f"skipped unreadable image {path} ({reason}); a replacement image takes its place", stacklevel=3
+                    f"skipped unreadable image {one_line(path)} ({reason}); a replacement image takes its place",
+                    stacklevel=3,
                 )
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
-    """Data workers ignore SIGTERM / SIGINT / SIGUSR1: a scheduler that signals the whole process group (scancel,
-    Ctrl-C in a terminal) must not kill them before the trainer has finished its step and saved; the trainer
-    shuts them down itself when it stops iterating."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+    """Data workers ignore the stop signals (SIGTERM, SIGINT, SIGUSR1, SIGHUP): a scheduler that signals the whole
+    process group (scancel, Ctrl-C in a terminal) must not kill them before the trainer has finished its step and
+    saved; their parent shuts them down itself (:func:`stop_workers`)."""
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+
+
+def stop_workers(batches) -> None:
+    """Shut down the worker processes of DataLoader iterator ``batches`` now, and wait for them.
+
+    torch's own shutdown asks each worker to exit and, for one that does not (busy in a long read), falls back on
+    SIGTERM, which ours ignore: a worker still alive after :data:`_WORKER_GRACE_S` is killed (it holds nothing to
+    save). Does nothing for an iterator without workers or one already shut down."""
+    workers = list(getattr(batches, "_workers", ()))
+    shutdown = getattr(batches, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+    for worker in workers:
+        worker.join(_WORKER_GRACE_S)
+        if worker.is_alive():
+            worker.kill()
+            worker.join()
+    _LIVE_ITERATORS.discard(batches)
+
+
+@atexit.register
+def _stop_workers_at_exit() -> None:
+    """Registered after torch.utils.data's own exit hook, so it runs before it (torch's shutdown is a no-op after
+    that hook) and before multiprocessing's, which would wait forever for workers that ignore its SIGTERM."""
+    for batches in list(_LIVE_ITERATORS):
+        stop_workers(batches)
 
 
 def _default_device() -> torch.device:

@@ -12,6 +12,7 @@ what was consumed (the batch read ahead is not counted and is read again after a
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
@@ -36,10 +37,16 @@ class DevicePrefetcher:
 
     def _raw_batches(self, epoch: int, batch: int) -> Iterator[tuple[int, int, tuple]]:
         while True:
-            for raw in self.loader.raw_batches(epoch, batch):
-                batch += 1
-                yield epoch, batch, raw
+            with contextlib.closing(self.loader.raw_batches(epoch, batch)) as raws:
+                for raw in raws:
+                    batch += 1
+                    yield epoch, batch, raw
             epoch, batch = epoch + 1, 0
+
+    def close(self) -> None:
+        """Stop reading: the loader's worker processes are shut down now (this object and its generator form a
+        reference cycle, which the garbage collector might reach only after the process has hung at exit)."""
+        self._raw.close()
 
     def _prepare(self) -> tuple[torch.Tensor, int, int]:
         epoch, batch, raw = next(self._raw)

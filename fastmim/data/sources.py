@@ -19,13 +19,15 @@ from __future__ import annotations
 import functools
 import math
 import os
+import stat
+import warnings
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from fastmim.errors import FastmimError
+from fastmim.errors import FastmimError, one_line
 
 SOURCES: tuple[str, ...] = ("demo", "folder", "synthetic", "ffcv")
 
@@ -50,7 +52,7 @@ class UnreadableImageError(FastmimError):
     """
 
     def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"cannot read image {path} ({reason}); remove or replace that file.")
+        super().__init__(f"cannot read image {one_line(path)} ({reason}); remove or replace that file.")
         self.path = path
         self.reason = reason
 
@@ -66,7 +68,14 @@ class ImageSource(Protocol):
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Return a new RGB copy of ``img`` whatever its mode (L, LA, P, RGBA, CMYK, I;16, ...)."""
+    """Return a new RGB copy of ``img`` whatever its mode (L, LA, P, RGBA, CMYK, I;16, F, ...)."""
+    if img.mode == "F":
+        # 32-bit float pixels (float TIFFs) have no stored range; the convention is [0, 1], which PIL's own
+        # conversion would clip to the values 0 and 1 of 255: a black image. Other ranges are refused, not guessed.
+        arr = np.asarray(img, dtype=np.float64)
+        if not (np.isfinite(arr).all() and arr.min() >= 0.0 and arr.max() <= 1.0):
+            raise ValueError("32-bit float pixels outside [0, 1]; save it as an 8- or 16-bit image")
+        return Image.fromarray(np.round(arr * 255.0).astype(np.uint8), "L").convert("RGB")
     if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         # PIL's own I;16 -> RGB conversion saturates at 255 instead of rescaling, turning most 16-bit images white.
         arr = np.asarray(img).astype(np.int64)
@@ -89,7 +98,7 @@ def decode_image(path: str, max_side: int = 0) -> tuple[Image.Image, str, tuple[
     to 64x. The image is not resized beyond that.
     """
     try:
-        with Image.open(path) as img:
+        with _open_regular_file(path) as f, Image.open(f) as img:
             size = img.size
             if max_side > 0 and img.format == "JPEG":
                 img.draft("RGB", (max_side, max_side))
@@ -107,6 +116,20 @@ def decode_image(path: str, max_side: int = 0) -> tuple[Image.Image, str, tuple[
         raise UnreadableImageError(path, reason) from exc
 
 
+def _open_regular_file(path: str):
+    """``path`` opened for reading, refused unless it is a regular file: opening a FIFO (say, one named
+    ``pipe.png``) would block until something writes to it, and a device such as /dev/zero never ends. The open
+    itself does not block (O_NONBLOCK, which changes nothing for a regular file)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UnreadableImageError(path, "not a regular file (a FIFO, socket or device)")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load_rgb(path: str) -> Image.Image:
     """Decode the image file at ``path`` into RGB; an unreadable file raises :class:`UnreadableImageError`."""
     return decode_image(path)[0]
@@ -117,12 +140,40 @@ def _is_image(name: str) -> bool:
 
 
 def _images_under(directory: str) -> list[str]:
-    """All image files below ``directory`` (recursive, hidden entries skipped), in sorted order."""
+    """All image files below ``directory`` (recursive, following links, hidden entries skipped), in sorted order:
+    each folder's images, then its sub-folders' in name order, so the listing is the same on every machine.
+
+    Each real folder is listed once: a link to a folder already listed (a loop back to a parent, or a second way
+    into the same folder) is skipped, so a loop neither hangs the listing nor repeats images. Image names that are
+    not regular files (FIFOs, sockets, devices, broken links) are left out: reading one would block or never end.
+    Both are warned about, as are folders that cannot be read.
+    """
     found: list[str] = []
-    for current, subdirs, files in os.walk(directory, followlinks=True):
-        # Sorting subdirs in place fixes os.walk's visiting order, so the listing is the same on every machine.
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
-        found.extend(os.path.join(current, f) for f in sorted(files) if _is_image(f))
+    seen: set[tuple[int, int]] = set()
+    repeated, irregular, unlistable = [], [], []
+    pending = [directory]
+    while pending:
+        current = pending.pop()
+        try:
+            info = os.stat(current)
+            if (info.st_dev, info.st_ino) in seen:
+                repeated.append(current)
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            entries = sorted((e for e in os.scandir(current) if not e.name.startswith(".")), key=lambda e: e.name)
+        except OSError:
+            unlistable.append(current)
+            continue
+        for entry in entries:
+            if entry.is_dir() or not _is_image(entry.name):
+                continue
+            (found if entry.is_file() else irregular).append(entry.path)
+        pending.extend(reversed([e.path for e in entries if e.is_dir()]))
+    for paths, what in ((repeated, "links to a folder listed already (e.g. a loop), skipped"),
+                        (irregular, "image names that are not regular files (FIFOs, devices, broken links), skipped"),
+                        (unlistable, "folders that cannot be read, skipped")):  # fmt: skip
+        if paths:
+            warnings.warn(f"{len(paths)} {what} under {one_line(directory)}, e.g. {one_line(paths[0])}", stacklevel=3)
     return found
 
 

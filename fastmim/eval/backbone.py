@@ -22,8 +22,8 @@ from torch import Tensor, nn
 from fastmim.errors import FastmimError
 from fastmim.masking import Masking
 from fastmim.models import create_model
-from fastmim.models.released import _infer_overrides  # shape -> constructor-argument inference, shared with import
-from fastmim.weights import WEIGHTS_FORMAT, safe_load
+from fastmim.models.released import _infer_overrides, check_fits  # shape -> constructor arguments, shared with import
+from fastmim.weights import WEIGHTS_FORMAT, checked_weights, safe_load
 
 FINETUNE_FORMAT = "fastmim-finetune"
 FINETUNE_VERSION = 1
@@ -94,19 +94,25 @@ def load_backbone(pretrained: str, name: str = "", img_size: int = 0, seed: int 
     obj = safe_load(pretrained)
     fmt = obj.get("format") if isinstance(obj, dict) else None
     if fmt == FINETUNE_FORMAT:
-        return Backbone(obj["model_name"], dict(obj["vit_kwargs"]), obj["model"], pretrained, list(obj["classes"]))
+        try:
+            return Backbone(obj["model_name"], dict(obj["vit_kwargs"]), obj["model"], pretrained, list(obj["classes"]))
+        except (KeyError, TypeError, ValueError):
+            raise FastmimError(
+                f"'{pretrained}' is not a complete fine-tuned checkpoint; give one written by fastmim."
+            ) from None
     if fmt not in (WEIGHTS_FORMAT, "fastmim-checkpoint"):
         raise FastmimError(
             f"'{pretrained}' is not a fastmim checkpoint or weights file; import released weights with "
             "`fastmim import-checkpoint` first."
         )
-    model_name, sd = obj["model_name"], obj["model"]
+    model_name, sd = checked_weights(obj, pretrained)
     timm_name(model_name)  # refuses non-ViT models with a clear message
     try:
         with torch.device("meta"):  # shapes only: no memory, no init cost
             skeleton = create_model(model_name, **_infer_overrides(sd, model_name))
     except KeyError as e:
         raise FastmimError(f"'{pretrained}' lacks {e}; it is not a complete {model_name} checkpoint.") from None
+    check_fits(skeleton.state_dict(), sd, model_name)  # weights labelled with another model's name are refused
     return Backbone(model_name, vit_kwargs(skeleton.encoder), encoder_state_to_timm(sd), pretrained)
 
 

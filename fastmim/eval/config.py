@@ -8,10 +8,9 @@ are errors with a close-match suggestion; precedence CLI > TOML recipe > default
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 
-from fastmim.config import check_choices, dump_toml, read_recipe, reference_markdown, resolve_config
+from fastmim.config import check_choices, dump_toml, parse_toml, read_recipe, reference_markdown, resolve_config
 from fastmim.errors import FastmimError
 
 # `fastmim finetune` / `fastmim linprobe` with no --config use this built-in recipe (configs/eval_tiny_cpu.toml).
@@ -159,7 +158,8 @@ def load_eval_config(recipe: str | None = None, overrides: list[str] | None = No
 
 def eval_config_from_toml(text: str, where: str = "checkpoint") -> EvalConfig:
     """Rebuild an EvalConfig from the TOML text saved with a run or checkpoint."""
-    return resolve_config(EvalConfig(), tomllib.loads(text), where, None, validate)
+    mapping = parse_toml(text, f"{where} holds no readable config", "give one written by fastmim")
+    return resolve_config(EvalConfig(), mapping, where, None, validate)
 
 
 def validate(cfg: EvalConfig) -> None:

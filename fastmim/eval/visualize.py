@@ -31,9 +31,10 @@ from fastmim.masking import scale_weights
 from fastmim.models import create_model
 from fastmim.models.released import _infer_overrides, load_checked
 from fastmim.targets import HOGTarget
-from fastmim.weights import WEIGHTS_FORMAT, safe_load
+from fastmim.weights import WEIGHTS_FORMAT, checked_weights, safe_load
 
 HOG_STYLES = ("glyphs", "bins")
+MAX_ROWS = 64  # demo images per grid: one row each, already a very tall picture
 GLYPH_PX = 9  # pixels per cell side in glyph panels: enough for a readable line at 9 or 18 orientations
 
 
@@ -44,7 +45,7 @@ def load_pretraining_model(src: str) -> tuple[str, nn.Module]:
         raise FastmimError(
             f"'{src}' is not a pre-training checkpoint or fastmim weights file; visualize needs the decoders."
         )
-    name, sd = obj["model_name"], obj["model"]
+    name, sd = checked_weights(obj, src)
     timm_name(name)  # the ViT models only: refuses others with a clear message
     overrides = _infer_overrides(sd, name)
     if "config" in obj:
@@ -130,6 +131,8 @@ def visualize(
     """Write the reconstruction grid of model ``src`` for ``images`` (or ``num`` demo images) to ``out`` (PNG)."""
     if hog_style not in HOG_STYLES:
         raise FastmimError(f"unknown HOG style '{hog_style}'; use one of {', '.join(HOG_STYLES)}.")
+    if not images and not 1 <= num <= MAX_ROWS:
+        raise FastmimError(f"--num is {num}; give 1 to {MAX_ROWS} demo images (one row each), or --images FILES.")
     name, model = load_pretraining_model(src)
     encoder = model.encoder
     imgs = load_images(images or [], num, encoder.grid * encoder.patch_size)

@@ -186,7 +186,13 @@ def import_released(state_dict: dict[str, Tensor], name: str, impl: str = "refer
 
 def load_checked(model: nn.Module, state_dict: dict[str, Tensor], name: str) -> None:
     """load_state_dict(strict) with one clear sentence on missing, unexpected or mis-shaped tensors."""
-    own = model.state_dict()
+    check_fits(model.state_dict(), state_dict, name)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def check_fits(own: dict[str, Tensor], state_dict: dict[str, Tensor], name: str) -> None:
+    """Refuse, in one sentence, a state dict whose names or shapes differ from ``own`` (model ``name``'s; shapes
+    are enough, so ``own`` may be a meta-device model's)."""
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     wrong = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
@@ -196,4 +202,3 @@ def load_checked(model: nn.Module, state_dict: dict[str, Tensor], name: str) -> 
             else f"{wrong[0]} has shape {list(state_dict[wrong[0]].shape)}, {name} needs {list(own[wrong[0]].shape)}"
         )  # fmt: skip
         raise FastmimError(f"the weights do not fit {name} ({detail}); pick the model the checkpoint was made for.")
-    model.load_state_dict(state_dict, strict=True)

@@ -67,23 +67,24 @@ def record_path(path: str | Path) -> Path:
 class _HashingWriter:
     """The file object torch.save writes to: forwards each write to ``f`` and hashes it on the way (torch's zip
     writer writes sequentially, so the hash is the file's). torch replaces an exception raised by a buffer's
-    write with a generic RuntimeError, so the original one (e.g. ENOSPC) is kept in ``error``."""
+    write with a generic RuntimeError, so the original one is kept in ``error``: an OSError (ENOSPC...), or the
+    KeyboardInterrupt of a second stop signal, whose handler runs here since this is the Python code a save runs."""
 
     def __init__(self, f) -> None:
         self.f = f
         self.sha256 = hashlib.sha256()
         self.size = 0
-        self.error: OSError | None = None
+        self.error: BaseException | None = None
 
     def write(self, data) -> int:
         try:
             n = self.f.write(data)
-        except OSError as e:
+            self.sha256.update(data)
+            self.size += memoryview(data).nbytes
+            return n
+        except BaseException as e:
             self.error = e
             raise
-        self.sha256.update(data)
-        self.size += memoryview(data).nbytes
-        return n
 
     def flush(self) -> None:
         self.f.flush()
@@ -91,7 +92,8 @@ class _HashingWriter:
 
 def _write_temp(obj: Any, path: Path) -> tuple[Path, dict[str, Any]]:
     """torch.save ``obj`` into a hidden temporary file next to ``path``, fsync'ed; returns it and {size, sha256}.
-    On failure the temporary file is removed and the write's own OSError (ENOSPC, EFBIG, EIO...) is raised."""
+    On failure the temporary file is removed and the write's own exception (ENOSPC, EFBIG, EIO..., or an
+    interruption) is raised."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     writer = None
     try:
@@ -102,7 +104,7 @@ def _write_temp(obj: Any, path: Path) -> tuple[Path, dict[str, Any]]:
             os.fsync(f.fileno())
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        if writer is not None and writer.error is not None and not isinstance(e, OSError):
+        if writer is not None and writer.error is not None and e is not writer.error:
             raise writer.error from None
         raise
     return Path(tmp), {"size": writer.size, "sha256": writer.sha256.hexdigest()}
@@ -218,19 +220,28 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FastmimError(f"checkpoint '{path}' does not exist; give an existing file or train.resume=auto.")
     verify_checkpoint(path)
+    ckpt = load_data_only(path, f"'{path}'")
+    _check_format(ckpt, path)
+    return ckpt
+
+
+def load_data_only(path: Path, name: str, allowed: list | tuple = (), mmap: bool = False) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors, containers, numbers and strings, plus the ``allowed``
+    classes, never code. A file that holds any other pickled object raises :class:`FastmimError`; an unreadable
+    one :class:`CorruptCheckpoint`. ``name`` says what the file is in those messages; ``mmap`` leaves tensor data
+    on disk (enough to check what a file holds without reading it)."""
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allowed)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         if "unsupported global" in str(e).lower():
             raise FastmimError(
-                f"'{path}' holds pickled Python objects, not just tensors; fastmim never executes code from a "
+                f"{name} holds pickled Python objects, not just tensors; fastmim never executes code from a "
                 "checkpoint: give a checkpoint written by fastmim."
             ) from None
-        raise CorruptCheckpoint(f"'{path}' is not a readable checkpoint (UnpicklingError)") from None
+        raise CorruptCheckpoint(f"{name} is not a readable checkpoint (UnpicklingError)") from None
     except Exception as e:
-        raise CorruptCheckpoint(f"'{path}' is not a readable checkpoint ({type(e).__name__})") from None
-    _check_format(ckpt, path)
-    return ckpt
+        raise CorruptCheckpoint(f"{name} is not a readable checkpoint ({type(e).__name__})") from None
 
 
 def _check_format(ckpt: Any, path: Path) -> None:

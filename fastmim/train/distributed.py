@@ -37,7 +37,8 @@ state, a pointer ``{"zero": {"dir", "world_size", "zero_stage", "files"}}``; ``f
 directory ({"name", "size", "sha256"} per file, hashed after every rank has written, the ranks sharing the work),
 so the verified record vouches for the shards too: :func:`verify_shards` checks them on resume (``auto`` falls back
 past a checkpoint whose shards are missing or damaged, moving file, record and shards aside) and in
-``fastmim consolidate``. A ZeRO checkpoint resumes under DeepSpeed with
+``fastmim consolidate``, and also checks that they hold only data before DeepSpeed unpickles them (a shard with
+pickled code is refused by name). A ZeRO checkpoint resumes under DeepSpeed with
 the same world size and stage; anything else is refused with the way out: ``fastmim consolidate`` writes a plain
 checkpoint (fp32 weights from the shards, the position; AdamW moments restart) that resumes anywhere.
 """
@@ -391,13 +392,19 @@ def _digest(file: Path) -> dict[str, Any]:
 
 
 def verify_shards(path: Path, ckpt: dict[str, Any]) -> None:
-    """Check the ZeRO shards of checkpoint ``path`` against the manifest its (verified) record holds: every file
-    present, with its size and SHA-256. Raises :class:`CorruptCheckpoint` naming the first bad file; nothing to
-    check for a plain checkpoint. A pointer without a manifest (written before fastmim recorded one) is checked
-    for the directory only."""
-    from fastmim.train.checkpoint import CorruptCheckpoint
+    """Check the ZeRO shards of checkpoint ``path`` before anything reads them; nothing to check for a plain
+    checkpoint.
 
-    zero = zero_pointer(ckpt)
+    First against the manifest its (verified) record holds: every file present, with its size and SHA-256 (a
+    pointer without a manifest, written before fastmim recorded one, is checked for the directory only); a bad
+    file raises :class:`CorruptCheckpoint` naming it. Then what each file holds: DeepSpeed unpickles shards with
+    ``weights_only=False``, which would run any code pickled into one (a manifest and record can be recomputed to
+    match a planted file), so every file is first read here with ``weights_only=True`` (tensor data memory-mapped,
+    not read), allowing only the plain classes DeepSpeed stores (:func:`_shard_classes`); one that holds anything
+    else raises :class:`FastmimError`."""
+    from fastmim.train.checkpoint import CorruptCheckpoint, load_data_only
+
+    zero = zero_pointer(ckpt, path)
     if zero is None:
         return
     shard_dir = Path(path).parent / zero["dir"]
@@ -412,19 +419,63 @@ def verify_shards(path: Path, ckpt: dict[str, Any]) -> None:
                 f"the ZeRO shard {file} of checkpoint {path} is truncated or altered (its size or SHA-256 differs "
                 "from the one recorded at save)"
             )
+    classes = _shard_classes()
+    if classes is None:  # without DeepSpeed nothing unpickles the shards (resume and consolidate refuse first)
+        return
+    for file in sorted(p for p in shard_dir.rglob("*") if p.is_file()):
+        load_data_only(file, f"the ZeRO shard {file} of checkpoint {path}", classes, mmap=True)
 
 
-def zero_pointer(ckpt: dict[str, Any]) -> dict[str, Any] | None:
-    """The ZeRO pointer of a loaded fastmim checkpoint, or None for a plain checkpoint."""
+def _shard_classes() -> list[type] | None:
+    """The classes DeepSpeed pickles into ZeRO shards besides tensors and builtins, all plain data (a loss scaler's
+    settings, the ZeRO stage enum, a parameter fragment's address); None when DeepSpeed is not installed."""
+    try:
+        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+        from deepspeed.runtime.zero.config import ZeroStageEnum
+        from deepspeed.utils.tensor_fragment import fragment_address
+    except ImportError:
+        return None
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+
+
+def zero_pointer(ckpt: dict[str, Any], path: Path) -> dict[str, Any] | None:
+    """The ZeRO pointer of loaded fastmim checkpoint ``path``, or None for a plain checkpoint. A pointer of another
+    shape (fields missing or of the wrong type, a directory or file name that leaves the run directory) is refused:
+    everything that reads it relies on it."""
     zero = ckpt["optimizer"].get("zero")
-    return zero if isinstance(zero, dict) else None
+    if zero is None:
+        return None
+    files = zero.get("files", []) if isinstance(zero, dict) else None
+    valid = (
+        isinstance(zero, dict)
+        and _plain_name(zero.get("dir"))
+        and isinstance(zero.get("world_size"), int)
+        and zero["world_size"] > 0
+        and zero.get("zero_stage") in (1, 2, 3)
+        and isinstance(files, list)
+        and all(isinstance(f, dict) and _plain_name(f.get("name"), nested=True) and isinstance(f.get("size"), int)
+                and isinstance(f.get("sha256"), str) for f in files)
+    )  # fmt: skip
+    if not valid:
+        raise FastmimError(
+            f"checkpoint {path} has a malformed ZeRO shard pointer; give a checkpoint written by fastmim."
+        )
+    return zero
+
+
+def _plain_name(name: Any, nested: bool = False) -> bool:
+    """A relative file name (with sub-directories when ``nested``) that stays inside its directory."""
+    if not isinstance(name, str) or not name or name.startswith("/"):
+        return False
+    parts = name.split("/")
+    return (nested or len(parts) == 1) and all(part not in ("", ".", "..") for part in parts)
 
 
 def check_resumable(d: Dist, path: Path, ckpt: dict[str, Any]) -> None:
     """Refuse, by name, a checkpoint this run cannot continue: a ZeRO checkpoint under another world size, stage
     or without DeepSpeed, and a plain checkpoint under DeepSpeed (ZeRO's optimizer partitions cannot be filled
     from a full AdamW state)."""
-    zero = zero_pointer(ckpt)
+    zero = zero_pointer(ckpt, path)
     if zero is None:
         if d.mode == "deepspeed":
             raise FastmimError(
@@ -443,8 +494,9 @@ def check_resumable(d: Dist, path: Path, ckpt: dict[str, Any]) -> None:
 
 
 def load_shards(d: Dist, path: Path, ckpt: dict[str, Any]) -> bool:
-    """ZeRO: load the module and optimizer shards of checkpoint ``path`` into the engine; False without ZeRO."""
-    zero = zero_pointer(ckpt)
+    """ZeRO: load the module and optimizer shards of checkpoint ``path`` into the engine (checked by
+    :func:`verify_shards` first); False without ZeRO."""
+    zero = zero_pointer(ckpt, path)
     if zero is None:
         return False
     shard_dir = path.parent / zero["dir"]
@@ -472,23 +524,23 @@ def consolidate(src: str | Path, out: Path) -> dict[str, Any]:
     partitioned in a layout only DeepSpeed reads; they restart). Returns a summary."""
     from fastmim.config import config_from_toml
     from fastmim.models import model_from_config
-    from fastmim.train.checkpoint import load_checkpoint, write_checkpoint
+    from fastmim.train.checkpoint import CorruptCheckpoint, load_checkpoint, write_checkpoint
     from fastmim.train.optim import build_optimizer
 
     src = Path(src)
     ckpt = load_checkpoint(src)
-    zero = zero_pointer(ckpt)
+    zero = zero_pointer(ckpt, src)
     if zero is None:
         raise FastmimError(f"{src} is already a plain fastmim checkpoint; resume from it directly.")
     shard_dir = src.parent / zero["dir"]
+    _import_deepspeed(torch.device("cpu"))
     try:
         verify_shards(src, ckpt)
-    except FastmimError as e:  # CorruptCheckpoint
+    except CorruptCheckpoint as e:
         raise FastmimError(
             f"{e}; consolidate an intact checkpoint instead (an earlier checkpoint-*.pt of the run), or restore "
             f"{shard_dir} from a backup."
         ) from None
-    _import_deepspeed(torch.device("cpu"))
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     weights = get_fp32_state_dict_from_zero_checkpoint(str(src.parent), tag=zero["dir"])

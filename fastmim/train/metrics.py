@@ -33,9 +33,11 @@ class MetricsLog:
 
     def __init__(self, out_dir: Path, resume_step: int | None) -> None:
         self.path = out_dir / "metrics.jsonl"
+        self.dropped = 0  # rows dropped on resume
         if resume_step is not None and self.path.exists():
             lines = self.path.read_text(errors="replace").splitlines()
             kept = [line for line in lines if (row := _parse_row(line)) is not None and row["step"] <= resume_step]
+            self.dropped = sum((row := _parse_row(line)) is not None and row["step"] > resume_step for line in lines)
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(line + "\n" for line in kept))
             tmp.replace(self.path)
@@ -132,6 +134,30 @@ class StepStats:
         return total / n if n else None
 
 
+class StepClock:
+    """When the run started (``train`` called), its first step ended and its latest step ended: the summary reports
+    the start-up (building, data workers, first batch, first step with any compilation) apart from the steady rate
+    of the steps after it."""
+
+    def __init__(self, entered: float) -> None:
+        self.entered = entered
+        self.first_s: float | None = None  # duration of the first step alone
+        self.first_done = self.last_done = None
+
+    def step_done(self) -> None:
+        self.last_done = time.perf_counter()
+        self.first_done = self.first_done or self.last_done
+
+    def summary(self, steps: int, images_per_step: int) -> dict[str, float]:
+        if not steps:
+            return {"img_per_s": 0.0, "startup_s": time.perf_counter() - self.entered}
+        if steps == 1:  # no steady steps: the one step's own rate
+            rate = images_per_step / max(self.first_s or 0.0, 1e-9)
+        else:
+            rate = images_per_step * (steps - 1) / max(self.last_done - self.first_done, 1e-9)
+        return {"img_per_s": rate, "startup_s": self.first_done - self.entered}
+
+
 class Progress:
     """A live bar on a terminal; in logs (CI, SLURM) one plain line per log step instead of carriage-return noise.
     Also measures images per second over each log window."""
@@ -169,8 +195,9 @@ class Progress:
 
 
 def plot_losses(metrics_path: Path, png_path: Path, scale_names: list[str]) -> Path | None:
-    """Total and per-scale loss against step, as a PNG; None when there is nothing to plot."""
-    rows = read_metrics(metrics_path)
+    """Total and per-scale loss against step, as a PNG; None when there is nothing to plot (also when no log step
+    was reached, so there is no metrics file: a run stopped before its first one)."""
+    rows = read_metrics(metrics_path) if metrics_path.exists() else []
     if not rows:
         return None
     import matplotlib

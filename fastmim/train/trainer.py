@@ -8,8 +8,9 @@ Reliability (README "Interruptions and failures"):
 
 - Checkpoints are atomic and verified (fastmim.train.checkpoint); ``train.resume = "auto"`` takes the newest intact
   one, falling back past corrupt ones; ``train.keep_last`` rotates them, keeping the best.
-- SIGTERM, SIGINT and SIGUSR1 finish the current step, save, and return with ``stopped_by`` set (the CLI exits 0
-  and prints the resume command); a second signal stops at once.
+- SIGTERM, SIGINT, SIGUSR1 and SIGHUP finish the current step, save, and return with ``stopped_by`` set (the CLI
+  exits 0 and prints the resume command); a second signal stops at once. The data workers are shut down on every
+  way out of the loop.
 - A step whose loss or gradient is non-finite is skipped: no parameter, moment or step count changes (see
   ``apply_update``); skips are counted per scale and logged; ``train.max_nonfinite`` consecutive ones save and stop.
 """
@@ -21,7 +22,6 @@ import os
 import signal
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ from fastmim.config import Config, config_from_toml, dump_toml
 from fastmim.data import MIMLoader, build_loader
 from fastmim.data.loader import mix_seed
 from fastmim.data.prefetch import DevicePrefetcher
-from fastmim.errors import FastmimError
+from fastmim.errors import STOP_SIGNALS, FastmimError, Interrupted
 from fastmim.models import model_from_config
 from fastmim.train import distributed as D
 from fastmim.train.attn_choice import choose_attention, describe
@@ -43,7 +43,6 @@ from fastmim.train.checkpoint import (
     best_checkpoint,
     checkpoint_path,
     clean_partial_saves,
-    latest_checkpoint,
     latest_good_checkpoint,
     load_checkpoint,
     prune,
@@ -51,12 +50,12 @@ from fastmim.train.checkpoint import (
     set_rng_state,
     write_checkpoint,
 )
-from fastmim.train.metrics import MetricsLog, Progress, StepStats, peak_memory_gib, plot_losses, warn
+from fastmim.train.metrics import MetricsLog, Progress, StepClock, StepStats, peak_memory_gib, plot_losses, warn
 from fastmim.train.optim import build_optimizer, lr_at
 from fastmim.train.parallel import apply_compile, compile_wanted, timed_first_call
+from fastmim.train.rundir import RunLock, hold_run_dir, holds_a_run
 
 SCALE_NAMES = ["s=4", "s=2", "s=1", "s=1/2"]
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
 
 @dataclass
@@ -89,6 +88,7 @@ class Run:
     forward: Any = None  # what runs the forward: the model, or its DDP / DeepSpeed wrapper
     compiled_blocks: int = 0  # transformer blocks compiled per train.compile (0: eager)
     compile_s: float | None = None  # seconds of the first (compiling) step, when compiled
+    lock: RunLock = field(default_factory=RunLock)  # the run directory's lock (rank 0), held until train() ends
 
 
 def resolve_device(name: str) -> torch.device:
@@ -128,11 +128,23 @@ def scale_names(model: torch.nn.Module) -> list[str]:
 
 
 def build_run(cfg: Config) -> Run:
+    """The run of ``cfg``, ready to train: its run directory locked by rank 0 (fastmim.train.rundir; released
+    when the build fails, else by ``train``), its checkpoint restored when it resumes, its config saved."""
+    dist, device = D.init_distributed(cfg.train, resolve_device(cfg.train.device))
+    held: list[RunLock] = []
+    D.on_main(dist, lambda: held.append(hold_run_dir(Path(cfg.train.out_dir))))
+    lock = held[0] if held else RunLock()
+    try:
+        run = _build(cfg, Path(cfg.train.out_dir), dist, device)
+    except BaseException:
+        lock.release()
+        raise
+    run.lock = lock
+    return run
+
+
+def _build(cfg: Config, out_dir: Path, dist: D.Dist, device: torch.device) -> Run:
     t = cfg.train
-    out_dir = Path(t.out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise FastmimError(f"train.out_dir {out_dir} is not a directory; choose a directory for the run.")
-    dist, device = D.init_distributed(t, resolve_device(t.device))
     resume = _resume_target_everywhere(cfg, out_dir, dist)
     torch.manual_seed(t.seed)
     model = model_from_config(cfg.model).to(device)
@@ -153,14 +165,14 @@ def build_run(cfg: Config) -> Run:
     run = Run(cfg, device, model, optimizer, scaler, loader, out_dir, total, warmup, peak, dtype, dist=dist)
     run.forward = forward
     run.compiled_blocks = compiled
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FastmimError(
-            f"cannot create train.out_dir {out_dir} ({e.strerror}); choose a writable directory."
-        ) from None
     if resume is not None:
         _restore(run, *resume)
+        if dist.main and resume[0].resolve().parent != out_dir.resolve():
+            print(
+                f"fastmim: continuing {resume[0]} (step {run.pos.step}) in {out_dir}, a new run directory: its "
+                f"history starts after step {run.pos.step}.",
+                flush=True,
+            )
     run.config_path = _save_config(run) if dist.main else None
     return run
 
@@ -196,7 +208,8 @@ def _resume_target(cfg: Config, out_dir: Path) -> tuple[Path, dict[str, Any]] | 
     """The checkpoint to continue from, loaded and verified; refuses to start a fresh run on top of an existing one.
 
     "auto" first removes what interrupted saves left behind, then takes the newest intact checkpoint (falling back
-    past corrupt ones, with a warning); an explicit path must itself be intact.
+    past corrupt ones, with a warning); an explicit path must itself be intact, and one from another directory
+    continues only in a directory that holds no run yet (so no run's history is ever mixed with another's).
     """
     resume = cfg.train.resume
     if resume == "auto":
@@ -207,12 +220,18 @@ def _resume_target(cfg: Config, out_dir: Path) -> tuple[Path, dict[str, Any]] | 
         try:
             ckpt = load_checkpoint(resume)
             D.verify_shards(Path(resume), ckpt)
-            return Path(resume), ckpt
         except CorruptCheckpoint as e:
             raise FastmimError(
                 f"{e}; give another checkpoint, or train.resume=auto to take the newest intact one."
             ) from None
-    if (out_dir / "metrics.jsonl").exists() or latest_checkpoint(out_dir) is not None:
+        if Path(resume).resolve().parent != out_dir.resolve() and holds_a_run(out_dir):
+            raise FastmimError(
+                f"{out_dir} already holds a run, and checkpoint {resume} is from another directory: continuing it "
+                "here would mix two runs' histories; give an empty --train.out_dir to continue it in, or resume "
+                f"{out_dir}'s own run with --train.resume=auto."
+            )
+        return Path(resume), ckpt
+    if holds_a_run(out_dir):
         raise FastmimError(
             f"{out_dir} already holds a run; continue it with --train.resume=auto or pick a new --train.out_dir."
         )
@@ -221,10 +240,7 @@ def _resume_target(cfg: Config, out_dir: Path) -> tuple[Path, dict[str, Any]] | 
 
 def _restore(run: Run, path: Path, ckpt: dict[str, Any]) -> None:
     """Load a verified checkpoint into the run; a checkpoint of another model or shape is refused by name."""
-    try:
-        saved = config_from_toml(ckpt["config"], f"checkpoint {path}")
-    except tomllib.TOMLDecodeError:
-        raise FastmimError(f"checkpoint {path} holds no readable config; give one written by fastmim.") from None
+    saved = config_from_toml(ckpt["config"], f"checkpoint {path}")
     if ckpt["model_name"] != run.cfg.model.name:
         raise FastmimError(
             f"checkpoint {path} is for {ckpt['model_name']}, not {run.cfg.model.name}; set --model.name accordingly."
@@ -258,8 +274,13 @@ def _restore(run: Run, path: Path, ckpt: dict[str, Any]) -> None:
 
 def _save_config(run: Run) -> Path:
     """config.toml holds the run's config; a resume with different settings is recorded beside it, never over it.
-    Returns the file that holds this process's config (the resume command names it)."""
+    A run that starts from scratch writes config.toml whatever is there (what an earlier attempt that saved no
+    checkpoint left: a fresh run is refused where a run's history exists). Returns the file that holds this
+    process's config (the resume command names it)."""
     text, n = dump_toml(run.cfg), 0
+    if run.resumed_from is None:
+        atomic_save_text(text, run.out_dir / "config.toml")
+        return run.out_dir / "config.toml"
     while True:
         suffix = "" if n < 2 else f"-{n}"
         path = run.out_dir / ("config.toml" if n == 0 else f"config.resumed-{run.pos.step:07d}{suffix}.toml")
@@ -310,10 +331,14 @@ def save_checkpoint(run: Run, stats: StepStats | None = None) -> Path:
 
 def _batches(run: Run):
     """Endless stream of normalised images on the device from the saved position, read one step ahead on CUDA
-    (fastmim.data.prefetch); advances run.pos.epoch / batch as batches are taken."""
+    (fastmim.data.prefetch); advances run.pos.epoch / batch as batches are taken. Closing it (the trainer does, on
+    every way out of the loop) shuts the data workers down."""
     stream = DevicePrefetcher(run.loader, run.device, run.pos.epoch, run.pos.batch)
-    for images, run.pos.epoch, run.pos.batch in stream:
-        yield images
+    try:
+        for images, run.pos.epoch, run.pos.batch in stream:
+            yield images
+    finally:
+        stream.close()
 
 
 def train_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -384,11 +409,12 @@ def apply_update(run: Run, loss_finite: torch.Tensor) -> torch.Tensor:
 
 
 class StopSignals:
-    """Turns SIGTERM / SIGINT / SIGUSR1 into a request to stop after the current step: the handler only records the
-    signal's name in ``name``, which the loop reads between steps (no syscall, no device sync). A second signal
-    raises KeyboardInterrupt at once; the last checkpoint stays valid since saves are atomic. DataLoader workers
-    forked while this is active inherit the handler and ignore the signal (their parent shuts them down). Outside
-    the main thread (where Python cannot install handlers) it does nothing."""
+    """Turns the stop signals (SIGTERM, SIGINT, SIGUSR1, SIGHUP) into a request to stop after the current step: the
+    handler only records the signal's name in ``name``, which the loop reads between steps (no syscall, no device
+    sync). A second signal raises Interrupted (a KeyboardInterrupt) at once, also inside a save; the last checkpoint
+    stays valid since saves are atomic.
+    DataLoader workers forked while this is active ignore the signals (their parent shuts them down). Outside the
+    main thread (where Python cannot install handlers) it does nothing."""
 
     def __enter__(self) -> StopSignals:
         self.name: str | None = None
@@ -401,7 +427,7 @@ class StopSignals:
         if os.getpid() != self._pid:
             return
         if self.name is not None:
-            raise KeyboardInterrupt
+            raise Interrupted(signal.Signals(signum).name)
         self.name = signal.Signals(signum).name
 
     def __exit__(self, *exc: Any) -> None:
@@ -434,21 +460,29 @@ def _log_step(run: Run, log: MetricsLog, stats: StepStats, progress: Progress, l
 
 
 def train(cfg: Config) -> dict[str, Any]:
-    """Pre-train per cfg; returns a summary (steps, img/s, final loss, paths, and why it stopped early, if it did)."""
-    run, t = build_run(cfg), cfg.train
-    # On resume (also "auto" that found no checkpoint yet) logged rows past the restart step are recomputed.
-    log = MetricsLog(run.out_dir, run.pos.step if t.resume else None) if run.dist.main else D.NullLog(run.out_dir)
+    """Pre-train per cfg; returns a summary (steps, img/s, final loss, paths, and why it stopped early, if it did).
+    The run directory is this run's alone (fastmim.train.rundir) until the summary is written."""
+    entered = time.perf_counter()
+    run = build_run(cfg)
+    with run.lock:
+        return _train(run, entered)
+
+
+def _train(run: Run, entered: float) -> dict[str, Any]:
+    """The loop of :func:`train`; ``entered`` is when ``train`` was called (the start-up is timed from there)."""
+    t = run.cfg.train
+    log = _metrics_log(run)
     stats = StepStats(scale_names(run.model), run.device, run.skipped_before)
     progress = (Progress if run.dist.main else D.RankProgress)(
         run.total_steps, run.pos.step, t.batch_size * t.accum_steps * run.dist.world
     )
-    batches, first_step, start = _batches(run), run.pos.step, time.perf_counter()
+    batches, first_step, clock = _batches(run), run.pos.step, StepClock(entered)
     saved = (run.pos.step, run.resumed_from) if run.resumed_from else (-1, None)
     row, streak, stopping = None, 0, None
-    with StopSignals() as stop, contextlib.closing(log), progress, run.dist:
+    with StopSignals() as stop, contextlib.closing(log), progress, run.dist, contextlib.closing(batches):
         while run.pos.step < run.total_steps and stopping is None and streak < t.max_nonfinite:
-            first = run.pos.step == first_step and run.compiled_blocks
-            loss, losses, applied = _compiling_step(run, batches) if first else train_step(run, batches)
+            first = run.pos.step == first_step
+            loss, losses, applied = _first_step(run, batches, clock) if first else train_step(run, batches)
             stats.update(loss, losses, applied)
             progress.step()
             log_step = run.pos.step % t.log_every == 0 or run.pos.step == run.total_steps
@@ -457,6 +491,7 @@ def train(cfg: Config) -> dict[str, Any]:
             stopping = D.agree_stop(run.dist, stop.name, log_step)  # every rank stops (and saves) the same step
             if t.save_every and run.pos.step % t.save_every == 0:
                 saved = (run.pos.step, save_checkpoint(run, stats))
+            clock.step_done()
         if stopping is not None and run.dist.main:
             print(f"fastmim: {stopping} received: saving step {run.pos.step} and stopping.", flush=True)
         if saved[0] != run.pos.step:
@@ -469,24 +504,40 @@ def train(cfg: Config) -> dict[str, Any]:
             "train.precision=fp32, then continue with --train.resume=auto."
         )
     stopped_by = stopping if run.pos.step < run.total_steps else None
-    return _summary(run, log, stats, saved[1], row, stopped_by, first_step, time.perf_counter() - start)
+    return _summary(run, log, stats, saved[1], row, stopped_by, run.pos.step - first_step, clock)
 
 
-def _compiling_step(run: Run, batches) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The first step of a run with compiled blocks: compiles them (lazily, at their first call), timed and reported
-    (synchronised: this step is not one of the overlapped ones)."""
-    if run.dist.main:
+def _metrics_log(run: Run) -> MetricsLog | D.NullLog:
+    """Rank 0's metrics log. On resume (also "auto" that found no checkpoint yet) the rows past the restart step,
+    which this run logs again, are dropped first; it says so."""
+    if not run.dist.main:
+        return D.NullLog(run.out_dir)
+    log = MetricsLog(run.out_dir, run.pos.step if run.cfg.train.resume else None)
+    if log.dropped:
+        print(
+            f"fastmim: resuming at step {run.pos.step}: dropped {log.dropped} row(s) past it from {log.path}; this "
+            "run logs those steps again.",
+            flush=True,
+        )
+    return log
+
+
+def _first_step(run: Run, batches, clock: StepClock) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The first step of this process: timed, synchronised on CUDA (a one-off, so the steady rate starts after it).
+    With compiled blocks it compiles them (lazily, at their first call), which is reported."""
+    if run.dist.main and run.compiled_blocks:
         print(
             f"fastmim: compiling {run.compiled_blocks} transformer blocks (train.compile=off skips it) ...", flush=True
         )
-    out, run.compile_s = timed_first_call(train_step, run, batches)
-    if run.dist.main:
-        print(f"fastmim: first step with compilation took {run.compile_s:.1f} s", flush=True)
+    out, clock.first_s = timed_first_call(train_step, run, batches)
+    if run.compiled_blocks:
+        run.compile_s = clock.first_s
+        if run.dist.main:
+            print(f"fastmim: first step with compilation took {run.compile_s:.1f} s", flush=True)
     return out
 
 
-def _summary(run, log, stats, ckpt, row, stopped_by, first_step, elapsed) -> dict[str, Any]:
-    steps_done = run.pos.step - first_step
+def _summary(run, log, stats, ckpt, row, stopped_by, steps_done: int, clock: StepClock) -> dict[str, Any]:
     plot = plot_losses(log.path, run.out_dir / "loss.png", scale_names(run.model)) if run.dist.main else None
     best = best_checkpoint(run.out_dir)
     return {
@@ -494,7 +545,7 @@ def _summary(run, log, stats, ckpt, row, stopped_by, first_step, elapsed) -> dic
         "steps": run.pos.step,
         "total_steps": run.total_steps,
         "steps_this_run": steps_done,
-        "img_per_s": _images_per_step(run) * steps_done / elapsed if steps_done else 0.0,
+        **clock.summary(steps_done, _images_per_step(run)),  # img_per_s: steady, after startup_s
         "final_loss": row["loss"] if row else None,
         "skipped_steps": stats.total_skipped(),
         "skipped_images": run.loader.skipped,

@@ -2,6 +2,10 @@
 `fastmim data convert` (FFCV's writer runs here: the README's test command installs the ffcv extra)."""
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -193,3 +197,27 @@ def test_stored_size_shrinks_the_longest_side_only():
     assert bt.stored_size(2400, 1600, 64) == (64, 43)
     assert bt.stored_size(30, 80, 64) == (24, 64)
     assert bt.stored_size(50, 40, 64) == (50, 40) and bt.stored_size(5000, 10, 0) == (5000, 10)
+
+
+def test_sigterm_during_a_conversion_leaves_nothing_behind(tmp_path):
+    """SIGTERM killed `fastmim data convert` outright and left its hidden .partial file behind. Signalled while
+    writing (the .partial exists): one line, exit 128 + 15, neither the .partial nor the destination left."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    for i in range(100):
+        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(tmp_path / "src" / "a" / f"{i}.jpg")
+    dst = tmp_path / "out" / "data.beton"
+    dst.parent.mkdir()
+    argv = [sys.executable, "-m", "fastmim", "data", "convert", str(tmp_path / "src"), str(dst), "--workers", "1"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not list(dst.parent.glob("*.partial")) and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        output = proc.communicate(timeout=120)[0]
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, output
+    assert "fastmim: interrupted by SIGTERM" in output and "Traceback" not in output, output
+    assert list(dst.parent.iterdir()) == []

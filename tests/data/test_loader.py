@@ -3,7 +3,8 @@
 
 import multiprocessing
 import os
-import signal
+import subprocess
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -16,7 +17,7 @@ from PIL import Image
 
 from fastmim.data import MIMLoader, PretrainTransform, build_loader
 from fastmim.data.loader import _AugmentedSource, epoch_keys
-from fastmim.errors import FastmimError
+from fastmim.errors import STOP_SIGNALS, FastmimError
 from tests.data._images import HOSTILE_CONVERTED, HOSTILE_SKIPPED, write_hostile
 
 
@@ -237,8 +238,34 @@ def test_data_workers_survive_stop_signals_sent_to_the_process_group() -> None:
     workers = [p.pid for p in multiprocessing.active_children()]
     assert workers, "the DataLoader worker should be running"
     for pid in workers:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        for sig in STOP_SIGNALS:
             os.kill(pid, sig)
     time.sleep(0.5)  # a killed worker would be reported by torch's SIGCHLD handler here or at the next batch
     labels = [int(i) for _, lab in [first, *batches] for i in lab]
     assert sorted(labels) == list(range(64))
+
+
+# A loader's batches read once, then abandoned in a reference cycle that only the garbage collector could free.
+_ABANDONED = """
+from fastmim.data import build_loader
+from types import SimpleNamespace
+cfg = SimpleNamespace(source="demo", path="", num_workers=2, num_images=8, min_scale=0.2, augment="cpu")
+batches = build_loader(cfg, 16, 2, 0).raw_batches(0)
+next(batches)
+cycle = [batches]
+cycle.append(cycle)
+print("exiting", flush=True)
+"""
+
+
+def test_workers_end_when_the_batches_are_closed_and_at_exit() -> None:
+    """Workers ignore the stop signals, so their parent must end them: as soon as its batches are closed, and at
+    exit for batches nobody closed (Python's own exit handler would SIGTERM them and wait forever)."""
+    loader = MIMLoader(_IndexSource(64), PretrainTransform(8), batch_size=4, seed=0, num_workers=2)
+    batches = loader.iterate(0)
+    next(batches)
+    assert multiprocessing.active_children()
+    batches.close()
+    assert not multiprocessing.active_children()
+    result = subprocess.run([sys.executable, "-c", _ABANDONED], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "exiting" in result.stdout, result.stderr[-2000:]

@@ -1,5 +1,8 @@
 """Tests for fastmim.data.sources: folder scanning and its errors, image decoding, demo and synthetic images."""
 
+import contextlib
+import os
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -101,6 +104,46 @@ def test_unknown_source_lists_the_valid_ones() -> None:
         build_source(_cfg(source="imagenet"), img_size=32)
 
 
+@contextlib.contextmanager
+def _within(seconds: int):
+    """Fail instead of hanging: SIGALRM interrupts a blocking call (a listing that loops, an open() of a FIFO)."""
+
+    def fail(*_):
+        raise TimeoutError(f"did not finish within {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def test_link_loops_neither_hang_nor_repeat_images(tmp_path: Path) -> None:
+    """Two links back to their own folder made the listing branch without end (os.walk follows links without a
+    loop check); one made every image appear once per level until the kernel's link limit (41 times)."""
+    images = [_save(tmp_path / "a" / "x.png"), _save(tmp_path / "a" / "sub" / "y.png"), _save(tmp_path / "b" / "z.png")]
+    (tmp_path / "a" / "loop1").symlink_to(tmp_path / "a")
+    (tmp_path / "a" / "sub" / "loop2").symlink_to(tmp_path / "a")
+    with _within(20), pytest.warns(UserWarning, match="2 links to a folder listed already .*loop"):
+        source = FolderSource(str(tmp_path))
+    assert source.paths == [str(p) for p in images] and source.labels == [0, 0, 1]
+
+
+def test_a_fifo_named_like_an_image_is_neither_listed_nor_opened(tmp_path: Path) -> None:
+    image = _save(tmp_path / "c" / "real.png")
+    fifo = tmp_path / "c" / "pipe.png"
+    os.mkfifo(fifo)
+    with _within(20):
+        with pytest.warns(UserWarning, match="1 image names that are not regular files"):
+            assert FolderSource(str(tmp_path)).paths == [str(image)]
+        with pytest.raises(UnreadableImageError, match="not a regular file"):
+            load_rgb(str(fifo))  # opening it for reading blocked until a writer came
+        with pytest.raises(UnreadableImageError, match="not a regular file"):
+            load_rgb("/dev/zero")
+
+
 # ----- decoding ------------------------------------------------------------------------------------------------
 
 
@@ -131,6 +174,24 @@ def test_unreadable_image_names_the_file_and_the_fix(tmp_path: Path, name: str, 
     assert str(path) in message and "remove or replace" in message
     assert "\n" not in message
     assert info.value.path == str(path) and info.value.reason in message
+
+
+def test_a_newline_in_a_file_name_stays_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "bad\nname.png"
+    path.write_text("not a png")
+    with pytest.raises(UnreadableImageError) as info:
+        load_rgb(str(path))
+    assert "\n" not in str(info.value) and "bad\\nname.png" in str(info.value)
+
+
+def test_float_tiff_is_scaled_from_0_1_not_black(tmp_path: Path) -> None:
+    path = tmp_path / "float.tif"
+    Image.fromarray(np.tile(np.linspace(0, 1, 256, dtype=np.float32), (4, 1)), "F").save(path)
+    row = np.asarray(load_rgb(str(path)))[0, :, 0].astype(int)
+    assert row[0] == 0 and row[-1] == 255 and abs(row[128] - 128) <= 1
+    Image.fromarray(np.full((4, 4), 300.0, dtype=np.float32), "F").save(path)
+    with pytest.raises(UnreadableImageError, match="float pixels outside"):
+        load_rgb(str(path))
 
 
 def test_image_modes_are_converted_to_rgb(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ Importing torch costs 3-10 s per process on a 2-core machine, so instead of one 
 multiprocessing *forkserver* imports torch and fastmim once and forks a fresh process for each run (before any
 torch computation, so no thread pool is inherited). Each run is an OS process of its own, in its own process group:
 it installs its own signal handlers, receives real SIGTERM / SIGINT / SIGUSR1 / SIGKILL, writes real files and
-exits with a real status. ``crash_at`` arms a SIGKILL that the process sends itself at an exact point of a save.
+exits with a real status. ``crash_at`` arms a SIGKILL (or other signals) that the process sends itself at an exact
+point of a save.
 """
 
 from __future__ import annotations
@@ -57,10 +58,11 @@ _CTX = multiprocessing.get_context("forkserver")
 _CTX.set_forkserver_preload([__name__])
 
 
-def _crash_at(point: str, n: int) -> None:
-    """SIGKILL this process the n-th time (1-based) a save reaches ``point``:
+def _crash_at(point: str, n: int, signals: tuple[int, ...] = (signal.SIGKILL,)) -> None:
+    """Send this process ``signals`` (default: SIGKILL) the n-th time (1-based) a save reaches ``point``:
 
-    - "mid-write": 64 KiB into writing a checkpoint's temporary data file;
+    - "mid-write": 64 KiB into writing a checkpoint's temporary data file (inside the file write, where the handler
+      of a signal that arrives during a save runs);
     - "before-record": data written and fsync'ed, its record not yet renamed into place;
     - "before-rename": record in place, data not yet renamed into place;
     - "after-rename": data renamed into place, before the directory fsync and the rotation;
@@ -71,18 +73,30 @@ def _crash_at(point: str, n: int) -> None:
     def hit() -> None:
         hits[0] += 1
         if hits[0] == n:
-            os.kill(os.getpid(), signal.SIGKILL)
+            for signum in signals:
+                os.kill(os.getpid(), signum)
 
     if point == "mid-write":
         write = checkpoint._HashingWriter.write
 
-        def patched_write(self, data):
-            before = self.size
-            result = write(self, data)
-            if before < 64 << 10 <= self.size:
+        class Signalling:
+            def __init__(self, f) -> None:
+                self.f = f
+
+            def write(self, data):
+                written = self.f.write(data)
                 self.f.flush()  # the bytes reach the file, as they would from a process killed mid-write
                 hit()
-            return result
+                return written
+
+        def patched_write(self, data):
+            if not self.size < 64 << 10 <= self.size + memoryview(data).nbytes:
+                return write(self, data)
+            real, self.f = self.f, Signalling(self.f)
+            try:
+                return write(self, data)
+            finally:
+                self.f = real
 
         checkpoint._HashingWriter.write = patched_write
         return
@@ -112,7 +126,7 @@ def _crash_at(point: str, n: int) -> None:
     os.replace = patched_replace
 
 
-def _child(argv: list[str], log: str, crash: tuple[str, int] | None, fsize_limit: int | None, sandbox) -> None:
+def _child(argv: list[str], log: str, crash: tuple | None, fsize_limit: int | None, sandbox) -> None:
     multiprocessing.set_start_method(None, force=True)  # data workers: the platform default, as in a shell
     os.setpgrp()  # its own process group: killpg reaches it and its data workers, never the test runner
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)

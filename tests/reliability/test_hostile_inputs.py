@@ -4,15 +4,18 @@ models', versions' and tools' files refused by name; a run writes nothing outsid
 import os
 from typing import get_type_hints
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fastmim.cli import main
 from fastmim.config import Config, load_config, to_dict, validate
 from fastmim.errors import FastmimError
 from fastmim.train import train
 from fastmim.train.checkpoint import checkpoint_path, load_checkpoint, write_checkpoint
-from tests.reliability._harness import FAST, config, run
+from fastmim.weights import WEIGHTS_FORMAT
+from tests.reliability._harness import FAST, config, pretrain_args, run
 
 # For every key: an invalid value and what the one-line error says (ranges and combinations; types are below).
 INVALID = {
@@ -179,3 +182,83 @@ def test_a_run_writes_nothing_outside_its_run_directory(tmp_path):
     files = sorted(p.name for p in (sandbox["work"] / "run").iterdir())
     assert "checkpoint-0000004.pt" in files and not [name for name in files if name.startswith(".")], files
     assert "checkpoint: run/checkpoint-0000004.pt" in output
+
+
+def test_a_hostile_image_folder_trains_and_says_what_it_skipped(tmp_path):
+    """Links looping back to their folder (the listing hung), a FIFO named pipe.png (open() blocked forever, and a
+    SIGTERM then neither stopped nor saved) and an unreadable file with a newline in its name, next to real images:
+    the run lists each image once, skips and names the rest on one line each, and finishes."""
+    images = tmp_path / "images" / "cls"
+    images.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    (images / "loop_a").symlink_to(images)
+    (images / "loop_b").symlink_to(images)
+    os.mkfifo(images / "pipe.png")
+    (images / "bad\nname.png").write_text("not an image")
+    argv = pretrain_args(tmp_path / "run", "--train.steps=4", "--data.source=folder", f"--data.path={images.parent}")
+    code, output = run(argv, tmp_path / "log")
+    assert code == 0, output
+    assert "2 links to a folder listed already" in output and "1 image names that are not regular files" in output
+    assert "skipped unreadable image " in output and "bad\\nname.png (not a recognised image)" in output, output
+    assert "done: " in output
+
+
+def _one_line_error(argv, capsys, message):
+    """`fastmim ARGV` ends with status 2 and one line that contains ``message``."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmim: error:") and err.count("\n") == 1 and message in err, err
+
+
+def test_files_that_are_not_toml_recipes(tmp_path, capsys, trained):
+    """A checkpoint given as --config (invalid UTF-8) and TOML nested thousands of levels deep (the parser's
+    RecursionError), as a recipe and as a checkpoint's config: tracebacks before."""
+    binary = tmp_path / "checkpoint.pt"
+    torch.save({"x": torch.zeros(3)}, binary)
+    _one_line_error(["config", "--config", str(binary)], capsys, "cannot be read as a TOML recipe (not UTF-8 text)")
+    deep = "a = " + "[" * 5000 + "]" * 5000 + "\n"
+    (tmp_path / "deep.toml").write_text(deep)
+    _one_line_error(["config", "--config", str(tmp_path / "deep.toml")], capsys, "not valid TOML (nested too deeply)")
+    write_checkpoint({**trained, "config": deep}, tmp_path / "deep.pt")
+    with pytest.raises(FastmimError, match=r"holds no readable config \(nested too deeply\)"):
+        train(config(tmp_path / "run", "--train.steps=2", f"--train.resume={tmp_path / 'deep.pt'}"))
+
+
+def test_weights_files_without_a_model_or_labelled_as_another(tmp_path, capsys, trained):
+    """A weights file without model_name (KeyError tracebacks from export-released, export and visualize), and one
+    labelled as a model its tensors do not fit (export exited 0 with a file timm cannot load)."""
+    nameless = tmp_path / "nameless.pt"
+    torch.save({"format": WEIGHTS_FORMAT, "model": trained["model"]}, nameless)
+    for argv in (["export-released", str(nameless), "--out", str(tmp_path / "r.pth")],
+                 ["export", str(nameless), "--out", str(tmp_path / "t.safetensors")],
+                 ["visualize", str(nameless), "--out", str(tmp_path / "v.png")]):  # fmt: skip
+        _one_line_error(argv, capsys, "names no registered model (model_name None)")
+    mislabelled = tmp_path / "mislabelled.pt"
+    torch.save({"format": WEIGHTS_FORMAT, "model_name": "localmim_vit_base_patch16", "model": trained["model"]},
+               mislabelled)  # fmt: skip
+    _one_line_error(["export", str(mislabelled), "--out", str(tmp_path / "m.safetensors")], capsys,
+                    "the weights do not fit localmim_vit_base_patch16")  # fmt: skip
+    assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob("*.p*g"))
+
+
+def test_evaluation_arguments(tmp_path, capsys, trained):
+    weights = tmp_path / "w.pt"
+    torch.save({"format": WEIGHTS_FORMAT, "model_name": "localmim_micro_test", "model": trained["model"]}, weights)
+    _one_line_error(["visualize", str(weights), "--out", str(tmp_path / "v.png"), "--num", "0"], capsys,
+                    "--num is 0; give 1 to 64 demo images")  # fmt: skip
+    _one_line_error(["linprobe", f"--model.pretrained={tmp_path}"], capsys, f"'{tmp_path}' is a directory")
+
+
+@pytest.mark.parametrize("out_dir", ["/sys/kernel", "x" * 300], ids=["not-writable", "name-too-long"])
+def test_out_dir_that_cannot_be_written(tmp_path, capsys, out_dir):
+    """sysfs refuses new files even to root (PermissionError traceback before); a 300-character name (OSError)."""
+    path = out_dir if out_dir.startswith("/") else str(tmp_path / out_dir)
+    _one_line_error(["pretrain", *FAST, "--train.steps=1", f"--train.out_dir={path}"], capsys, "train.out_dir")
+
+
+@pytest.mark.parametrize("value,message", [("100000000000", "out of memory"), ("10" * 10, "too large to compute")])
+def test_sizes_beyond_the_machine_are_one_line(tmp_path, capsys, value, message):
+    argv = ["pretrain", *FAST, "--train.steps=1", f"--data.num_images={value}", f"--train.out_dir={tmp_path / 'r'}"]
+    _one_line_error(argv, capsys, message)

@@ -1,5 +1,6 @@
-"""Pre-emption: SIGTERM / SIGINT / SIGUSR1 finish the current step, save, exit 0 and say how to resume; the resumed
-run equals the uninterrupted one bit for bit (losses, weights, optimizer state; data order and masks included)."""
+"""Pre-emption: SIGTERM / SIGINT / SIGUSR1 / SIGHUP finish the current step, save, exit 0 and say how to resume;
+the resumed run equals the uninterrupted one bit for bit (losses, weights, optimizer state; data order and masks
+included)."""
 
 import re
 import shlex
@@ -7,6 +8,7 @@ import signal
 
 import pytest
 
+from fastmim.errors import STOP_SIGNALS
 from fastmim.train.checkpoint import checkpoints, load_checkpoint, read_record
 from tests.reliability._harness import STEPS, Proc, assert_same_run, pretrain_args, run, wait_for_rows
 
@@ -18,7 +20,7 @@ def _resume_argv(output: str) -> list[str]:
     return shlex.split(match.group(1))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1], ids=lambda s: s.name)
+@pytest.mark.parametrize("signum", STOP_SIGNALS, ids=lambda s: s.name)
 def test_signal_saves_exits_0_and_resume_is_exact(tmp_path, reference, signum):
     out = tmp_path / "run"
     proc = Proc(pretrain_args(out, f"--train.steps={STEPS}"), tmp_path / "log1")
@@ -51,5 +53,21 @@ def test_signal_to_the_process_group_with_data_workers(tmp_path, reference, sig)
     assert proc.wait() == 0, proc.output()
     assert f"stopped by {sig.name}" in proc.output()
     code, resumed = run(_resume_argv(proc.output()), tmp_path / "log2")
+    assert code == 0, resumed
+    assert_same_run(out, reference)
+
+
+def test_a_second_sigterm_inside_a_save_stops_in_one_line(tmp_path, reference):
+    """The first SIGTERM asks to stop, the second one stops at once; when it lands inside torch.save, torch turned
+    the interruption into a RuntimeError traceback (exit 1). Now: one line, exit 128 + 15, the save abandoned, the
+    previous checkpoint intact, and the resumed run exact."""
+    out = tmp_path / "run"
+    sigterm_twice = ("mid-write", 2, (signal.SIGTERM, signal.SIGTERM))  # inside the second save, of step 4
+    argv = pretrain_args(out, f"--train.steps={STEPS}", "--train.save_every=2")
+    code, output = run(argv, tmp_path / "log1", crash=sigterm_twice)
+    assert code == 128 + signal.SIGTERM, output
+    assert "fastmim: interrupted by SIGTERM; what was written before is intact." in output
+    assert "Traceback" not in output and [step for step, _ in checkpoints(out)] == [2], output
+    code, resumed = run([*argv, "--train.resume=auto"], tmp_path / "log2")
     assert code == 0, resumed
     assert_same_run(out, reference)

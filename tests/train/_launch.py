@@ -10,24 +10,31 @@ launcher sets (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT): each ran
 Test hooks of a job (this script's only, never fastmim's): ``"poison": {"rank": r, "step": s}`` makes rank r's
 model predict NaN at one scale during optimizer step s (1-based), so that step's loss and gradients are non-finite
 on that rank alone; ``"flip": GLOB`` flips one byte in the middle of the first file matching GLOB before the job
-starts (a damaged checkpoint file).
+starts (a damaged checkpoint file); ``"plant": {"src": CKPT, "dst": DIR, "marker": FILE}`` copies ZeRO checkpoint
+CKPT (file, shards) into the new run directory DIR with a payload pickled into its model-states shard that would
+create FILE, the shard manifest and the checkpoint's record recomputed to match (an attacker's copy).
 """
 
 import glob
 import json
 import os
+import shutil
 import socket
 import sys
 import traceback
+from pathlib import Path
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import deepspeed  # noqa: F401
 import matplotlib.pyplot  # noqa: F401
+import torch
 
 import fastmim.cli
 import fastmim.train.trainer
+from fastmim.train.checkpoint import load_checkpoint, write_checkpoint
+from fastmim.train.distributed import _digest
 
 
 def free_port() -> int:
@@ -61,6 +68,30 @@ def flip(pattern: str) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
 
 
+class Payload:
+    """Unpickling this runs a shell command that creates a marker file."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def plant(src: str, dst: str, marker: str) -> None:
+    src_path, dst_path = Path(src), Path(dst)
+    dst_path.mkdir()
+    shards = dst_path / src_path.with_suffix(".zero").name
+    shutil.copytree(src_path.with_suffix(".zero"), shards)
+    target = next(shards.glob("*model_states.pt"))
+    state = torch.load(target, map_location="cpu", weights_only=False)  # this test's own file
+    torch.save({**state, "payload": Payload(marker)}, target)
+    ckpt = load_checkpoint(src_path)
+    files = [{"name": p.name, **_digest(p)} for p in sorted(shards.iterdir())]
+    ckpt["optimizer"] = {"zero": {**ckpt["optimizer"]["zero"], "files": files}}
+    write_checkpoint(ckpt, dst_path / src_path.name)
+
+
 def run_job(argv: list[str], world: int, poisoned: dict | None = None) -> list[int]:
     port, pids = free_port(), []
     for rank in range(world):
@@ -87,5 +118,7 @@ if __name__ == "__main__":
     for job in json.loads(open(sys.argv[1]).read()):
         if "flip" in job:
             flip(job["flip"])
+        if "plant" in job:
+            plant(**job["plant"])
         results.append(run_job(job["argv"], job["world"], job.get("poison")))
     print("RESULTS " + json.dumps(results), flush=True)

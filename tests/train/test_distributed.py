@@ -9,6 +9,7 @@ and weights agree up to float summation order.
 import json
 import math
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -21,7 +22,7 @@ import torch
 
 from fastmim.config import load_config
 from fastmim.errors import FastmimError
-from fastmim.train.checkpoint import load_checkpoint, read_record
+from fastmim.train.checkpoint import load_checkpoint, read_record, write_checkpoint
 from fastmim.train.distributed import consolidate, deepspeed_config, resolve_mode
 from fastmim.train.metrics import read_metrics
 from fastmim.train.trainer import train
@@ -103,7 +104,9 @@ def ddp(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
 def zero(tmp_path_factory) -> tuple[Path, list[list[int]]]:
     """ZeRO 1, 2, 3 on 2 processes (3 steps, saving at 2 and 3), then ZeRO-2 resumed from step 2 to step 4; ZeRO 2
     and 3 with rank 1's loss NaN at step 3 (4 steps, saving each); then one byte of a shard of the ZeRO-2 run's
-    step-4 checkpoint flipped and that run continued to step 5 with train.resume=auto (stderr in stderr.txt)."""
+    step-4 checkpoint flipped and that run continued to step 5 with train.resume=auto; then a DeepSpeed resume (its
+    own world size and stage) of an attacker's copy of the ZeRO-2 run's step-3 checkpoint, whose model-states shard
+    holds a payload that would create ``pwned`` (stderr in stderr.txt)."""
     root = tmp_path_factory.mktemp("zero")
     base = ["pretrain", *TWO_RANKS, "--train.dist=deepspeed"]
     jobs = [{"argv": [*base, f"--train.zero_stage={z}", "--train.steps=3", "--train.save_every=2",
@@ -117,6 +120,10 @@ def zero(tmp_path_factory) -> tuple[Path, list[list[int]]]:
     jobs.append({"argv": [*each, "--train.zero_stage=2", "--train.steps=5", "--train.resume=auto",
                           f"--train.out_dir={root / 'nan2'}"], "world": 2,
                  "flip": str(root / "nan2" / "checkpoint-0000004.zero" / "*optim_states.pt")})  # fmt: skip
+    plant = {"src": str(root / "z2" / "checkpoint-0000003.pt"), "dst": str(root / "hostile"),
+             "marker": str(root / "pwned")}  # fmt: skip
+    hostile = [f"--train.resume={root / 'hostile' / 'checkpoint-0000003.pt'}", f"--train.out_dir={root / 'h_run'}"]
+    jobs.append({"argv": [*base, "--train.zero_stage=2", "--train.steps=4", *hostile], "world": 2, "plant": plant})
     (root / "jobs.json").write_text(json.dumps(jobs))
     result = subprocess.run([sys.executable, str(HERE / "_launch.py"), str(root / "jobs.json")], env=ENV,
                             capture_output=True, text=True, timeout=400)  # fmt: skip
@@ -263,6 +270,40 @@ def test_damaged_or_missing_shards_are_refused(zero, tmp_path):
     with pytest.raises(FastmimError, match=rf"ZeRO shard .*{shards[0].name} of checkpoint .* is missing; give"):
         train(load_config(None, resume))
     assert not (tmp_path / "plain.pt").exists() and src.exists()  # nothing written, nothing moved
+
+
+def test_code_in_a_zero_shard_is_refused_and_never_run(zero, tmp_path):
+    """A payload pickled into a shard, the manifest and record recomputed to match (so no checksum stops it): a
+    DeepSpeed resume (2 processes, ZeRO-2, as the checkpoint was written), resume=auto and consolidate refuse it in
+    one line; the payload never runs and the checkpoint is not moved aside as if it were merely damaged."""
+    root, codes = zero
+    assert codes[7] == [2, 2]
+    message = "mp_rank_00_model_states.pt of checkpoint .* holds pickled Python objects.*never executes code"
+    stderr = (root / "stderr.txt").read_text()
+    assert len(re.findall(f"fastmim: error: rank 0: the ZeRO shard .*{message}", stderr)) == 1
+    with pytest.raises(FastmimError, match=message):
+        consolidate(root / "hostile" / "checkpoint-0000003.pt", tmp_path / "plain.pt")
+    shutil.copytree(root / "hostile", tmp_path / "run")
+    auto = [*ONE_RANK, "--train.steps=4", "--train.resume=auto", f"--train.out_dir={tmp_path / 'run'}"]
+    with pytest.raises(FastmimError, match=message):
+        train(load_config(None, auto))
+    assert not (root / "pwned").exists()
+    assert (tmp_path / "run" / "checkpoint-0000003.pt").is_file() and not (tmp_path / "plain.pt").exists()
+
+
+def test_a_malformed_zero_pointer_is_refused_in_one_line(one_process, tmp_path):
+    ckpt = load_checkpoint(one_process / "checkpoint-0000002.pt")
+    for name, pointer in [("nodir", {"world_size": 2, "zero_stage": 2}),
+                          ("escape", {"dir": "../..", "world_size": 2, "zero_stage": 2, "files": []}),
+                          ("files", {"dir": "x.zero", "world_size": 2, "zero_stage": 2, "files": [{"name": "/etc"}]}),
+                          ("type", [1, 2])]:  # fmt: skip
+        src = tmp_path / f"{name}.pt"
+        write_checkpoint({**ckpt, "optimizer": {"zero": pointer}}, src)
+        resume = [*ONE_RANK, "--train.steps=4", f"--train.resume={src}", f"--train.out_dir={tmp_path / name}"]
+        with pytest.raises(FastmimError, match="has a malformed ZeRO shard pointer"):
+            train(load_config(None, resume))
+        with pytest.raises(FastmimError, match="has a malformed ZeRO shard pointer"):
+            consolidate(src, tmp_path / f"{name}-out.pt")
 
 
 def test_zero_checkpoint_is_refused_elsewhere_and_consolidates(zero, tmp_path):

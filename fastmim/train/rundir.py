@@ -1,0 +1,89 @@
+"""One run at a time per run directory: the lock file ``<out_dir>/run.lock``.
+
+A run takes an exclusive ``flock`` on ``run.lock`` before it reads or writes anything else in its directory, and
+holds it until its summary is written. The kernel drops the lock when the process ends, however it ends (kill -9
+included), so a crashed run never leaves its directory locked; the file itself stays, holding the last holder's
+process id, host and start time, and means nothing once unlocked. A second run on the same directory finds the lock
+taken and is refused in one line that names the holder. ``flock`` holds between the processes of one machine and,
+on Linux, over NFS (the client maps it onto POSIX locks); where a file system cannot lock at all, the run warns and
+goes on unlocked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import fcntl
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+from fastmim.errors import FastmimError, one_line
+from fastmim.train.checkpoint import latest_checkpoint
+from fastmim.train.metrics import warn
+
+LOCK_NAME = "run.lock"
+
+
+class RunLock:
+    """The run directory's lock, held from :func:`hold_run_dir` until :meth:`release` (or the end of a ``with``
+    block); ``RunLock()`` without a file is the lock of a process that needs none (a rank other than 0)."""
+
+    def __init__(self, file: Any = None) -> None:
+        self.file = file
+
+    def release(self) -> None:
+        if self.file is not None:
+            self.file.close()  # closing the last descriptor of the open file drops the flock
+            self.file = None
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def hold_run_dir(out_dir: Path) -> RunLock:
+    """Create ``out_dir`` if needed and lock it for this process; refuses, in one line, a directory another run
+    holds, a path that is not a directory, and one that cannot be created or written."""
+    path = out_dir / LOCK_NAME
+    where = one_line(str(out_dir))
+    try:
+        if out_dir.exists() and not out_dir.is_dir():
+            raise FastmimError(f"train.out_dir {where} is not a directory; choose a directory for the run.")
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FastmimError(
+            f"cannot create train.out_dir {where} ({e.strerror}); choose a writable directory."
+        ) from None
+    try:
+        file = path.open("a+")  # not truncated before the lock is ours: it names the holder
+    except OSError as e:
+        raise FastmimError(
+            f"cannot write in train.out_dir {where} ({e.strerror}); choose a writable directory."
+        ) from None
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        file.seek(0)
+        holder = one_line(file.read().strip()) or "details not written yet"
+        file.close()
+        raise FastmimError(
+            f"train.out_dir {where} is in use by another run ({holder}); wait for it to end or stop it, or choose "
+            "another --train.out_dir."
+        ) from None
+    except OSError as e:
+        warn(f"cannot lock {path} ({e.strerror}); make sure no other run uses {out_dir} at the same time.")
+    started = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    with contextlib.suppress(OSError):  # the holder's details only inform a refused run
+        file.truncate(0)
+        file.write(f"pid {os.getpid()} on {socket.gethostname()}, started {started}\n")
+        file.flush()
+    return RunLock(file)
+
+
+def holds_a_run(out_dir: Path) -> bool:
+    """Whether ``out_dir`` already holds a run's history: a metrics file or a checkpoint."""
+    return (out_dir / "metrics.jsonl").exists() or latest_checkpoint(out_dir) is not None
