@@ -12,8 +12,6 @@ what was consumed (the batch read ahead is not counted and is read again after a
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import torch
 
 from fastmim.data.loader import MIMLoader
@@ -31,15 +29,8 @@ class DevicePrefetcher:
     def __init__(self, loader: MIMLoader, device: torch.device, epoch: int = 0, batch: int = 0) -> None:
         self.loader, self.device = loader, device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._raw = self._raw_batches(epoch, batch)
+        self._raw = loader.stream(epoch, batch)
         self._ahead = self._prepare() if self.stream is not None else None
-
-    def _raw_batches(self, epoch: int, batch: int) -> Iterator[tuple[int, int, tuple]]:
-        while True:
-            for raw in self.loader.raw_batches(epoch, batch):
-                batch += 1
-                yield epoch, batch, raw
-            epoch, batch = epoch + 1, 0
 
     def _prepare(self) -> tuple[torch.Tensor, int, int]:
         epoch, batch, raw = next(self._raw)
