@@ -74,6 +74,7 @@ def test_bench_data(tmp_path):
     rows = _record(tmp_path, "data")["rows"]
     assert [r["source"] for r in rows] == ["demo", "synthetic"]
     assert all(r["img_per_s"] > 0 and r["img_per_s_per_worker"] == r["img_per_s"] for r in rows)
+    assert all(r["pixel_diff_max"] == 0 for r in rows)  # the default placement is the reference itself
 
 
 def test_profile_trace_and_stage_table(tmp_path, capsys):
@@ -118,8 +119,14 @@ def test_summary_tables(tmp_path):
             "speedup_vs_reference": 2.5, "mfu": 0.41, "peak_mem_gib": 3.21}  # fmt: skip
     kernel = {"provider": "triton", "mode": "fwd", "shape": {"B": 2}, "dtype": "float32", "ms_p50": 0.1234,
               "gbps": 2500.0, "speedup": 51.0}  # fmt: skip
+    data = {"source": "ffcv", "storage": "raw", "decode": "cpu", "augment": "gpu", "cpu_s_per_1k_img": 0.1234,
+            "img_per_s_per_core": 8103.7, "cores_per_8gpu_node": 12.83, "bytes_per_image": 704536.0,
+            "pixel_diff_mean": 0.049, "pixel_diff_max": 13.0, "augment_device": "cpu (not timed)"}  # fmt: skip
     write_record("step", [step], torch.device("cpu"), tmp_path)
     write_record("hog", [kernel], torch.device("cpu"), tmp_path)
+    write_record("data", [data, {"source": "demo"}], torch.device("cpu"), tmp_path)  # the second: an older record
     text = summarize([tmp_path])
     assert "| m | fast | 8 | bf16 | 1234 | 6.48 | 2.50 | 41.0% | 3.2 | cpu |" in text
     assert "| hog | triton | fwd | B=2 | float32 | 0.123 | 2500 | 51.00 | cpu |" in text
+    assert "| ffcv | raw | cpu | gpu | 0.123 | 8104 | 13 | 704,536 | 0.05 / 13 | cpu (not timed) |" in text
+    assert "| demo |" not in text
