@@ -43,7 +43,7 @@ def kernel_table(records: list[dict]) -> list[str]:
     for rec in records:
         if rec.get("bench") in ("step", "data"):
             continue
-        for r in rec["rows"]:
+        for r in rec.get("rows", []):  # other records (the convergence check's) have no rows
             if "ms_p50" not in r:
                 continue
             shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())

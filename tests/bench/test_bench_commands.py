@@ -125,6 +125,7 @@ def test_summary_tables(tmp_path):
     write_record("step", [step], torch.device("cpu"), tmp_path)
     write_record("hog", [kernel], torch.device("cpu"), tmp_path)
     write_record("data", [data, {"source": "demo"}], torch.device("cpu"), tmp_path)  # the second: an older record
+    (tmp_path / "convergence-x.json").write_text('{"bench": "convergence-digits", "pretrain": {}}')  # no rows
     text = summarize([tmp_path])
     assert "| m | fast | 8 | bf16 | 1234 | 6.48 | 2.50 | 41.0% | 3.2 | cpu |" in text
     assert "| hog | triton | fwd | B=2 | float32 | 0.123 | 2500 | 51.00 | cpu |" in text
