@@ -56,6 +56,20 @@ timeout 300 "$PY" -m fastmim bench step --config swin_base_hog_400 --impls refer
   --data.num_images=256 --fixed-batch --steps 20 --warmup 5 --out "$WORK" --plot >> "$OUT_DIR/suite.log" 2>&1 \
   || { log "FAILED: bench step localmim_swin_base_patch4_window7"; status=1; }
 
+# The loader's CPU cost per decode mode with the device half on the GPU (data.decode=gpu: nvJPEG), on an
+# ImageNet-like folder converted to JPEG and raw .beton files: needs FFCV to convert, so it runs only where FFCV is
+# installed (the suite's own environment has none).
+if "$PY" -c "import ffcv" > /dev/null 2>&1; then
+  log "bench data (ffcv jpeg/raw, augment gpu, decode cpu/gpu)"
+  "$PY" -m fastmim data imagenet-like "$WORK/inet" --images 512 >> "$OUT_DIR/suite.log" 2>&1
+  timeout 300 "$PY" -m fastmim bench data --model.img_size=224 --data.num_workers=1 --train.batch_size=64 \
+    --steps 48 --warmup 8 --data.path="$WORK/inet" --sources ffcv --storage jpeg,raw --augment gpu --decode cpu,gpu \
+    --out "$WORK" >> "$OUT_DIR/suite.log" 2>&1 || { log "FAILED: bench data"; status=1; }
+  rm -rf "$WORK/inet"
+else
+  log "bench data skipped: FFCV is not installed"
+fi
+
 "$PY" -m fastmim.bench.summary "$WORK" > "$OUT_DIR/summary.md" 2>&1
 tar -czf "$OUT_DIR/gpu_suite.tar.gz" -C "$WORK" .
 log "done (status $status); results in $OUT_DIR"
