@@ -199,29 +199,39 @@ class MIMLoader:
         (pinned on CUDA), or into ``staging`` (uint8, large enough) when given: a caller that finishes each batch
         before asking for the next may reuse one buffer, as CUDA's caching pinned allocator does.
         """
-        if not 0 <= start_batch <= self.steps_per_epoch:
-            raise ValueError(f"start_batch {start_batch} is outside [0, steps_per_epoch={self.steps_per_epoch}]")
-        yield from self._batches(itertools.islice(self._key_batches(epoch, start_batch), self.steps_per_epoch
-                                                  - start_batch), epoch, staging)  # fmt: skip
+        self._check_start(start_batch)
+        schedule = itertools.islice(self._schedule(epoch, start_batch), self.steps_per_epoch - start_batch)
+        yield from self._batches(self._key_batches(schedule), epoch, staging)
 
     def stream(self, epoch: int = 0, start_batch: int = 0, staging: torch.Tensor | None = None) -> Iterator[tuple]:
         """Endless ``(epoch, next_batch, raw batch)`` from batch ``start_batch`` of ``epoch`` on, epoch after epoch,
         through one set of data workers (started once, not once per epoch); ``(epoch, next_batch)`` is the position
         after the batch. The batches are :meth:`raw_batches`'."""
+        self._check_start(start_batch)
+        raws = self._batches(self._key_batches(self._schedule(epoch, start_batch)), epoch, staging)
+        try:
+            for (e, b), raw in zip(self._schedule(epoch, start_batch), raws):
+                yield e, b + 1, raw
+        finally:
+            raws.close()  # stops the workers now, when the stream is closed or dropped
+
+    def _check_start(self, start_batch: int) -> None:
         if not 0 <= start_batch <= self.steps_per_epoch:
             raise ValueError(f"start_batch {start_batch} is outside [0, steps_per_epoch={self.steps_per_epoch}]")
-        positions = ((e, b + 1) for e in itertools.count(epoch) for b in range(start_batch if e == epoch else 0,
-                                                                               self.steps_per_epoch))  # fmt: skip
-        for (e, b), raw in zip(positions, self._batches(self._key_batches(epoch, start_batch), epoch, staging)):
-            yield e, b, raw
 
-    def _key_batches(self, epoch: int, start_batch: int) -> Iterator[np.ndarray]:
-        """Endless ``(index, sample_seed)`` keys [B, 2] of each batch from ``(epoch, start_batch)`` on."""
-        b = self.batch_size
+    def _schedule(self, epoch: int, start_batch: int) -> Iterator[tuple[int, int]]:
+        """Endless ``(epoch, batch)`` positions from ``(epoch, start_batch)`` on."""
         for e in itertools.count(epoch):
-            keys = epoch_keys(self.num_samples, b, self.seed, e, self.rank, self.world_size)
-            for k in range(start_batch if e == epoch else 0, self.steps_per_epoch):
-                yield keys[k * b : (k + 1) * b]
+            for b in range(start_batch if e == epoch else 0, self.steps_per_epoch):
+                yield e, b
+
+    def _key_batches(self, schedule: Iterable[tuple[int, int]]) -> Iterator[np.ndarray]:
+        """The ``(index, sample_seed)`` keys [B, 2] of each scheduled batch."""
+        current, keys, size = None, None, self.batch_size
+        for e, b in schedule:
+            if e != current:
+                current, keys = e, epoch_keys(self.num_samples, size, self.seed, e, self.rank, self.world_size)
+            yield keys[b * size : (b + 1) * size]
 
     def _batches(self, key_batches: Iterator[np.ndarray], epoch: int, staging: torch.Tensor | None) -> Iterator:
         """The raw batches of ``key_batches``, read by one DataLoader."""

@@ -72,20 +72,22 @@ def load_or_replace(read: Callable[[int], T], index: int, sample_seed: int, num_
     )
 
 
+def shared_bytes(nbytes: int) -> torch.Tensor:
+    """uint8 [nbytes] in shared memory whose pages are touched only as they are written (torch's DataLoader
+    collate allocates the same way; ``.share_memory_()`` would first copy, touching every page)."""
+    return torch.empty(0, dtype=torch.uint8).set_(torch.UntypedStorage._new_shared(nbytes))
+
+
 class SharedRing:
     """``slots`` buffers of ``capacity`` bytes in memory shared with the data workers, made once, plus a header
     per slot: the position of the batch it holds, ``-(position + 1)`` while a worker writes it."""
 
     def __init__(self, slots: int, capacity: int, shared: bool) -> None:
+        self.data = shared_bytes(slots * capacity) if shared else torch.empty(slots * capacity, dtype=torch.uint8)
+        self.data = self.data.view(slots, capacity)
+        self.header = torch.full((slots,), -1, dtype=torch.int64)
         if shared:
-            # Shared memory that is only touched as it is written (torch's DataLoader collate allocates the same
-            # way); .share_memory_() of an empty tensor would first copy, touching every page of every slot.
-            storage = torch.UntypedStorage._new_shared(slots * capacity)
-            self.data = torch.empty(0, dtype=torch.uint8).set_(storage).view(slots, capacity)
-            self.header = torch.full((slots,), -1, dtype=torch.int64).share_memory_()
-        else:
-            self.data = torch.empty(slots, capacity, dtype=torch.uint8)
-            self.header = torch.full((slots,), -1, dtype=torch.int64)
+            self.header.share_memory_()
         self.slots, self.capacity = slots, capacity
 
     def check(self, slot: int, position: int) -> None:
@@ -191,15 +193,13 @@ class CropBatches(Dataset):
             shapes.append((h, w)), flips.append(flip), labels.append(label), notes.append(note)
         offsets = np.cumsum([0] + [c.size for c in crops])
         # In a worker, straight into shared memory: torch then passes it to the main process without a copy.
-        storage = torch.UntypedStorage._new_shared(int(offsets[-1])) if get_worker_info() else None
-        pixels = torch.empty(int(offsets[-1]), dtype=torch.uint8)
-        if storage is not None:
-            pixels.set_(storage)
+        nbytes = int(offsets[-1])
+        pixels = shared_bytes(nbytes) if get_worker_info() else torch.empty(nbytes, dtype=torch.uint8)
         flat = pixels.numpy()
         for start, crop in zip(offsets, crops):
             flat[start : start + crop.size].reshape(crop.shape)[...] = crop
         boxes = [(0, 0, h, w) for h, w in shapes]
-        return pixels, int(offsets[-1]), *_arrays(offsets, shapes, boxes, flips, labels), notes
+        return pixels, nbytes, *_arrays(offsets, shapes, boxes, flips, labels), notes
 
 
 def _arrays(offsets, shapes, boxes, flips, labels) -> tuple[np.ndarray, ...]:
