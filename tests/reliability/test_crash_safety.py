@@ -6,6 +6,7 @@ data, checkpoints without records. Resuming with ``train.resume=auto`` must clea
 checkpoint and reproduce the uninterrupted run bit for bit.
 """
 
+import contextlib
 import random
 import signal
 
@@ -49,7 +50,9 @@ def test_repeated_sigkills_at_random_moments(tmp_path, reference):
         proc = Proc([*args, *resume], tmp_path / f"log{attempt}")
         wait_for_rows(out / "metrics.jsonl", 2 * attempt + 1, proc)
         proc.process.join(rng.uniform(0.0, 0.4))
-        proc.signal(signal.SIGKILL)
+        # On a quiet machine the run can end (and be reaped by the join) before the kill: status 0, allowed below.
+        with contextlib.suppress(ProcessLookupError):
+            proc.signal(signal.SIGKILL)
         assert proc.wait() in (-signal.SIGKILL, 0), proc.output()
     code, output = run([*args, "--train.resume=auto"], tmp_path / "final")
     assert code == 0, output
