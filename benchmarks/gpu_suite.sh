@@ -145,6 +145,15 @@ if want 3; then
   step "bench step localmim ViT-L" 150 suite.log "${BENCH_STEP[@]}" "${VIT_L[@]}" --impls "reference$EAGER,fast$EAGER"
   step "bench data (demo images, cpu vs gpu augmentation)" 90 suite.log \
     "$PY" -m fastmim bench data "${DATA[@]}" --sources demo --augment cpu,gpu --out "$WORK"
+  # The loader's CPU cost per decode mode with the device half on the GPU (data.decode=gpu: nvJPEG), on an
+  # ImageNet-like folder converted to JPEG and raw .beton files: converting needs FFCV, which the GPU image lacks.
+  if [ "$SMOKE" != 1 ] && "$PY" -c "import ffcv" > /dev/null 2>&1; then
+    step "imagenet-like folder" 60 suite.log "$PY" -m fastmim data imagenet-like "$WORK/inet" --images 512
+    step "bench data (ffcv jpeg/raw, augment gpu, decode cpu/gpu)" 150 suite.log "$PY" -m fastmim bench data \
+      --model.img_size=224 --data.num_workers=1 --train.batch_size=64 --steps 48 --warmup 8 \
+      --data.path="$WORK/inet" --sources ffcv --storage jpeg,raw --augment gpu --decode cpu,gpu --out "$WORK"
+    rm -rf "$WORK/inet"
+  fi
   if [ "$SMOKE" != 1 ]; then  # compile modes: minutes of autotuning on a GPU, nothing to learn from on a CPU
     step "bench step ViT-B compile modes" 240 suite.log "${BENCH_STEP[@]}" "${VIT_B[@]}" \
       --impls reference+eager,fast+compile:max-autotune-no-cudagraphs,fast+compile:reduce-overhead

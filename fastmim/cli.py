@@ -14,6 +14,7 @@
     fastmim bench step|data [--config RECIPE] [overrides] [--out DIR] [--plot]   throughput benchmarks (JSON)
     fastmim profile [--config RECIPE] [overrides] [--steps N]       profiler trace + per-stage table
     fastmim data convert SRC DST.beton [--max-side N] [--quality Q | --raw] [--workers N]   image folder -> FFCV
+    fastmim data imagenet-like DST [--images N]                   ImageNet-like JPEG folder for `bench data`
 
 User errors print one line (``fastmim: error: ...``) and exit with status 2.
 """
@@ -60,11 +61,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     which.choices["data"].add_argument("--sources", help="comma-separated sources (default: every available one)")
     which.choices["data"].add_argument("--augment", help="comma-separated placements, cpu,gpu (default data.augment)")
+    which.choices["data"].add_argument("--decode", help="comma-separated decode modes, cpu,gpu (default data.decode)")
+    which.choices["data"].add_argument(
+        "--storage", default="jpeg", help="comma-separated storages, jpeg,raw, when converting a folder for ffcv"
+    )
     which.choices["data"].add_argument(
         "--max-side", type=int, default=512, help="longest side when converting a folder for source ffcv (512)"
     )
-    p = sub.add_parser("data", help="datasets: `data convert` writes an FFCV .beton from an image folder")
+    which.choices["data"].add_argument(
+        "--deviation-images", type=int, default=64, help="images compared with the reference pixels (default 64)"
+    )
+    p = sub.add_parser("data", help="datasets: `data convert` (image folder -> FFCV .beton), `data imagenet-like`")
     which = p.add_subparsers(dest="data", metavar="WHAT", required=True)
+    q = which.add_parser("imagenet-like", help="write a folder of ImageNet-like JPEGs made from a bundled photograph")
+    q.add_argument("dst", help="output folder (never overwritten; written under a temporary name first)")
+    q.add_argument("--images", type=int, default=512, help="number of images (default 512)")
+    q.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     q = which.add_parser("convert", help="write an image folder (ImageFolder tree or flat) as an FFCV .beton file")
     q.add_argument("src", help="image folder: root/<class>/<images> or a flat folder of images")
     q.add_argument("dst", help="output .beton file (never overwritten; written under a temporary name first)")
@@ -355,9 +367,10 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
     else:
         from fastmim.bench.data import DATA_COLUMNS, bench_device, run_data_bench
 
-        augments = args.augment.split(",") if args.augment else None
-        sources = args.sources.split(",") if args.sources else None
-        rows = run_data_bench(cfg, sources, steps, warmup, augments, args.max_side)
+        lists = [value.split(",") if value else None for value in (args.sources, args.augment, args.decode)]
+        sources, augments, decodes = lists
+        rows = run_data_bench(cfg, sources, steps, warmup, augments, args.max_side, decodes=decodes,
+                              storages=args.storage.split(","), deviation_images=args.deviation_images)  # fmt: skip
         device, columns, plot = bench_device(cfg), DATA_COLUMNS, None
     print(format_table(rows, columns))
     argv = ["fastmim", *sys.argv[1:]]
@@ -385,6 +398,12 @@ def cmd_profile(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_data(args: argparse.Namespace, _: list[str]) -> int:
+    if args.data == "imagenet-like":
+        from fastmim.data.imagenet_like import write_imagenet_like
+
+        written = write_imagenet_like(args.dst, args.images, args.quality)
+        print(f"wrote {args.images} JPEGs to {args.dst} ({written / args.images / 1e3:.1f} KB each on average)")
+        return 0
     from fastmim.data.beton import convert_folder
 
     summary = convert_folder(args.src, args.dst, args.max_side, args.quality, args.raw, args.workers)

@@ -85,6 +85,10 @@ class DataConfig:
     augment: str = "cpu"
     """Where crops are resized, flipped and normalised: "cpu" (PIL, in the data workers) or "gpu" (workers only
     decode and crop; one fused op on the training device; same crops, same pixels up to Pillow's pass order)."""
+    decode: str = "cpu"
+    """Where JPEGs are decoded: "cpu" (libjpeg-turbo in the data workers: the stored pixels exactly) or "gpu"
+    (data.source = "ffcv" with JPEG storage and data.augment = "gpu": workers ship the JPEG bytes, the training
+    device decodes them with nvJPEG through torchvision; pixels may differ slightly: `fastmim bench data` measures)."""
 
 
 @dataclass
@@ -166,6 +170,7 @@ _CHOICES = {
     ("model", "swin_coords"): ("default", "true", "released"),
     ("data", "source"): ("demo", "folder", "synthetic", "ffcv"),
     ("data", "augment"): ("cpu", "gpu"),
+    ("data", "decode"): ("cpu", "gpu"),
     ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),
     ("train", "compile"): ("auto", "on", "off"),
     ("train", "device"): ("auto", "cpu", "cuda"),
@@ -346,6 +351,7 @@ def validate(cfg: Config) -> None:
     check_choices(cfg, _CHOICES)
     m, d, t = cfg.model, cfg.data, cfg.train
     peak_lr = t.lr if t.lr > 0 else t.blr * t.batch_size * t.accum_steps / 256
+    decode_fits = d.decode == "cpu" or (d.augment == "gpu" and d.source == "ffcv")
     checks = [
         (0.0 <= m.mask_ratio < 1.0, "model.mask_ratio must be in [0, 1), e.g. 0.75"),
         (m.img_size >= 0, "model.img_size must be positive (or 0 = 224)"),
@@ -354,6 +360,7 @@ def validate(cfg: Config) -> None:
         (d.num_workers >= 0, "data.num_workers must be >= 0"),
         (d.num_images > 0, "data.num_images must be positive"),
         (0.0 < d.min_scale <= 1.0, "data.min_scale must be in (0, 1], e.g. 0.2"),
+        (decode_fits, "data.decode = 'gpu' needs data.augment = 'gpu' and data.source = 'ffcv' (a .beton of JPEGs)"),
         (t.batch_size > 0, "train.batch_size must be positive"),
         (t.accum_steps > 0, "train.accum_steps must be positive"),
         (t.steps >= 0, "train.steps must be >= 0 (0 = use train.epochs)"),

@@ -41,7 +41,7 @@ def one_line(text: str) -> str:
 class _Interrupts:
     """The handler of :func:`interrupt_on_stop_signals`. Python may swallow an exception raised by a signal handler
     (one that lands in an at-fork hook or a finaliser: "Exception ignored in ..."), so after the first stop signal
-    a thread repeats it every second, while this handler is installed, until the command has reported it."""
+    a thread repeats it every 0.2 s, while this handler is installed, until the command has reported it."""
 
     def __init__(self) -> None:
         self.pid = os.getpid()
@@ -61,7 +61,7 @@ class _Interrupts:
         raise Interrupted(signal.Signals(self.first).name)
 
     def _repeat(self) -> None:
-        while not self.settled.wait(1.0):
+        while not self.settled.wait(0.2):
             if signal.getsignal(self.first) == self.handle:  # not while the training loop handles signals itself
                 os.kill(self.pid, self.first)
 

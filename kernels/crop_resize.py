@@ -17,8 +17,11 @@ as Pillow runs its horizontal pass first. Pillow >= 13 runs the vertical pass fi
 more than the width; on natural images that moves a few pixels by one level of 255 (the tests bound it).
 
 Shapes, dtypes: images uint8 (any device), boxes int64, flips bool; returns float32 [B, 3, S, S] on the images'
-device. The coefficients are built with torch in float64 (O(B * S * taps), tiny); the two passes are Triton kernels
-(one program per block of outputs of one sample, all taps in registers).
+device. :func:`crop_resize_packed` takes the images packed back to back in one uint8 buffer instead (each its own
+size, channels last or first, no padding: what the loader ships), with per-sample offsets and shapes; the kernels
+read either layout through per-sample (base, row stride, channel stride, last column) and give the same output.
+The coefficients are built with torch in float64 (O(B * S * taps), tiny); the two passes are Triton kernels (one
+program per block of outputs of one sample, all taps in registers).
 
 Bytes per image, 224 px output from a 256 x 192 crop: read 147 KB uint8 (each tap re-reads neighbouring bytes from
 L1/L2), write + read a 224 x 192 x 3 uint8 intermediate (2 x 129 KB), write 602 KB fp32: ~1 MB, ~0.3 us at 3 TB/s,
@@ -110,13 +113,30 @@ def _check(images: Tensor, boxes: Tensor, flips: Tensor, size: int) -> None:
     if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be uint8 [B, H, W, 3], got {images.dtype} {list(images.shape)}")
     b, h, w, _ = images.shape
+    _check_boxes(boxes, flips, size, torch.tensor([[h, w]]).expand(b, 2), f"the {h} x {w} images")
+
+
+def _check_boxes(boxes: Tensor, flips: Tensor, size: int, shapes: Tensor, what: str) -> None:
+    b = shapes.shape[0]
     if boxes.shape != (b, 4) or flips.shape != (b,):
         raise ValueError(f"boxes must be [{b}, 4] and flips [{b}], got {list(boxes.shape)} and {list(flips.shape)}")
     if size < 1:
         raise ValueError(f"output size must be positive, got {size}")
-    top, left, bh, bw = boxes.unbind(1)
+    top, left, bh, bw = boxes.cpu().unbind(1)
+    h, w = shapes.cpu().unbind(1)
     if b and bool(((top < 0) | (left < 0) | (bh < 1) | (bw < 1) | (top + bh > h) | (left + bw > w)).any()):
-        raise ValueError(f"every box (top, left, height, width) must lie inside the {h} x {w} images")
+        raise ValueError(f"every box (top, left, height, width) must lie inside {what}")
+
+
+def _check_packed(pixels: Tensor, offsets: Tensor, shapes: Tensor) -> None:
+    if pixels.dtype != torch.uint8 or pixels.dim() != 1:
+        raise ValueError(f"pixels must be uint8 [N], got {pixels.dtype} {list(pixels.shape)}")
+    b = shapes.shape[0]
+    if shapes.shape != (b, 2) or offsets.shape != (b,):
+        raise ValueError(f"shapes must be [B, 2] and offsets [B], got {list(shapes.shape)} and {list(offsets.shape)}")
+    start, end = offsets.cpu(), offsets.cpu() + shapes.cpu().prod(1) * 3
+    if b and bool(((shapes.cpu() < 1).any(1) | (start < 0) | (end > pixels.numel())).any()):
+        raise ValueError(f"every packed image must have a positive size and lie inside the {pixels.numel()} bytes")
 
 
 def to_device_async(t: Tensor, device: torch.device) -> Tensor:
@@ -171,11 +191,14 @@ def crop_resize_ref(images: Tensor, boxes: Tensor, flips: Tensor, size: int, mea
 
 
 @triton.jit
-def _resize_rows_kernel(img_ptr, top_ptr, h_ptr, x0_ptr, kx_ptr, t_ptr, W, S, ROWS, TAPS, s_ib, s_ih,
+def _resize_rows_kernel(img_ptr, layout_ptr, top_ptr, h_ptr, x0_ptr, kx_ptr, t_ptr, S, ROWS, TAPS, COL_STRIDE,
                         BLOCK: tl.constexpr):  # fmt: skip
     # Horizontal pass. One program computes BLOCK consecutive elements (y, x, c) of t[b] [ROWS, S, 3] for sample
     # b = program_id(0), y < the box height; grid (B, cdiv(ROWS * S * 3, BLOCK)). The accumulator (int32, exact:
     # see the caveat in the module docstring) and the BLOCK tap starts stay in registers across the tap loop.
+    # Sample b's pixel (row, col, c) is at img_ptr + base + row * row_stride + col * COL_STRIDE + c * chan_stride,
+    # with (base, row_stride, chan_stride, last column) = layout[b]: a padded batch and images of different sizes
+    # packed back to back (channels last or first) read alike.
     b = tl.program_id(0).to(tl.int64)
     offs = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     c = offs % 3
@@ -183,13 +206,18 @@ def _resize_rows_kernel(img_ptr, top_ptr, h_ptr, x0_ptr, kx_ptr, t_ptr, W, S, RO
     y = offs // (3 * S)
     height = tl.load(h_ptr + b)
     mask = y < height
+    base = tl.load(layout_ptr + b * 4)
+    row_stride = tl.load(layout_ptr + b * 4 + 1)
+    chan_stride = tl.load(layout_ptr + b * 4 + 2)
+    last_col = tl.load(layout_ptr + b * 4 + 3)
     row = tl.load(top_ptr + b) + y
     start = tl.load(x0_ptr + b * S + x, mask=mask, other=0)
+    pixel = img_ptr + base + row * row_stride + c * chan_stride
     acc = tl.full((BLOCK,), 1 << 21, tl.int32)
     for k in range(0, TAPS):
         coeff = tl.load(kx_ptr + (b * S + x) * TAPS + k, mask=mask, other=0)
-        col = tl.minimum(start + k, W - 1)
-        pix = tl.load(img_ptr + b * s_ib + row * s_ih + col * 3 + c, mask=mask, other=0)
+        col = tl.minimum(start + k, last_col)
+        pix = tl.load(pixel + col * COL_STRIDE, mask=mask, other=0)
         acc += coeff * pix.to(tl.int32)
     out = tl.minimum(tl.maximum(acc >> 22, 0), 255)
     tl.store(t_ptr + b * ROWS * S * 3 + offs, out.to(tl.uint8), mask=mask)
@@ -222,20 +250,31 @@ def _resize_cols_kernel(t_ptr, y0_ptr, ky_ptr, flip_ptr, lut_ptr, out_ptr, S, RO
 
 def crop_resize_fwd(images: Tensor, boxes: Tensor, flips: Tensor, size: int, mean: tuple[float, ...],
                     std: tuple[float, ...]) -> Tensor:  # fmt: skip
-    """Launch the two passes (arguments as :func:`crop_resize`)."""
+    """Launch the two passes on a padded batch (arguments as :func:`crop_resize`)."""
     _check(images, boxes, flips, size)
     b, _, w_img, _ = images.shape
-    out = torch.empty(b, 3, size, size, dtype=torch.float32, device=images.device)
-    if b == 0:
-        return out
     if images.stride(3) != 1 or images.stride(2) != 3:
         images = images.contiguous()  # rows may be strided (a padded batch), pixels within a row may not
-    rows, top, _, h, x0, kx, y0, ky, lut = _prepare(images, boxes, size, mean, std)
-    t = torch.empty(b, rows, size, 3, dtype=torch.uint8, device=images.device)
-    flip8 = to_device_async(flips.to(torch.uint8), images.device)
+    # (base, row stride, channel stride, last column) per sample, as in the kernel's comment.
+    layout = torch.tensor([[0, images.stride(1), 1, w_img - 1]], dtype=torch.int64).repeat(b, 1)
+    layout[:, 0] = torch.arange(b) * images.stride(0)
+    return _launch(images, layout, 3, boxes, flips, size, mean, std)
+
+
+def _launch(data: Tensor, layout: Tensor, col_stride: int, boxes: Tensor, flips: Tensor, size: int,
+            mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:  # fmt: skip
+    """The two passes over the images ``layout`` (host int64 [B, 4], see the rows kernel) places in ``data``."""
+    b = layout.shape[0]
+    out = torch.empty(b, 3, size, size, dtype=torch.float32, device=data.device)
+    if b == 0:
+        return out
+    rows, top, _, h, x0, kx, y0, ky, lut = _prepare(data, boxes, size, mean, std)
+    layout = to_device_async(layout, data.device)
+    t = torch.empty(b, rows, size, 3, dtype=torch.uint8, device=data.device)
+    flip8 = to_device_async(flips.to(torch.uint8), data.device)
     grid = (b, triton.cdiv(rows * size * 3, _BLOCK))
-    _resize_rows_kernel[grid](images, top.contiguous(), h.contiguous(), x0.contiguous(), kx.contiguous(), t, w_img,
-                              size, rows, kx.shape[-1], images.stride(0), images.stride(1), BLOCK=_BLOCK)  # fmt: skip
+    _resize_rows_kernel[grid](data, layout, top.contiguous(), h.contiguous(), x0.contiguous(), kx.contiguous(), t,
+                              size, rows, kx.shape[-1], col_stride, BLOCK=_BLOCK)  # fmt: skip
     grid = (b, triton.cdiv(3 * size * size, _BLOCK))
     _resize_cols_kernel[grid](t, y0.contiguous(), ky.contiguous(), flip8, lut, out, size, rows, ky.shape[-1],
                               BLOCK=_BLOCK)  # fmt: skip
@@ -269,3 +308,46 @@ def crop_resize(images: Tensor, boxes: Tensor, flips: Tensor, size: int, mean: t
     if _use_kernel(images):
         return crop_resize_fwd(images, boxes, flips, size, mean, std)
     return crop_resize_ref(images, boxes, flips, size, mean, std)
+
+
+def _packed_layout(offsets: Tensor, shapes: Tensor, channels_last: bool) -> tuple[Tensor, int]:
+    """Host int64 [B, 4] kernel layout of packed images and their column stride."""
+    offsets, shapes = offsets.cpu().to(torch.int64), shapes.cpu().to(torch.int64)
+    h, w = shapes.unbind(1)
+    if channels_last:  # [H, W, 3]
+        return torch.stack([offsets, w * 3, torch.ones_like(w), w - 1], 1), 3
+    return torch.stack([offsets, w, h * w, w - 1], 1), 1  # [3, H, W]
+
+
+def unpack(pixels: Tensor, offsets: Tensor, shapes: Tensor, channels_last: bool = True) -> Tensor:
+    """Packed images (see :func:`crop_resize_packed`) as one zero-padded uint8 [B, H_max, W_max, 3] batch."""
+    _check_packed(pixels, offsets, shapes)
+    h_max, w_max = (int(v) for v in shapes.max(0).values) if len(shapes) else (1, 1)
+    batch = torch.zeros(len(shapes), h_max, w_max, 3, dtype=torch.uint8, device=pixels.device)
+    for i, (start, (h, w)) in enumerate(zip(offsets.tolist(), shapes.tolist())):
+        image = pixels[start : start + h * w * 3]
+        batch[i, :h, :w] = image.view(h, w, 3) if channels_last else image.view(3, h, w).permute(1, 2, 0)
+    return batch
+
+
+@torch.no_grad()
+def crop_resize_packed(pixels: Tensor, offsets: Tensor, shapes: Tensor, boxes: Tensor, flips: Tensor, size: int,
+                       mean: tuple[float, ...], std: tuple[float, ...],
+                       channels_last: bool = True) -> Tensor:  # fmt: skip
+    """:func:`crop_resize` for images of different sizes packed back to back in one buffer, with no padding: the
+    loader's batches (only the bytes of each crop cross from the data workers, or only each JPEG's bytes for
+    device decoding). The result equals :func:`crop_resize` of the same images padded into one batch.
+
+    Args:
+        pixels: uint8 [N]; image b is ``pixels[offsets[b] : offsets[b] + H_b * W_b * 3]``, laid out
+            [H_b, W_b, 3] (``channels_last``) or [3, H_b, W_b].
+        offsets: int [B], where each image starts.
+        shapes: int [B, 2], (H_b, W_b).
+        boxes, flips, size, mean, std: as :func:`crop_resize`, each box inside its own image.
+    """
+    _check_packed(pixels, offsets, shapes)
+    _check_boxes(boxes, flips, size, shapes, "its image")
+    if _use_kernel(pixels):
+        layout, col_stride = _packed_layout(offsets, shapes, channels_last)
+        return _launch(pixels, layout, col_stride, boxes, flips, size, mean, std)
+    return crop_resize_ref(unpack(pixels, offsets, shapes, channels_last), boxes, flips, size, mean, std)

@@ -41,6 +41,9 @@ def test_overrides_take_precedence_and_coerce_types():
         (["--model.mask_ratio=1.5"], r"model.mask_ratio must be in \[0, 1\)"),
         (["steps=3"], "config overrides look like"),
         (["--train.steps"], "has no value"),
+        (["--data.decode=nvjpeg"], "data.decode = 'nvjpeg' is not one of"),
+        (["--data.decode=gpu", "--data.source=ffcv"], "data.decode = 'gpu' needs data.augment = 'gpu'"),
+        (["--data.decode=gpu", "--data.augment=gpu"], "and data.source = 'ffcv'"),
     ],
 )
 def test_bad_overrides_are_one_line_errors(args, message):

@@ -1,27 +1,33 @@
-"""``fastmim bench data``: loader throughput per source and augmentation placement, in img/s and per CPU core.
+"""``fastmim bench data``: the loader's CPU cost per data source, storage, decode mode and augmentation placement.
 
-Each (source, placement) pair is read through the production loader (decode, crop, resize, flip, normalise,
-collate; for ``gpu`` placement the resize, flip and normalisation run on the device) for ``batches`` batches after
-``warmup`` untimed ones (worker start-up excluded). Rows:
+Each row reads the production loader (:meth:`MIMLoader.stream`: one set of data workers, as in training) for
+``batches`` batches after ``warmup`` untimed ones, and reports:
 
-- ``img_per_s``: wall-clock images per second.
-- ``cpu_s_per_1k_img``: CPU seconds the loader's whole process tree (main process, its threads and every data
-  worker) spent per 1,000 images: the number of cores needed per 1,000 img/s, the figure to plan a node with
-  (the goal for ``ffcv`` + ``gpu`` is <= 1). It is measured, not estimated from wall time, so it stays meaningful
-  on a machine shared with other jobs.
-- ``img_per_s_per_core``: its inverse, images per CPU-second.
-- for ``gpu`` placement on a CPU device (no GPU present), ``loader_cpu_s_per_1k_img`` is measured in a second
-  pass that stops before the device half (the resize a GPU would take over): the CPU cost the GPU claim is about.
-  The row's other figures include the stand-in resize on the CPU and say nothing about a GPU node.
+- ``cpu_s_per_1k_img``: CPU seconds the loader's whole process tree (main process, its threads, every data worker)
+  spent per 1,000 images, measured (not inferred from wall time, so it stays meaningful on a shared machine). It is
+  the loader side only: on CUDA the host side of the device half (copies, launches, nvJPEG's host work) counts; on a
+  machine without a GPU the device half is not run while timing, and pixels are staged into one reused buffer, as
+  CUDA's caching pinned allocator does. The PERFORMANCE goal for ffcv + ``augment=gpu`` is <= 0.4.
+- ``img_per_s_per_core``: its inverse; ``cores_per_8gpu_node``: the cores eight GPUs at 13,000 img/s each need for
+  loading alone; ``img_per_s``: wall-clock images per second of the timed pass.
+- ``bytes_per_image``: stored bytes per image (the .beton file, or the source files, over the images);
+  ``payload_bytes_per_image`` for a .beton: its samples alone, without the padding of FFCV's pages.
+- ``pixel_diff_mean`` / ``pixel_diff_max``: absolute difference, in levels of 255, of the mode's 224 px crops
+  (``deviation_images`` of them, the first of epoch 0: same keys, so the same seeded crops and flips) from the
+  reference: the image decoded in full by Pillow and augmented on the CPU (Pillow's bicubic), from the source
+  files when the .beton was converted here from a folder without skipping any, else from the stored images.
 
-Source ``ffcv`` reads ``data.path`` when it is a .beton file; when it is an image folder, the folder is first
-converted into a temporary .beton (``--max-side``, JPEG quality 90), and that conversion is not timed.
+Source ``ffcv`` reads ``data.path`` when it is a .beton; when it is an image folder, the folder is converted into a
+temporary .beton per storage (``--storage jpeg,raw``; ``--max-side``, JPEG quality 90), and that is not timed.
+``decode=gpu`` rows need ``augment=gpu`` and JPEG storage; other combinations are skipped with a note.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
+import math
 import os
 import resource
 import tempfile
@@ -34,11 +40,14 @@ import torch
 
 from fastmim.config import Config
 from fastmim.data import build_loader
-from fastmim.data.beton import convert_folder, ffcv_installed
+from fastmim.data.beton import BetonSource, convert_folder, ffcv_installed
+from fastmim.data.sources import FolderSource
 from fastmim.errors import FastmimError
 
-DATA_COLUMNS = ("source", "augment", "augment_device", "img_size", "batch", "num_workers", "img_per_s",
-                "cpu_s_per_1k_img", "loader_cpu_s_per_1k_img", "img_per_s_per_core", "ms_per_batch")  # fmt: skip
+DATA_COLUMNS = ("source", "storage", "decode", "augment", "num_workers", "batch", "img_size", "cpu_s_per_1k_img",
+                "img_per_s_per_core", "cores_per_8gpu_node", "img_per_s", "bytes_per_image", "pixel_diff_mean",
+                "pixel_diff_max")  # fmt: skip
+NODE_GPUS, GPU_IMG_PER_S = 8, 13_000  # the node PERFORMANCE.md plans for: 8 GPUs at the step-rate goal
 
 
 def available_sources(cfg: Config) -> list[str]:
@@ -78,55 +87,59 @@ def _tree_cpu_seconds() -> float:
     return time.process_time() + _children_cpu_seconds()
 
 
-def _timed(loader, batches: int, warmup: int, finish: bool, device: torch.device) -> tuple[float, float]:
-    """(wall seconds, process-tree CPU seconds) for ``batches`` batches after ``warmup``, with or without the
-    device half of the augmentation (``loader.finish``)."""
-    raw = (batch for epoch in range(warmup + batches) for batch in loader.raw_batches(epoch))
-    step = loader.finish if finish else (lambda batch: batch)
-    for _ in range(warmup):
-        step(next(raw))
-    _sync(device)
-    cpu0, start = _tree_cpu_seconds(), time.perf_counter()
-    for _ in range(batches):
-        step(next(raw))
-    _sync(device)
-    return time.perf_counter() - start, _tree_cpu_seconds() - cpu0
+def _timed(loader, batches: int, warmup: int, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process-tree CPU seconds) of the loader side for ``batches`` batches after ``warmup``."""
+    cuda = device.type == "cuda"
+    capacity = None if cuda or loader.placement == "cpu" else loader.dataset.capacity(loader.batch_size)
+    staging = torch.empty(capacity, dtype=torch.uint8) if capacity else None
+    stream = loader.stream(0, 0, staging)
+    step = (lambda raw: loader.finish(raw)) if cuda else (lambda raw: raw)
+    try:
+        for _ in range(warmup):
+            step(next(stream)[2])
+        _sync(device)
+        cpu0, start = _tree_cpu_seconds(), time.perf_counter()
+        for _ in range(batches):
+            step(next(stream)[2])
+        _sync(device)
+        return time.perf_counter() - start, _tree_cpu_seconds() - cpu0
+    finally:
+        stream.close()
 
 
-def bench_source(cfg: Config, source: str, batches: int, warmup: int, augment: str | None = None) -> dict[str, Any]:
-    """Time one (source, placement) pair; see the module docstring for the row's fields."""
-    cfg = copy.deepcopy(cfg)
-    cfg.data.source = source
-    cfg.data.augment = augment or cfg.data.augment
-    t = cfg.train
-    img_size = cfg.model.img_size or 224
-    device = bench_device(cfg)
+def _levels(loader, images: int) -> torch.Tensor:
+    """The first ``images`` augmented images of epoch 0 as int16 levels of 255, [N, 3, S, S]."""
+    out = []
+    for raw in itertools.islice(loader.raw_batches(0), math.ceil(images / loader.batch_size)):
+        if loader.placement == "cpu":
+            out.append(raw[0].to(torch.int16))  # uint8 pixels straight from the CPU transform
+            continue
+        x = loader.finish(raw)[0].cpu()
+        mean = torch.tensor(loader.transform.mean).view(1, 3, 1, 1)
+        std = torch.tensor(loader.transform.std).view(1, 3, 1, 1)
+        out.append(((x * std + mean) * 255).round().clamp(0, 255).to(torch.int16))  # exact: the LUT is invertible
+    return torch.cat(out)[:images]
+
+
+def bench_row(cfg: Config, batches: int, warmup: int, reference: Config, deviation_images: int) -> dict[str, Any]:
+    """Time the loader ``cfg.data`` describes and measure its pixels against ``reference``'s."""
+    t, img_size, device = cfg.train, cfg.model.img_size or 224, bench_device(cfg)
     loader = build_loader(cfg.data, img_size, t.batch_size, t.seed, device=device)
-    elapsed, cpu = _timed(loader, batches, warmup, True, device)
+    elapsed, cpu = _timed(loader, batches, warmup, device)
     images = batches * t.batch_size
-    workers = cfg.data.num_workers
-    placement = cfg.data.augment
-    # Without a GPU the device half runs on the CPU and its cost says nothing about a GPU node: time the loader
-    # again without it (what the CPU does on a GPU machine, less the kernel launches).
-    stand_in = placement == "gpu" and device.type == "cpu"
-    loader_cpu = _timed(loader, batches, warmup, False, device)[1] if stand_in else None
-    where = "cpu" if placement == "cpu" else str(device) + (" (stand-in: not the GPU figure)" if stand_in else "")
+    ref_loader = build_loader(reference.data, img_size, t.batch_size, t.seed)
+    diff = (_levels(loader, deviation_images) - _levels(ref_loader, deviation_images)).abs().float()
+    cpu_per_1k = 1e3 * cpu / images
+    where = "cpu" if cfg.data.augment == "cpu" else str(device) + ("" if device.type == "cuda" else " (not timed)")
     return {
-        "source": source,
-        "augment": placement,
-        "augment_device": where,
-        "img_size": img_size,
-        "batch": t.batch_size,
-        "num_workers": workers,
-        "batches": batches,
-        "img_per_s": images / elapsed,
-        "img_per_s_per_worker": images / elapsed / max(1, workers),
-        "cpu_s_per_1k_img": 1e3 * cpu / images,
-        "loader_cpu_s_per_1k_img": 1e3 * loader_cpu / images if stand_in else None,
-        "img_per_s_per_core": images / cpu if cpu > 0 else None,
-        "ms_per_batch": elapsed * 1e3 / batches,
-        "cpu_count": os.cpu_count(),
-    }
+        "source": cfg.data.source, "decode": cfg.data.decode, "augment": cfg.data.augment, "augment_device": where,
+        "img_size": img_size, "batch": t.batch_size, "num_workers": cfg.data.num_workers, "batches": batches,
+        "img_per_s": images / elapsed, "img_per_s_per_worker": images / elapsed / max(1, cfg.data.num_workers),
+        "cpu_s_per_1k_img": cpu_per_1k, "img_per_s_per_core": images / cpu if cpu > 0 else None,
+        "cores_per_8gpu_node": cpu_per_1k * NODE_GPUS * GPU_IMG_PER_S / 1e3,
+        "pixel_diff_mean": float(diff.mean()), "pixel_diff_max": float(diff.max()),
+        "deviation_images": len(diff), "cpu_count": os.cpu_count(),
+    }  # fmt: skip
 
 
 def _sync(device: torch.device) -> None:
@@ -134,39 +147,85 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _with(cfg: Config, **data: Any) -> Config:
+    out = copy.deepcopy(cfg)
+    for key, value in data.items():
+        setattr(out.data, key, value)
+    return out
+
+
 @contextlib.contextmanager
-def _beton_for(cfg: Config, max_side: int, log) -> Iterator[tuple[str, dict[str, Any] | None]]:
-    """data.path as a .beton: itself when it is a file, else a temporary conversion of the folder."""
+def _betons(cfg: Config, storages: list[str], max_side: int, log) -> Iterator[list[tuple[str, str, dict | None]]]:
+    """``(storage, path, conversion info)`` per .beton to read: data.path itself when it is one, else a temporary
+    conversion of the folder per storage."""
     path = Path(cfg.data.path)
     if path.is_file():
-        yield str(path), None
+        source = BetonSource(str(path))
+        yield [("jpeg" if source.jpeg else "raw", str(path), None)]
         return
     with tempfile.TemporaryDirectory(prefix="fastmim-bench-") as tmp:
-        dst = str(Path(tmp) / "bench.beton")
-        log(f"bench data: converting {path} to a temporary .beton (max side {max_side}) ...")
-        summary = convert_folder(str(path), dst, max_side=max_side, progress=False, log=lambda _: None)
-        yield dst, {"max_side": max_side, "images": summary.written, "bytes": summary.bytes}
+        out = []
+        for storage in storages:
+            dst = str(Path(tmp) / f"{storage}.beton")
+            log(f"bench data: converting {path} to a temporary .beton ({storage}, max side {max_side}) ...")
+            summary = convert_folder(str(path), dst, max_side=max_side, raw=storage == "raw", progress=False,
+                                     log=lambda _: None)  # fmt: skip
+            info = {"max_side": max_side, "images": summary.written, "bytes": summary.bytes,
+                    "skipped": summary.num_skipped, "resized": summary.resized}  # fmt: skip
+            out.append((storage, dst, info))
+        yield out
+
+
+def _cases(cfg: Config, source: str, stack: contextlib.ExitStack, storages: list[str], max_side: int, log):
+    """``(data config, reference config, storage, bytes per image, extra row fields)`` per storage of ``source``."""
+    if source != "ffcv":
+        stored = None
+        if source == "folder":
+            paths = FolderSource(cfg.data.path).paths
+            stored = sum(os.path.getsize(p) for p in paths) / len(paths)
+        run = _with(cfg, source=source)
+        yield run, run, "files" if source == "folder" else "generated", stored, {}
+        return
+    if not cfg.data.path:
+        raise FastmimError("bench data --sources ffcv needs --data.path: a .beton file or an image folder.")
+    folder = Path(cfg.data.path).is_dir()
+    for storage, path, info in stack.enter_context(_betons(cfg, storages, max_side, log)):
+        run = _with(cfg, source="ffcv", path=path)
+        from_files = folder and info["skipped"] == info["resized"] == 0  # the folder's images, in its order
+        reference = _with(cfg, source="folder") if from_files else run
+        extra = {"deviation_reference": "source files" if from_files else "stored images"}
+        if info is not None:
+            extra["beton"] = info
+        beton = BetonSource(path)
+        extra["payload_bytes_per_image"] = float(beton.stored_bytes.mean())  # without FFCV's page padding
+        yield run, reference, storage, os.path.getsize(path) / len(beton), extra
+
+
+def _skip_reason(source: str, storage: str, augment: str, decode: str) -> str | None:
+    if decode == "gpu" and (augment != "gpu" or source != "ffcv" or storage != "jpeg"):
+        return "decode=gpu needs augment=gpu and a JPEG .beton"
+    return None
 
 
 def run_data_bench(cfg: Config, sources: list[str] | None, batches: int, warmup: int,
-                   augments: list[str] | None = None, max_side: int = 512, log=print) -> list[dict]:  # fmt: skip
-    """One row per (source, placement): sources default to :func:`available_sources`, placements to
-    ``data.augment``."""
+                   augments: list[str] | None = None, max_side: int = 512, log=print, decodes: list[str] | None = None,
+                   storages: list[str] | None = None, deviation_images: int = 64) -> list[dict]:  # fmt: skip
+    """One row per (source, storage, placement, decode): sources default to :func:`available_sources`, placements
+    and decode modes to ``data.augment`` / ``data.decode``, storages (for a folder converted to ffcv) to jpeg."""
     rows = []
     with contextlib.ExitStack() as stack:
         for source in sources or available_sources(cfg):
-            run_cfg = cfg
-            beton = None
-            if source == "ffcv":
-                if not cfg.data.path:
-                    raise FastmimError("bench data --sources ffcv needs --data.path: a .beton file or an image folder.")
-                run_cfg = copy.deepcopy(cfg)
-                run_cfg.data.path, beton = stack.enter_context(_beton_for(cfg, max_side, log))
-            for augment in augments or [cfg.data.augment]:
-                log(f"bench data: {source}, augment {augment}, batch {cfg.train.batch_size}, "
-                    f"{cfg.data.num_workers} workers ...")  # fmt: skip
-                row = bench_source(run_cfg, source, batches, warmup, augment)
-                if beton is not None:
-                    row["beton"] = beton
-                rows.append(row)
+            for run, reference, storage, stored, extra in _cases(cfg, source, stack, storages or ["jpeg"], max_side,
+                                                                 log):  # fmt: skip
+                for augment, decode in itertools.product(augments or [cfg.data.augment], decodes or [cfg.data.decode]):
+                    why = _skip_reason(source, storage, augment, decode)
+                    if why:
+                        log(f"bench data: skipping {source} ({storage}), augment {augment}, decode {decode}: {why}")
+                        continue
+                    log(f"bench data: {source} ({storage}), augment {augment}, decode {decode}, batch "
+                        f"{cfg.train.batch_size}, {cfg.data.num_workers} workers ...")  # fmt: skip
+                    reference_cfg = _with(reference, augment="cpu", decode="cpu")
+                    row = bench_row(_with(run, augment=augment, decode=decode), batches, warmup, reference_cfg,
+                                    deviation_images)  # fmt: skip
+                    rows.append({**row, "storage": storage, "bytes_per_image": stored, **extra})
     return rows

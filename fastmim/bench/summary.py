@@ -1,7 +1,8 @@
 """Summarise benchmark JSON records: ``python -m fastmim.bench.summary DIR_OR_FILES...``.
 
-Prints one markdown table for step records (img/s, ms/step, speedup, MFU, memory) and one for kernel records
-(each provider's median ms and speedup over the reference), each line naming its GPU and torch version. The README
+Prints one markdown table for step records (img/s, ms/step, speedup, MFU, memory), one for kernel records (each
+provider's median ms and speedup over the reference) and one for data records (loader CPU cost, cores per node,
+bytes, pixel deviation per source, storage and decode mode), each line naming its GPU (or device) and record. The README
 results table is pasted from this output, so it only ever quotes committed JSON.
 """
 
@@ -62,9 +63,28 @@ def kernel_table(records: list[dict]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def data_table(records: list[dict]) -> list[str]:
+    lines = ["| source | storage | decode | augment | CPU s / 1,000 img | img/s per core | cores per 8-GPU node | "
+             "bytes / image | pixel diff mean / max | device | file |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for rec in records:
+        if rec.get("bench") != "data":
+            continue
+        for r in rec["rows"]:
+            if "storage" not in r:  # records from before decode modes and storages were measured
+                continue
+            lines.append(
+                f"| {r['source']} | {r['storage']} | {r['decode']} | {r['augment']} | {r['cpu_s_per_1k_img']:.3f} | "
+                f"{_fmt(r.get('img_per_s_per_core'), '.0f')} | {r['cores_per_8gpu_node']:.0f} | "
+                f"{_fmt(r.get('bytes_per_image'), ',.0f')} | {r['pixel_diff_mean']:.2f} / {r['pixel_diff_max']:.0f} | "
+                f"{r['augment_device']} | {rec['_file']} |"
+            )
+    return lines if len(lines) > 2 else []
+
+
 def summarize(paths: list[Path]) -> str:
     records = load_records(paths)
-    parts = [step_table(records), kernel_table(records)]
+    parts = [step_table(records), kernel_table(records), data_table(records)]
     return "\n\n".join("\n".join(p) for p in parts if p) or "no benchmark records found"
 
 

@@ -12,13 +12,14 @@ CMYK, 16-bit and alpha images are converted to RGB (alpha composited on white) a
 under a temporary name next to the destination and takes its final name only when complete; an existing
 destination is never replaced.
 
-Reading needs numpy and OpenCV (installed with the ``ffcv`` extra), not FFCV's loader: the header, field table,
-per-sample metadata and allocation table are four numpy structured arrays, and the pixels are read from a
-memory map. FFCV's ``Loader`` is not used because its order and crops come from numba's global RNG (no
-``(seed, epoch, index)`` determinism, no resume inside an epoch), its crop resize is OpenCV's INTER_AREA rather than
-SPEC 5's bicubic, and importing it JIT-compiles numba code for ~10 CPU-seconds in every process. A ``.beton`` is read
-by the same :class:`~fastmim.data.loader.MIMLoader` as every other source, with the same sharding, seeding and
-resume.
+Reading needs numpy and libjpeg-turbo's TurboJPEG library (installed with the ``ffcv`` extra's system packages),
+not FFCV's loader: the header, field table, per-sample metadata and allocation table are four numpy structured
+arrays, and each sample's bytes are read with one ``pread`` into a buffer the caller keeps (:mod:`fastmim.data.jpeg`
+decodes into another), so a data worker touches no fresh memory per image. FFCV's ``Loader`` is not used because
+its order and crops come from numba's global RNG (no ``(seed, epoch, index)`` determinism, no resume inside an
+epoch), its crop resize is OpenCV's INTER_AREA rather than SPEC 5's bicubic, and importing it JIT-compiles numba code
+for ~10 CPU-seconds in every process. A ``.beton`` is read by the same :class:`~fastmim.data.loader.MIMLoader`
+as every other source, with the same sharding, seeding and resume.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import multiprocessing
 import os
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +40,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fastmim.data.jpeg import Decoder, JpegError
 from fastmim.data.sources import FolderSource, UnreadableImageError, decode_image
 from fastmim.errors import FastmimError
 
@@ -77,19 +80,20 @@ def require_ffcv(what: str) -> None:
 
 class BetonSource:
     """Images and labels of a ``.beton`` file (see the module docstring); ``load`` returns ``(PIL RGB, label)``,
-    ``load_array`` ``(uint8 [H, W, 3], label)`` without the PIL wrapper.
+    ``load_array`` ``(uint8 [H, W, 3], label)`` without the PIL wrapper, and ``read_pixels`` / ``read_encoded``
+    read into a buffer the caller keeps.
 
     Attributes:
         path: the file.
         widths, heights: stored size of every image.
         labels: int64 label of every image.
+        jpeg: whether every image is stored as JPEG (none raw).
+        stored_bytes: bytes of every stored sample (its JPEG, or its raw pixels).
+        max_pixel_bytes, max_encoded_bytes: the largest decoded image (H * W * 3) and stored sample, in bytes.
     """
 
     def __init__(self, path: str) -> None:
         require_ffcv('data.source = "ffcv"')
-        import cv2  # here, not in load_array: forked data workers inherit it instead of each paying ~0.5 s
-
-        self._cv2 = cv2
         if not path:
             raise FastmimError("data.path is empty; set data.path=/path/to/dataset.beton (see `fastmim data convert`).")
         if not os.path.isfile(path):
@@ -125,8 +129,12 @@ class BetonSource:
         found = np.clip(np.searchsorted(ptrs, self._ptrs), 0, max(len(ptrs) - 1, 0))
         if len(self._ptrs) and (len(ptrs) == 0 or not np.array_equal(ptrs[found], self._ptrs)):
             raise FastmimError(f"{path} is damaged (an image has no allocation); write it again.")
-        self._sizes = sizes[found] if len(ptrs) else np.zeros(0, np.int64)
-        self._data: np.memmap | None = None  # opened on first use, in the process that reads
+        self.stored_bytes = sizes[found] if len(ptrs) else np.zeros(0, np.int64)
+        self.jpeg = bool((self._modes == _JPEG_MODE).all())
+        self.max_pixel_bytes = int((self.widths * self.heights).max(initial=0)) * 3
+        self.max_encoded_bytes = int(self.stored_bytes.max(initial=0))
+        self._decoder = Decoder()
+        self._fd: int | None = None  # opened on first use, in the process that reads
 
     def _read(self, dtype: np.dtype, count: int, offset: int) -> np.ndarray:
         try:
@@ -141,30 +149,61 @@ class BetonSource:
         return len(self.labels)
 
     def __getstate__(self) -> dict:
-        # DataLoader workers started by spawn receive the source pickled: they open their own memory map and
-        # import OpenCV themselves.
-        return {**self.__dict__, "_data": None, "_cv2": None}
+        # DataLoader workers started by spawn receive the source pickled: they open the file themselves.
+        return {**self.__dict__, "_fd": None}
 
-    def __setstate__(self, state: dict) -> None:
-        import cv2
+    def _pread(self, out: np.ndarray, offset: int, index: int) -> np.ndarray:
+        """Fill ``out`` (uint8, C-contiguous) from the file at ``offset``; a short read means a damaged file."""
+        if self._fd is None:
+            self._fd = os.open(self.path, os.O_RDONLY)
+            weakref.finalize(self, os.close, self._fd)
+        if os.preadv(self._fd, [out], offset) != out.size:
+            raise UnreadableImageError(f"{self.path}[{index}]", "the dataset file ends inside this image")
+        return out
 
-        self.__dict__.update(state, _cv2=cv2)
+    def _stored(self, index: int, out: np.ndarray | None) -> np.ndarray:
+        size = int(self.stored_bytes[index])
+        return self._pread((np.empty(size, np.uint8) if out is None else out)[:size], int(self._ptrs[index]), index)
+
+    def _unreadable(self, index: int, err: Exception | str) -> UnreadableImageError:
+        reason = err if isinstance(err, str) else f"corrupt JPEG data in the dataset: {err}"
+        return UnreadableImageError(f"{self.path}[{index}]", reason)
+
+    def read_encoded(self, index: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Sample ``index`` as stored (its JPEG bytes) in the first bytes of ``out`` (uint8, C-contiguous, at least
+        ``max_encoded_bytes``; default a fresh array); the JPEG headers are checked against the stored size."""
+        data = self._stored(index, out)
+        if self._modes[index] == _JPEG_MODE:
+            try:
+                shape = self._decoder.size(data)
+            except JpegError as err:
+                raise self._unreadable(index, err) from err
+            if shape != (int(self.widths[index]), int(self.heights[index])):
+                raise self._unreadable(index, "JPEG size differs from the stored size")
+        return data
+
+    def read_pixels(self, index: int, out: np.ndarray | None = None, rows: tuple[int, int] | None = None,
+                    scratch: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+        """Image ``index`` (or its rows ``rows[0]:rows[1]``) as uint8 ``[h, W, 3]``, a view into ``out`` (uint8,
+        C-contiguous, at least ``max_pixel_bytes``; default a fresh array). A JPEG is read into ``scratch``
+        (at least ``max_encoded_bytes``) and decoded whole into ``out``; a raw image reads only those rows."""
+        h, w = int(self.heights[index]), int(self.widths[index])
+        top, bottom = rows or (0, h)
+        out = np.empty(h * w * 3, np.uint8) if out is None else out
+        if self._modes[index] == _RAW_MODE:
+            span = out[: (bottom - top) * w * 3]
+            return self._pread(span, int(self._ptrs[index]) + top * w * 3, index).reshape(bottom - top, w, 3)
+        try:
+            image = self._decoder.decode_into(self._stored(index, scratch), out)
+        except JpegError as err:
+            raise self._unreadable(index, err) from err
+        if image.shape[:2] != (h, w):
+            raise self._unreadable(index, "JPEG size differs from the stored size")
+        return image[top:bottom]
 
     def load_array(self, index: int) -> tuple[np.ndarray, int]:
         """Image ``index`` as uint8 ``[H, W, 3]`` (a fresh array) and its label."""
-        cv2 = self._cv2
-        if self._data is None:
-            self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
-        ptr, size = int(self._ptrs[index]), int(self._sizes[index])
-        h, w = int(self.heights[index]), int(self.widths[index])
-        data = self._data[ptr : ptr + size]
-        if self._modes[index] == _RAW_MODE:
-            return data[: h * w * 3].reshape(h, w, 3).copy(), int(self.labels[index])
-        flag = getattr(cv2, "IMREAD_COLOR_RGB", None)  # OpenCV >= 4.10 converts inside the decoder
-        array = cv2.imdecode(data, cv2.IMREAD_COLOR if flag is None else flag)
-        if array is None or array.shape != (h, w, 3):
-            raise UnreadableImageError(f"{self.path}[{index}]", "corrupt JPEG data in the dataset")
-        return (array if flag is not None else cv2.cvtColor(array, cv2.COLOR_BGR2RGB)), int(self.labels[index])
+        return self.read_pixels(index), int(self.labels[index])
 
     def load(self, index: int) -> tuple[Image.Image, int]:
         array, label = self.load_array(index)
@@ -282,6 +321,10 @@ def _check_all(paths: list[str], max_side: int, workers: int, progress: bool) ->
         for result in pool.imap(_check_file, jobs, chunksize=max(1, min(64, len(jobs) // (8 * workers)))):
             results.append(result)
             bar.update(1)
+        # Done: let the workers exit on their own. Pool.__exit__ terminates instead, i.e. SIGTERMs workers that
+        # may be inside the task queue's lock; one killed there leaves the others blocked and the join hanging.
+        pool.close()
+        pool.join()
     bar.close()
     return results
 
@@ -308,6 +351,11 @@ class _InProcess:
     @staticmethod
     def imap(fn: Callable, jobs: Iterable, chunksize: int = 1):
         return map(fn, jobs)
+
+    def close(self) -> None:
+        return None
+
+    join = close
 
 
 def convert_folder(src: str, dst: str, max_side: int = 512, quality: int = 90, raw: bool = False, workers: int = 0,

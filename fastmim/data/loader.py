@@ -11,9 +11,11 @@ dataset seeds a fresh ``torch.Generator`` from it for that sample's transform. N
 
 Placement: with ``"cpu"`` the workers run the SPEC 5 transform (PIL) up to the uint8 pixels, and the batch is
 normalised where it is consumed (:meth:`MIMLoader.finish`: bit-identical to normalising per sample, a quarter of the
-bytes to copy); with ``"gpu"`` they decode and cut out each sample's crop (uint8, stored resolution) and the main
-process resizes, flips and normalises the padded batch on the device in two kernel launches. The parameters are
-drawn identically, so the placements differ only by Pillow's pass-order rounding (fastmim.kernels.crop_resize).
+bytes to copy); with ``"gpu"`` each worker builds a whole batch of crops, packed back to back in shared memory
+(:mod:`fastmim.data.packed`), and the main process resizes, flips and normalises it on the device in two kernel
+launches. The parameters are drawn identically, so the placements differ only by Pillow's pass-order rounding
+(fastmim.kernels.crop_resize). ``decode = "gpu"`` (a JPEG ``.beton`` with the device placement) ships each image's
+JPEG bytes instead of its decoded crop and decodes them on the device.
 
 Unreadable images (empty, truncated, not an image, too large) do not stop a run: the sample is replaced by another
 image drawn from its own seed (batches stay full, resume stays exact), counted in :attr:`MIMLoader.skipped` and
@@ -28,18 +30,22 @@ Python's exit handler would send them a SIGTERM they ignore and wait for them fo
 from __future__ import annotations
 
 import atexit
+import copy
+import functools
+import itertools
 import signal
 import warnings
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fastmim.data.sources import ImageSource, UnreadableImageError, build_source
+from fastmim.data import packed
+from fastmim.data.packed import CropBatches, SharedRing, load_or_replace
+from fastmim.data.sources import ImageSource, build_source
 from fastmim.data.transforms import PretrainTransform, normalize_uint8
 from fastmim.errors import STOP_SIGNALS, FastmimError, one_line
 
@@ -49,10 +55,6 @@ _MASK63 = (1 << 63) - 1
 _WORKER_ERROR_HEADER = "Caught FastmimError in DataLoader worker process"
 _ERROR_PREFIX = "fastmim.errors.FastmimError: "
 PLACEMENTS: tuple[str, ...] = ("cpu", "gpu")
-# Replacements for an unreadable image are drawn from (sample seed, this salt); after this many unreadable
-# replacements in a row the data is hopeless and the run stops.
-_REPLACEMENT_SALT = 0x5EED_BAD1
-_MAX_REPLACEMENT_TRIES = 32
 # Seconds a worker gets to exit after being asked to (an idle one takes milliseconds) before it is killed.
 _WORKER_GRACE_S = 2.0
 # DataLoader iterators whose workers may still run: shut down at exit if nothing else did (see the module docstring).
@@ -93,84 +95,34 @@ def epoch_keys(num_samples: int, batch_size: int, seed: int, epoch: int, rank: i
 
 
 class _KeySampler(Sampler[tuple[int, int]]):
-    """Yields precomputed ``(index, sample_seed)`` keys; the DataLoader hands each one to the dataset."""
+    """Yields the ``(index, sample_seed)`` keys of a sequence of batches; the DataLoader hands each to the dataset."""
 
-    def __init__(self, keys: np.ndarray) -> None:
-        self.keys = keys
+    def __init__(self, key_batches: Iterable[np.ndarray]) -> None:
+        self.key_batches = key_batches
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((int(i), int(s)) for i, s in self.keys)
-
-    def __len__(self) -> int:
-        return len(self.keys)
+        return ((int(i), int(s)) for keys in self.key_batches for i, s in keys)
 
 
 class _AugmentedSource(Dataset):
-    """Map-style dataset over a source, indexed by ``(index, sample_seed)`` keys.
-
-    ``placement = "cpu"`` returns ``(uint8 [3, S, S], label, note)``: the augmented pixels, normalised later on the
-    training device (:meth:`MIMLoader.finish`); ``"gpu"`` returns the sample's crop, still
-    uint8 ``[h, w, 3]`` at stored resolution, with ``(label, note, flip)``: the device resizes, flips and normalises
-    it (:func:`_collate_crops`, :meth:`MIMLoader.iterate`). ``note`` is empty, or ``"path\0reason"`` when the
-    image could not be read and another one took its place (:meth:`_load`).
+    """Map-style dataset over a source for the CPU placement, indexed by ``(index, sample_seed)`` keys: returns
+    ``(uint8 [3, S, S], label, note)``, the augmented pixels (normalised later on the training device,
+    :meth:`MIMLoader.finish`); ``note`` is empty, or ``"path\0reason"`` when the image could not be read and
+    another one took its place (:func:`~fastmim.data.packed.load_or_replace`).
     """
 
-    def __init__(self, source: ImageSource, transform: PretrainTransform, placement: str = "cpu") -> None:
+    def __init__(self, source: ImageSource, transform: PretrainTransform) -> None:
         self.source = source
         self.transform = transform
-        self.placement = placement
 
     def __len__(self) -> int:
         return len(self.source)
 
     def __getitem__(self, key: tuple[int, int]) -> tuple:
         index, sample_seed = key
-        (image, label), note = self._load(index, sample_seed)
+        (image, label), note = load_or_replace(self.source.load, index, sample_seed, len(self.source))
         generator = torch.Generator().manual_seed(sample_seed)
-        if self.placement == "cpu":
-            return self.transform(image, generator, normalize=False), label, note
-        (top, left, h, w), flip = self.transform.sample_params(image.shape[1], image.shape[0], generator)
-        # Cropping here is a view; the collate copies only the crop, so the device receives 20-100% of the image.
-        return image[top : top + h, left : left + w], label, note, flip
-
-    def _read(self, index: int) -> tuple[Image.Image | np.ndarray, int]:
-        if self.placement == "cpu":
-            return self.source.load(index)
-        if hasattr(self.source, "load_array"):
-            return self.source.load_array(index)
-        image, label = self.source.load(index)
-        return np.asarray(image), label
-
-    def _load(self, index: int, sample_seed: int) -> tuple[tuple[Image.Image | np.ndarray, int], str]:
-        """Sample ``index``, or, when its file is unreadable, a replacement drawn from a generator seeded by
-        ``sample_seed``: deterministic (so resume stays exact and batches stay full) and different every epoch."""
-        try:
-            return self._read(index), ""
-        except UnreadableImageError as err:
-            bad = err
-        rng = np.random.default_rng([sample_seed, _REPLACEMENT_SALT])
-        for _ in range(_MAX_REPLACEMENT_TRIES):
-            try:
-                return self._read(int(rng.integers(len(self.source)))), f"{bad.path}\0{bad.reason}"
-            except UnreadableImageError:
-                continue
-        raise FastmimError(
-            f"cannot read image {one_line(bad.path)} ({bad.reason}), nor any of {_MAX_REPLACEMENT_TRIES} "
-            "replacements drawn at random; most of data.path is unreadable: check its files."
-        )
-
-
-def _collate_crops(samples: list[tuple]) -> tuple:
-    """Pack uint8 crops of different sizes into one zero-padded ``[B, h_max, w_max, 3]`` tensor (in the worker, so
-    only the padded crops cross to the main process); returns ``(crops, sizes [B, 2], flips [B], labels, notes)``."""
-    crops, labels, notes, flips = zip(*samples)
-    h = max(c.shape[0] for c in crops)
-    w = max(c.shape[1] for c in crops)
-    batch = np.zeros((len(crops), h, w, 3), dtype=np.uint8)
-    for i, crop in enumerate(crops):
-        batch[i, : crop.shape[0], : crop.shape[1]] = crop
-    sizes = torch.tensor([c.shape[:2] for c in crops], dtype=torch.int64)
-    return torch.from_numpy(batch), sizes, torch.tensor(flips), torch.tensor(labels, dtype=torch.int64), list(notes)
+        return self.transform(image, generator, normalize=False), label, note
 
 
 def _original_message(worker_message: str) -> str:
@@ -185,10 +137,12 @@ class MIMLoader:
 
     Args:
         placement: where the crop is resized, flipped and normalised: ``"cpu"`` (PIL, in the data workers) or
-            ``"gpu"`` (the workers decode and crop; :func:`fastmim.kernels.crop_resize.crop_resize` finishes the
-            batch on ``device``). Both draw the same parameters from the same per-sample generators.
+            ``"gpu"`` (the workers decode and crop; :func:`fastmim.kernels.crop_resize.crop_resize_packed`
+            finishes the batch on ``device``). Both draw the same parameters from the same per-sample generators.
         device: where ``"gpu"`` placement runs (default: the current CUDA device, else the CPU); batches come out
             on it. ``"cpu"`` placement yields CPU tensors.
+        decode: ``"cpu"`` (the workers decode) or ``"gpu"`` (``"gpu"`` placement, a .beton of JPEGs: the workers
+            ship the JPEG bytes and ``device`` decodes them).
 
     Attributes:
         num_samples: images in the dataset.
@@ -209,14 +163,16 @@ class MIMLoader:
         world_size: int = 1,
         placement: str = "cpu",
         device: str | torch.device | None = None,
+        decode: str = "cpu",
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
-        if placement not in PLACEMENTS:
-            raise FastmimError(f"data.augment {placement!r} is unknown; set it to one of {', '.join(PLACEMENTS)}.")
-        self.dataset = _AugmentedSource(source, transform, placement)
+        _check_choices(placement, decode, source)
+        gpu = placement == "gpu"
+        self.dataset = CropBatches(source, transform, decode) if gpu else _AugmentedSource(source, transform)
         self.transform = transform
         self.placement = placement
+        self.decode = decode
         self.device = torch.device(device) if device is not None else _default_device()
         self.num_samples = len(source)
         self.batch_size = batch_size
@@ -226,6 +182,7 @@ class MIMLoader:
         self.world_size = world_size
         self.skipped = 0
         self.skipped_files: dict[str, str] = {}
+        self._rings: list[SharedRing] = []  # idle rings, reused by the next epoch's iteration
         self.steps_per_epoch = self.num_samples // (batch_size * world_size)
         if self.steps_per_epoch == 0:
             raise FastmimError(
@@ -243,31 +200,90 @@ class MIMLoader:
         for batch in self.raw_batches(epoch, start_batch):
             yield self.finish(batch)
 
-    def raw_batches(self, epoch: int, start_batch: int = 0) -> Iterator[tuple]:
-        """The collated batches as the workers deliver them, before :meth:`finish` (for ``"gpu"`` placement: the
-        uint8 crops, their sizes and flips). Counts and warns about replaced samples."""
+    def raw_batches(self, epoch: int, start_batch: int = 0, staging: torch.Tensor | None = None) -> Iterator[tuple]:
+        """Batches ``start_batch ..`` of ``epoch`` as the workers deliver them, before :meth:`finish`. Counts and
+        warns about replaced samples.
+
+        ``"cpu"`` placement: ``(uint8 [B, 3, S, S], labels, notes)``. ``"gpu"`` placement: ``(data uint8 [N],
+        offsets [B + 1], shapes [B, 2], boxes [B, 4], flips [B], labels [B], notes)``, the packed crops or JPEGs of
+        :class:`~fastmim.data.packed.CropBatches`, copied out of the workers' shared memory into memory of their own
+        (pinned on CUDA), or into ``staging`` (uint8, large enough) when given: a caller that finishes each batch
+        before asking for the next may reuse one buffer, as CUDA's caching pinned allocator does.
+        """
+        self._check_start(start_batch)
+        schedule = itertools.islice(self._schedule(epoch, start_batch), self.steps_per_epoch - start_batch)
+        yield from self._batches(self._key_batches(schedule), epoch, staging)
+
+    def stream(self, epoch: int = 0, start_batch: int = 0, staging: torch.Tensor | None = None) -> Iterator[tuple]:
+        """Endless ``(epoch, next_batch, raw batch)`` from batch ``start_batch`` of ``epoch`` on, epoch after epoch,
+        through one set of data workers (started once, not once per epoch); ``(epoch, next_batch)`` is the position
+        after the batch. The batches are :meth:`raw_batches`'."""
+        self._check_start(start_batch)
+        raws = self._batches(self._key_batches(self._schedule(epoch, start_batch)), epoch, staging)
+        try:
+            for (e, b), raw in zip(self._schedule(epoch, start_batch), raws):
+                yield e, b + 1, raw
+        finally:
+            raws.close()  # stops the workers now, when the stream is closed or dropped
+
+    def _check_start(self, start_batch: int) -> None:
         if not 0 <= start_batch <= self.steps_per_epoch:
             raise ValueError(f"start_batch {start_batch} is outside [0, steps_per_epoch={self.steps_per_epoch}]")
-        keys = epoch_keys(self.num_samples, self.batch_size, self.seed, epoch, self.rank, self.world_size)
-        loader = DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            sampler=_KeySampler(keys[start_batch * self.batch_size :]),
-            num_workers=self.num_workers,
-            collate_fn=_collate_crops if self.placement == "gpu" else None,
-            drop_last=True,
-            pin_memory=self.device.type == "cuda",  # pinned: the copy to the GPU can run asynchronously
-            persistent_workers=False,
-            # The DataLoader draws its worker base seed from this generator; without one it would draw from the
-            # global RNG and shift the trainer's random stream by one draw per iterate() call.
-            generator=torch.Generator().manual_seed(int(mix_seed(self.seed, epoch))),
-            worker_init_fn=_ignore_stop_signals if self.num_workers else None,
-        )
-        batches = iter(loader)
-        if self.num_workers:
-            _LIVE_ITERATORS.add(batches)
+
+    def _schedule(self, epoch: int, start_batch: int) -> Iterator[tuple[int, int]]:
+        """Endless ``(epoch, batch)`` positions from ``(epoch, start_batch)`` on."""
+        for e in itertools.count(epoch):
+            for b in range(start_batch if e == epoch else 0, self.steps_per_epoch):
+                yield e, b
+
+    def _key_batches(self, schedule: Iterable[tuple[int, int]]) -> Iterator[np.ndarray]:
+        """The ``(index, sample_seed)`` keys [B, 2] of each scheduled batch."""
+        current, keys, size = None, None, self.batch_size
+        for e, b in schedule:
+            if e != current:
+                current, keys = e, epoch_keys(self.num_samples, size, self.seed, e, self.rank, self.world_size)
+            yield keys[b * size : (b + 1) * size]
+
+    def _batches(self, key_batches: Iterator[np.ndarray], epoch: int, staging: torch.Tensor | None) -> Iterator:
+        """The raw batches of ``key_batches``, read by one DataLoader."""
+        # The DataLoader draws its worker base seed from this generator; without one it would draw from the global
+        # RNG and shift the trainer's random stream by one draw per iteration.
+        common = {"num_workers": self.num_workers, "persistent_workers": False,
+                  "generator": torch.Generator().manual_seed(int(mix_seed(self.seed, epoch))),
+                  "worker_init_fn": _ignore_stop_signals if self.num_workers else None}  # fmt: skip
+        if self.placement == "cpu":
+            # pinned: the copy to the GPU can run asynchronously
+            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=_KeySampler(key_batches),
+                                drop_last=True, pin_memory=self.device.type == "cuda", **common)  # fmt: skip
+            yield from self._deliver(loader, packed.identity)
+            return
+        slots = self.num_workers * packed.PREFETCH + 1 if self.num_workers else 1
+        capacity = self.dataset.capacity(self.batch_size)
+        ring = self._take_ring(slots, capacity) if capacity else None
+        dataset = copy.copy(self.dataset)  # its own ring: another iteration may be alive (an abandoned generator)
+        dataset.ring = ring
+        loader = DataLoader(dataset, batch_size=None, sampler=packed.BatchTasks(key_batches, slots),
+                            collate_fn=packed.identity, prefetch_factor=packed.PREFETCH if self.num_workers else None,
+                            **common)  # fmt: skip
         try:
-            for batch in batches:
+            yield from self._deliver(loader, functools.partial(self._stage, ring=ring, staging=staging))
+        finally:
+            if ring is not None:
+                self._rings.append(ring)  # the workers are gone (_deliver shut them down): safe to reuse
+
+    def _take_ring(self, slots: int, capacity: int) -> SharedRing:
+        for i, ring in enumerate(self._rings):
+            if (ring.slots, ring.capacity) == (slots, capacity):
+                return self._rings.pop(i)
+        return SharedRing(slots, capacity, shared=self.num_workers > 0)
+
+    def _deliver(self, loader: DataLoader, receive) -> Iterator[tuple]:
+        iterator = iter(loader)
+        if self.num_workers:
+            _LIVE_ITERATORS.add(iterator)
+        try:
+            for item in iterator:
+                batch = receive(item)
                 self._count_skips(batch[-1])
                 yield batch
         except FastmimError as err:
@@ -275,23 +291,44 @@ class MIMLoader:
                 raise
             raise FastmimError(_original_message(str(err))) from None
         finally:
-            stop_workers(batches)
+            stop_workers(iterator)
+
+    def _stage(self, item: tuple, ring: SharedRing | None, staging: torch.Tensor | None) -> tuple:
+        """A worker's packed batch with its bytes in memory of their own (see :meth:`raw_batches`)."""
+        slot, position, pixels, nbytes, *arrays, notes = item
+        cuda = self.device.type == "cuda"
+        if pixels is not None and staging is None and not cuda:
+            data = pixels  # already a buffer of its own
+        else:
+            data = torch.empty(nbytes, dtype=torch.uint8, pin_memory=cuda) if staging is None else staging[:nbytes]
+            if pixels is None:
+                ring.check(slot, position)
+            # numpy's copy: one thread, ~18 GB/s on the development VM; torch's copy_ of uint8 took 6x the CPU time.
+            np.copyto(data.numpy(), (ring.data[slot, :nbytes] if pixels is None else pixels).numpy())
+            if pixels is None:
+                ring.check(slot, position)  # not rewritten while it was copied
+        return data, *(torch.from_numpy(a) for a in arrays), notes
 
     def finish(self, batch: tuple, device: str | torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(images, labels)`` from a raw batch, the images float32 and normalised on ``device``: the uint8 batch is
         copied there (asynchronously from pinned memory on CUDA), then for ``"cpu"`` placement normalised, for
-        ``"gpu"`` placement resized + flipped + normalised. Default device: the CPU for ``"cpu"`` placement, the
-        loader's device for ``"gpu"``."""
+        ``"gpu"`` placement (JPEGs decoded first, with ``decode = "gpu"``) resized + flipped + normalised. Default
+        device: the CPU for ``"cpu"`` placement, the loader's device for ``"gpu"``."""
         t = self.transform
         if self.placement == "cpu":
             pixels = batch[0].to(device or "cpu", non_blocking=True)
             return normalize_uint8(pixels, t.mean, t.std), batch[1]
-        from fastmim.kernels.crop_resize import crop_resize  # imports triton: only when this placement is used
+        from fastmim.kernels.crop_resize import crop_resize_packed  # imports triton: only for this placement
 
-        crops, sizes, flips, labels, _ = batch
-        boxes = torch.cat([torch.zeros_like(sizes), sizes], dim=1)  # (top, left, h, w): the crop is the whole box
-        crops = crops.to(device or self.device, non_blocking=True)
-        return crop_resize(crops, boxes, flips, t.img_size, t.mean, t.std), labels
+        data, offsets, shapes, boxes, flips, labels, _ = batch
+        device = torch.device(device or self.device)
+        if self.decode == "gpu":
+            data, starts = packed.decode_on_device(data, offsets, shapes, device)
+        else:
+            data, starts = data.to(device, non_blocking=True), offsets[:-1]
+        channels_last = self.decode != "gpu"
+        images = crop_resize_packed(data, starts, shapes, boxes, flips, t.img_size, t.mean, t.std, channels_last)
+        return images, labels
 
     def _count_skips(self, notes: list[str]) -> None:
         for note in notes:
@@ -303,8 +340,21 @@ class MIMLoader:
                 self.skipped_files[path] = reason
                 warnings.warn(
                     f"skipped unreadable image {one_line(path)} ({reason}); a replacement image takes its place",
-                    stacklevel=3,
+                    stacklevel=4,
                 )
+
+
+def _check_choices(placement: str, decode: str, source: ImageSource | None) -> None:
+    """data.augment and data.decode name known choices that go together (and, given the source, fit it)."""
+    if placement not in PLACEMENTS:
+        raise FastmimError(f"data.augment {placement!r} is unknown; set it to one of {', '.join(PLACEMENTS)}.")
+    if decode not in packed.DECODES:
+        raise FastmimError(f"data.decode {decode!r} is unknown; set it to one of {', '.join(packed.DECODES)}.")
+    if decode == "gpu" and (placement != "gpu" or (source is not None and not getattr(source, "jpeg", False))):
+        raise FastmimError(
+            'data.decode = "gpu" needs data.augment = "gpu" and a .beton of JPEGs (data.source = "ffcv", converted '
+            'without --raw); set data.decode = "cpu".'
+        )
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -356,9 +406,9 @@ def build_loader(
 ) -> MIMLoader:
     """Build the pre-training loader from the ``data`` config section.
 
-    Reads ``cfg.source``, ``cfg.path``, ``cfg.num_images``, ``cfg.num_workers``, ``cfg.min_scale`` and
-    ``cfg.augment``; crops use scale ``(cfg.min_scale, 1.0)`` and ratio ``(3/4, 4/3)`` as in SPEC section 5.
-    ``device`` is where ``"gpu"`` augmentation runs (default: the current CUDA device, else the CPU).
+    Reads ``cfg.source``, ``cfg.path``, ``cfg.num_images``, ``cfg.num_workers``, ``cfg.min_scale``,
+    ``cfg.augment`` and ``cfg.decode``; crops use scale ``(cfg.min_scale, 1.0)`` and ratio ``(3/4, 4/3)`` as in SPEC
+    section 5. ``device`` is where ``"gpu"`` augmentation runs (default: the current CUDA device, else the CPU).
     """
     if batch_size < 1:
         raise FastmimError(f"train.batch_size is {batch_size}; set it to a positive integer.")
@@ -366,9 +416,9 @@ def build_loader(
         raise FastmimError(f"data.num_workers is {cfg.num_workers}; set it to 0 (main process) or more.")
     if not 0.0 < cfg.min_scale <= 1.0:
         raise FastmimError(f"data.min_scale is {cfg.min_scale}; set it in (0, 1], e.g. 0.2.")
-    placement = getattr(cfg, "augment", "cpu")
-    if placement not in PLACEMENTS:
-        raise FastmimError(f"data.augment {placement!r} is unknown; set it to one of {', '.join(PLACEMENTS)}.")
+    placement, decode = getattr(cfg, "augment", "cpu"), getattr(cfg, "decode", "cpu")
+    _check_choices(placement, decode, None)  # the source-dependent check follows in MIMLoader, once it is built
     source = build_source(cfg, img_size)
     transform = PretrainTransform(img_size, scale=(cfg.min_scale, 1.0))
-    return MIMLoader(source, transform, batch_size, seed, cfg.num_workers, rank, world_size, placement, device)
+    return MIMLoader(source, transform, batch_size, seed, cfg.num_workers, rank, world_size, placement, device,
+                     decode)  # fmt: skip

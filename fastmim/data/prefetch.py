@@ -12,9 +12,6 @@ what was consumed (the batch read ahead is not counted and is read again after a
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
 from fastmim.data.loader import MIMLoader
@@ -32,16 +29,8 @@ class DevicePrefetcher:
     def __init__(self, loader: MIMLoader, device: torch.device, epoch: int = 0, batch: int = 0) -> None:
         self.loader, self.device = loader, device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._raw = self._raw_batches(epoch, batch)
+        self._raw = loader.stream(epoch, batch)
         self._ahead = self._prepare() if self.stream is not None else None
-
-    def _raw_batches(self, epoch: int, batch: int) -> Iterator[tuple[int, int, tuple]]:
-        while True:
-            with contextlib.closing(self.loader.raw_batches(epoch, batch)) as raws:
-                for raw in raws:
-                    batch += 1
-                    yield epoch, batch, raw
-            epoch, batch = epoch + 1, 0
 
     def close(self) -> None:
         """Stop reading: the loader's worker processes are shut down now (this object and its generator form a

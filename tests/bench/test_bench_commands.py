@@ -73,6 +73,7 @@ def test_bench_data(tmp_path):
     rows = _record(tmp_path, "data")["rows"]
     assert [r["source"] for r in rows] == ["demo", "synthetic"]
     assert all(r["img_per_s"] > 0 and r["img_per_s_per_worker"] == r["img_per_s"] for r in rows)
+    assert all(r["pixel_diff_max"] == 0 for r in rows)  # the default placement is the reference itself
 
 
 def test_profile_trace_and_stage_table(tmp_path, capsys):
@@ -114,11 +115,17 @@ def test_summary_tables(tmp_path):
               "gbps": 2500.0, "speedup": 51.0}  # fmt: skip
     compiled = {**step, "impl": "fast+compile:reduce-overhead", "compile_mode": "reduce-overhead", "compile_s": 41.7,
                 "attn": "auto: B8 x 12 heads x 50 tokens x 64: flash 0.1 ms (sdpa 0.2)"}  # fmt: skip
+    data = {"source": "ffcv", "storage": "raw", "decode": "cpu", "augment": "gpu", "cpu_s_per_1k_img": 0.1234,
+            "img_per_s_per_core": 8103.7, "cores_per_8gpu_node": 12.83, "bytes_per_image": 704536.0,
+            "pixel_diff_mean": 0.049, "pixel_diff_max": 13.0, "augment_device": "cpu (not timed)"}  # fmt: skip
     write_record("step", [step, compiled], torch.device("cpu"), tmp_path)
     write_record("hog", [kernel], torch.device("cpu"), tmp_path)
-    (tmp_path / "convergence-digits-cpu.json").write_text('{"bench": "convergence-digits", "probe": {}}')
+    write_record("data", [data, {"source": "demo"}], torch.device("cpu"), tmp_path)  # the second: an older record
+    (tmp_path / "convergence-x.json").write_text('{"bench": "convergence-digits", "pretrain": {}}')  # no rows
     text = summarize([tmp_path])
     assert "| m | fast | 8 | bf16 | 1234 | 6.48 | 2.50 | 41.0% | 3.2 | - | cpu |" in text
     assert "| m | fast+compile:reduce-overhead | 8 | bf16 | 1234 | 6.48 | 2.50 | 41.0% | 3.2 | 42 |" in text
     assert "- attention, m on cpu: auto: B8 x 12 heads x 50 tokens x 64: flash 0.1 ms (sdpa 0.2)" in text
     assert "| hog | triton | fwd | B=2 | float32 | 0.123 | 2500 | 51.00 | cpu |" in text
+    assert "| ffcv | raw | cpu | gpu | 0.123 | 8104 | 13 | 704,536 | 0.05 / 13 | cpu (not timed) |" in text
+    assert "| demo |" not in text

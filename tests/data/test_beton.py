@@ -204,7 +204,8 @@ def test_sigterm_during_a_conversion_leaves_nothing_behind(tmp_path):
     writing (the .partial exists): one line, exit 128 + 15, neither the .partial nor the destination left."""
     rng = np.random.default_rng(0)
     (tmp_path / "src" / "a").mkdir(parents=True)
-    for i in range(100):
+    # Enough images that writing (~300 img/s here) outlasts the handler's repeat of a swallowed signal (0.2 s).
+    for i in range(300):
         Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(tmp_path / "src" / "a" / f"{i}.jpg")
     dst = tmp_path / "out" / "data.beton"
     dst.parent.mkdir()

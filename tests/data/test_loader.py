@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 
 from fastmim.data import MIMLoader, PretrainTransform, build_loader
-from fastmim.data.loader import _AugmentedSource, epoch_keys
+from fastmim.data.loader import epoch_keys
+from fastmim.data.packed import CropBatches
 from fastmim.errors import STOP_SIGNALS, FastmimError
 from tests.data._images import HOSTILE_CONVERTED, HOSTILE_SKIPPED, write_hostile
 
@@ -216,12 +217,17 @@ def test_gpu_placement_ships_the_crop_the_sample_seed_draws() -> None:
     # The worker half of the device placement: the crop box and flip are the CPU transform's draws for that seed.
     source = _IndexSource(4)
     transform = PretrainTransform(8)
-    dataset = _AugmentedSource(source, transform, "gpu")
-    crop, label, note, flip = dataset[(2, 12345)]
-    image = np.asarray(source.load(2)[0])
-    (top, left, h, w), expected_flip = transform.sample_params(8, 8, torch.Generator().manual_seed(12345))
-    assert np.array_equal(crop, image[top : top + h, left : left + w]) and flip == expected_flip
-    assert label == 2 and note == ""
+    keys = np.array([[2, 12345], [0, 77]])
+    slot, position, pixels, nbytes, offsets, shapes, boxes, flips, labels, notes = CropBatches(source, transform)[
+        (0, 5, keys)
+    ]
+    assert (slot, position, nbytes) == (0, 5, int(offsets[-1])) and labels.tolist() == [2, 0] and notes == ["", ""]
+    for b, (index, seed) in enumerate(keys):
+        image = np.asarray(source.load(int(index))[0])
+        (top, left, h, w), flip = transform.sample_params(8, 8, torch.Generator().manual_seed(int(seed)))
+        crop = pixels[offsets[b] : offsets[b + 1]].numpy().reshape(h, w, 3)
+        assert np.array_equal(crop, image[top : top + h, left : left + w]) and flips[b] == flip
+        assert shapes[b].tolist() == [h, w] and boxes[b].tolist() == [0, 0, h, w]
 
 
 def test_unknown_placement_is_a_user_error() -> None:
@@ -269,3 +275,23 @@ def test_workers_end_when_the_batches_are_closed_and_at_exit() -> None:
     assert not multiprocessing.active_children()
     result = subprocess.run([sys.executable, "-c", _ABANDONED], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "exiting" in result.stdout, result.stderr[-2000:]
+
+
+# (ids: a test whose keywords include a bare "gpu" is taken for a CUDA test and skipped without one)
+@pytest.mark.parametrize("augment", ["cpu", "gpu"], ids=["cpu-placement", "device-placement"])
+def test_stream_runs_epoch_after_epoch_through_one_set_of_workers(augment, reference_crop_resize) -> None:
+    loader = build_loader(_cfg(num_images=12, num_workers=2, augment=augment), img_size=16, batch_size=4, seed=3,
+                          device="cpu")  # fmt: skip
+    expected = [(1, 3, b) for b in loader.raw_batches(1, start_batch=2)] + [
+        (e, k + 1, b) for e in (2, 3) for k, b in enumerate(loader.raw_batches(e))
+    ]
+    stream = loader.stream(1, 2)
+    got = [next(stream)]
+    workers = {p.pid for p in multiprocessing.active_children()}
+    got += [next(stream) for _ in range(len(expected) - 1)]
+    assert {p.pid for p in multiprocessing.active_children()} == workers and len(workers) == 2
+    stream.close()
+    assert [(e, k) for e, k, _ in got] == [(e, k) for e, k, _ in expected] == [(1, 3), (2, 1), (2, 2), (2, 3),
+                                                                               (3, 1), (3, 2), (3, 3)]  # fmt: skip
+    for (_, _, a), (_, _, b) in zip(got, expected, strict=True):
+        assert torch.equal(loader.finish(a)[0], loader.finish(b)[0]) and torch.equal(a[-2], b[-2])

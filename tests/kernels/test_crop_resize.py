@@ -148,3 +148,57 @@ def test_cuda_kernel_equals_reference_at_training_size():
     out = cr.crop_resize(images.cuda(), boxes, flips, 224, MEAN, STD)
     assert out.is_cuda
     assert torch.equal(out.cpu(), cr.crop_resize_ref(images, boxes, flips, 224, MEAN, STD))
+
+
+def packed(images: torch.Tensor, shapes: list[tuple[int, int]], channels_last: bool):
+    """The top-left H_b x W_b of each padded image, packed back to back (HWC or CHW): (pixels, offsets, shapes)."""
+    parts = [im[:h, :w] if channels_last else im[:h, :w].permute(2, 0, 1) for im, (h, w) in zip(images, shapes)]
+    flat = [p.contiguous().reshape(-1) for p in parts]
+    offsets = torch.tensor([0, *np.cumsum([f.numel() for f in flat])[:-1].tolist()])
+    return torch.cat(flat), offsets, torch.tensor(shapes)
+
+
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_packed_images_of_different_sizes_equal_the_padded_batch(channels_last):
+    rng = np.random.default_rng(11)
+    images, _, flips = random_batch(rng, 4, 26, 30, smooth=True)
+    shapes = [(26, 30), (9, 17), (20, 5), (1, 1)]
+    boxes = torch.tensor([[3, 4, 20, 25], [0, 2, 9, 15], [5, 0, 10, 5], [0, 0, 1, 1]])
+    pixels, offsets, shape_t = packed(images, shapes, channels_last)
+    out = cr.crop_resize_packed(pixels, offsets, shape_t, boxes, flips, 11, MEAN, STD, channels_last)
+    ref = cr.crop_resize_ref(images, boxes, flips, 11, MEAN, STD)  # the same pixels, padded
+    assert torch.equal(out, ref)
+    assert torch.equal(cr.unpack(pixels, offsets, shape_t, channels_last)[1, :9, :17], images[1, :9, :17])
+
+
+def test_packed_reference_path_equals_the_kernel(monkeypatch):
+    rng = np.random.default_rng(12)
+    images, _, flips = random_batch(rng, 3, 18, 21)
+    shapes = [(18, 21), (7, 13), (15, 4)]
+    boxes = torch.tensor([[0, 0, 18, 21], [1, 2, 6, 11], [0, 0, 15, 4]])
+    pixels, offsets, shape_t = packed(images, shapes, True)
+    kernel = cr.crop_resize_packed(pixels, offsets, shape_t, boxes, flips, 8, MEAN, STD)
+    monkeypatch.setattr(cr, "_use_kernel", lambda x: False)
+    assert torch.equal(cr.crop_resize_packed(pixels, offsets, shape_t, boxes, flips, 8, MEAN, STD), kernel)
+
+
+def test_invalid_packed_inputs_are_rejected():
+    pixels = torch.zeros(100, dtype=torch.uint8)
+    flips = torch.zeros(1, dtype=torch.bool)
+    with pytest.raises(ValueError, match="lie inside the 100 bytes"):
+        cr.crop_resize_packed(pixels, torch.tensor([50]), torch.tensor([[4, 5]]), torch.tensor([[0, 0, 4, 5]]),
+                              flips, 4, MEAN, STD)  # fmt: skip
+    with pytest.raises(ValueError, match="inside its image"):
+        cr.crop_resize_packed(pixels, torch.tensor([0]), torch.tensor([[4, 5]]), torch.tensor([[1, 0, 4, 5]]),
+                              flips, 4, MEAN, STD)  # fmt: skip
+
+
+@pytest.mark.gpu
+def test_cuda_packed_kernel_equals_reference_at_training_size():
+    rng = np.random.default_rng(8)
+    images, _, flips = random_batch(rng, 16, 375, 500, smooth=True)
+    shapes = [(int(rng.integers(150, 376)), int(rng.integers(150, 501))) for _ in range(16)]
+    pixels, offsets, shape_t = packed(images, shapes, True)
+    boxes = torch.cat([torch.zeros(16, 2, dtype=torch.int64), shape_t], 1)
+    out = cr.crop_resize_packed(pixels.cuda(), offsets, shape_t, boxes, flips, 224, MEAN, STD)
+    assert out.is_cuda and torch.equal(out.cpu(), cr.crop_resize_ref(images, boxes, flips, 224, MEAN, STD))

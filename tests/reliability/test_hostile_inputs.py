@@ -36,6 +36,7 @@ INVALID = {
     "data.num_images": ("0", "data.num_images"),
     "data.min_scale": ("0", "data.min_scale"),
     "data.augment": ("tpu", "data.augment"),
+    "data.decode": ("gpu", "data.decode = 'gpu' needs data.augment = 'gpu'"),  # with the default data.augment = cpu
     "train.batch_size": ("0", "train.batch_size"),
     "train.accum_steps": ("0", "train.accum_steps"),
     "train.steps": ("-1", "train.steps"),
