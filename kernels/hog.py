@@ -185,9 +185,19 @@ def hog_ref(img: Tensor, cell_sizes: Sequence[int], nbins: int = 9, bias: Tensor
 
 def _autotune_configs() -> list:
     # A thread owns whole finest cells when the program's cells fill its lanes (64 cells of 4 px at T = 32: 2 warps);
-    # the interpreter runs one config.
-    warps = (2,) if _INTERPRETED else (2, 4, 1)
+    # the interpreter runs one config. No 1-warp config: compiled for sm_80 / sm_90 it took 227-255 registers at every
+    # recipe's shape (8 resident warps per SM) and spilled 176-280 bytes with 18 bins + bias (ViT-L).
+    warps = (2,) if _INTERPRETED else (2, 4)
     return [triton.Config({}, num_warps=w, num_stages=1) for w in warps] if tl is not None else []
+
+
+def _prune_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """The configs whose threads hold at most 64 of the program's cell sums (3 channels + padding, NB_PAD bins,
+    finest cells: 4 * NB_PAD * CELLS fp32 values). Above that the kernel needs more than 255 registers: ViT-L's 18
+    bins + bias at 2 warps hold 128 per thread and spilled 8 bytes on sm_80 (`fastmim bench kernels --static`)."""
+    cells = (kwargs["TILE"] // kwargs["MIN_CELL"]) ** 2
+    fits = [c for c in configs if 4 * kwargs["NB_PAD"] * cells <= 64 * 32 * c.num_warps]
+    return fits or configs[-1:]
 
 
 @triton.jit
@@ -261,7 +271,11 @@ def _store_scale(sums, out_ptr, b, ty, tx, H, W, CELL: tl.constexpr, TILE: tl.co
     tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=(chan < 3) & (bcol < NBINS))
 
 
-@triton.autotune(configs=_autotune_configs(), key=["H", "W", "NBINS", "CELLS_K", "HAS_BIAS"])
+@triton.autotune(
+    configs=_autotune_configs(),
+    key=["H", "W", "NBINS", "CELLS_K", "HAS_BIAS"],
+    prune_configs_by={"early_config_prune": _prune_configs},
+)
 @triton.jit
 def _hog_fwd_kernel(
     x_ptr, scale_ptr, bias_ptr, edge_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr,
