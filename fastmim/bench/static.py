@@ -26,6 +26,8 @@ and 228 KB (sm_90), of which every block also takes a 1 KB system reserve; a blo
 (sm_80) / 227 KB (sm_90) cannot launch (0 warps). Resident blocks = the smallest of the register, shared-memory,
 warp and block limits; resident warps = blocks x num_warps.
 
+Exit status 1 when a config spills, sits at the 255-register ceiling or cannot launch (each is printed).
+
 Needs triton with its NVIDIA backend (the PyPI wheel), no GPU and no CUDA driver; TRITON_INTERPRET must be unset
 when triton is imported, so ``run_in_subprocess`` starts ``python -m fastmim.bench.static`` with it removed.
 """
@@ -362,7 +364,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     extra = {"archs": [f"sm_{a}" for a in archs], "triton_cache": "reused" if args.cache else "fresh"}
     command = ["fastmim", "bench", "kernels", "--static", *argv]
     print(f"wrote {write_record('kernels_static', rows, torch.device('cpu'), args.out, command, extra)}")
-    return 0
+    flagged = [r for r in rows if r["spill_bytes"] or r["registers"] >= 255 or not r["warps_per_sm"]]
+    for r in flagged:
+        print(f"flagged: {r['kernel']} [{r['config']}] {r['arch']}: {r['registers']} registers, {r['spill_bytes']} "
+              f"spill bytes, {r['warps_per_sm']} resident warps per SM ({r['recipes']})")  # fmt: skip
+    return 1 if flagged else 0
 
 
 def run_in_subprocess(argv: Sequence[str]) -> int:
