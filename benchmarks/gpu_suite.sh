@@ -3,7 +3,8 @@
 # no deepspeed / ffcv / xformers). Installs fastmim without dependencies, runs the gpu-marked tests, every kernel
 # benchmark (benchmarks/bench_*.py) and `bench step` for LocalMIM ViT-B (reference eager, fast eager, fast compiled)
 # and MAE ViT-B (eager, compiled), and LocalMIM Swin-B (reference vs fast, eager) at batch 256 in bf16, then writes
-# a summary. Budget: about 12 minutes on one H100.
+# a summary. Budget: about 12 minutes on one H100. Run benchmarks/preflight.sh on a CPU machine first: it checks these
+# versions (Python 3.12, torch 2.11.0, triton 3.6.0) and compiles every kernel for sm_80 / sm_90 without a GPU.
 #
 #   bash benchmarks/gpu_suite.sh [OUT_DIR]      (default: $OUT if set, else benchmarks/results/gpu-<date>)
 #

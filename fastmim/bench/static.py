@@ -4,7 +4,7 @@ machine without a GPU (``fastmim bench kernels --static``).
 What is compiled. Each shipped pre-training recipe (plus ViT-S on the ViT-B recipe) is turned into the kernel
 launches its ``model.impl = "fast"`` training step makes under bf16 autocast (HOG targets, encoder gather, decoder
 scatter, the fused loss, forward and backward) and those of ``data.augment = "gpu"`` (crop-resize of an
-ImageNet-like padded batch: stored images up to 500 px, crops up to 375 x 500). The launchers themselves run, on
+ImageNet-like padded batch: stored images up to 500 px, crops up to 410 x 500). The launchers themselves run, on
 meta tensors of the real shapes and dtypes, so their block sizes and argument values are the ones a GPU run uses;
 the launch is caught before it reaches a driver. An autotuned kernel contributes every config its autotuner keeps
 after pruning. Identical specialisations (same kernel, argument types, constexprs, divisibility attributes and
