@@ -188,9 +188,10 @@ def hog_ref(img: Tensor, cell_sizes: Sequence[int], nbins: int = 9, bias: Tensor
 
 
 def _autotune_configs() -> list:
-    # 4 and 8 warps: compiled for sm_80 / sm_90 (fastmim bench kernels --static, triton 3.8) every recipe's shape
-    # takes <= 109 registers with no spill there; 1 warp took 208-255 registers (spilling with 18 bins + bias) and 2
-    # warps 113-168 (spilling under triton 3.6 with 18 bins + bias). The interpreter runs one config.
+    # 4 and 8 warps: compiled for sm_80 / sm_90 (fastmim bench kernels --static) every recipe's shape takes <= 109
+    # registers with triton 3.8 and <= 175 with triton 3.6, never spilling. 1 warp took 208-255 registers (spilling
+    # with 18 bins + bias); 2 warps spilled under triton 3.6 (ViT-B: 8 bytes, Swin: 128-136). The interpreter runs
+    # one config.
     warps = (4,) if _INTERPRETED else (4, 8)
     return [triton.Config({}, num_warps=w, num_stages=1) for w in warps] if tl is not None else []
 
