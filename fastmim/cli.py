@@ -12,6 +12,7 @@
     fastmim export CKPT --format timm --out FILE                   encoder -> safetensors for timm's ViT
     fastmim visualize CKPT --out FILE.png [--images IMG ...]       input, mask, targets, predictions
     fastmim bench step|data [--config RECIPE] [overrides] [--out DIR] [--plot]   throughput benchmarks (JSON)
+    fastmim bench kernels --static [--arch 80,90] [--out DIR]       kernels compiled for sm_80/90 without a GPU
     fastmim profile [--config RECIPE] [overrides] [--steps N]       profiler trace + per-stage table
     fastmim data convert SRC DST.beton [--max-side N] [--quality Q | --raw] [--workers N]   image folder -> FFCV
     fastmim data imagenet-like DST [--images N]                   ImageNet-like JPEG folder for `bench data`
@@ -44,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--keys", action="store_true", help="print every config key, its type, default and meaning")
     sub.add_parser("list-models", help="list registered model names")
-    p = sub.add_parser("bench", help="benchmarks: `bench step` (training-step throughput), `bench data` (loaders)")
+    p = sub.add_parser("bench", help="benchmarks: `bench step` (training-step throughput), `bench data` (loaders), "
+                       "`bench kernels --static` (registers, spills, occupancy for sm_80 / sm_90; no GPU)")  # fmt: skip
     which = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
     for name, text in (("step", "reference vs fast training-step throughput, one process, one device"),
                        ("data", "loader throughput of each available data source")):  # fmt: skip
@@ -60,6 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--fixed-batch", action="store_true", help="reuse one batch kept on the device: time the step without input"
     )
     which.choices["data"].add_argument("--sources", help="comma-separated sources (default: every available one)")
+    q = which.add_parser("kernels", help="every Triton kernel at every recipe's shapes, compiled ahead of time")
+    q.add_argument(
+        "--static",
+        action="store_true",
+        required=True,
+        help="compile for GPU targets without a GPU: registers, spills, shared memory, resident warps",
+    )
+    q.add_argument("--arch", default="80,90", help="compute capabilities (default 80,90)")
+    q.add_argument("--recipes", help="comma-separated recipes (default: every pre-training recipe, and ViT-S)")
+    q.add_argument("--kernels", help="only kernels whose name contains one of these (comma-separated)")
+    q.add_argument("--out", help="directory for the JSON record (default benchmarks/results)")
+    q.add_argument("--cache", help="Triton cache directory to reuse (default: a fresh one, so compile_s is real)")
     which.choices["data"].add_argument("--augment", help="comma-separated placements, cpu,gpu (default data.augment)")
     which.choices["data"].add_argument("--decode", help="comma-separated decode modes, cpu,gpu (default data.decode)")
     which.choices["data"].add_argument(
@@ -349,6 +363,14 @@ def _fresh_output(path: str) -> Path:
 
 
 def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    if args.bench == "kernels":
+        from fastmim.bench.static import run_in_subprocess
+
+        if overrides:
+            raise FastmimError(f"unexpected arguments {' '.join(overrides)}; see `fastmim bench kernels --help`.")
+        options = {"--arch": args.arch, "--recipes": args.recipes, "--kernels": args.kernels, "--out": args.out,
+                   "--cache": args.cache}  # fmt: skip
+        return run_in_subprocess([f"{k}={v}" for k, v in options.items() if v])
     import torch
 
     from fastmim.bench.harness import format_table, write_record

@@ -11,10 +11,14 @@ import os
 
 import torch
 
+# Looked up once, without importing triton (importing fixes the interpreter setting): torch.compile of torch 2.11
+# refuses to trace importlib's find_spec, which can_run_on would otherwise call inside a compiled region.
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
 
 def triton_available() -> bool:
-    """Whether triton can be imported (without importing it: importing fixes the interpreter setting)."""
-    return importlib.util.find_spec("triton") is not None
+    """Whether triton can be imported."""
+    return _TRITON_FOUND
 
 
 def interpreter_enabled() -> bool:

@@ -67,21 +67,25 @@ def _bicubic(x: Tensor) -> Tensor:
     return torch.where(x < 1.0, near, torch.where(x < 2.0, far, torch.zeros_like(x)))
 
 
-def resample_coeffs(length: Tensor, out_size: int) -> tuple[Tensor, Tensor]:
+def resample_coeffs(length: Tensor, out_size: int, longest: int | None = None) -> tuple[Tensor, Tensor]:
     """Fixed-point resampling coefficients for resizing spans of ``length`` [B] pixels to ``out_size``.
 
     Output pixel ``i`` of sample b reads input pixels ``first[b, i] + k`` (relative to the span's start) for
-    ``k < K`` with weights ``coeffs[b, i, k] / 2^22``; taps beyond the span have weight 0.
+    ``k < K`` with weights ``coeffs[b, i, k] / 2^22``; taps beyond the span have weight 0. ``longest``: the largest
+    length as a host int (the kernel size K depends on it), so that a device ``length`` is never read back (a host
+    sync per batch); default: read from ``length``.
 
     Returns:
         ``first`` int64 [B, out_size] and ``coeffs`` int32 [B, out_size, K], K = Pillow's kernel size for the
         largest downscale in the batch.
     """
+    if longest is None:
+        longest = int(length.max()) if len(length) else out_size
     length = length.to(torch.float64)
     scale = length / out_size
     filterscale = scale.clamp(min=1.0)
     support = _SUPPORT * filterscale
-    taps = math.ceil(float(support.max()) if len(length) else _SUPPORT) * 2 + 1
+    taps = math.ceil(_SUPPORT * max(longest / out_size, 1.0)) * 2 + 1
     center = (torch.arange(out_size, dtype=torch.float64, device=length.device) + 0.5) * scale[:, None]
     lo = (center - support[:, None] + 0.5).trunc().clamp(min=0.0)
     hi = torch.minimum((center + support[:, None] + 0.5).trunc(), length[:, None])
@@ -149,13 +153,14 @@ def to_device_async(t: Tensor, device: torch.device) -> Tensor:
 
 
 def _prepare(images: Tensor, boxes: Tensor, size: int, mean, std):
-    """What both implementations use: the tallest box (read on the host when the boxes are there, as the loader's
-    are: no device read), then device tensors: box columns, coefficients (absolute tap starts) and the LUT."""
-    rows = int(boxes[:, 2].max()) if boxes.shape[0] else 0
+    """What both implementations use: the tallest and widest box (read on the host when the boxes are there, as the
+    loader's are: no device read), then device tensors: box columns, coefficients (absolute tap starts) and the
+    LUT."""
+    rows, cols = (int(v) for v in boxes[:, 2:].max(0).values) if boxes.shape[0] else (0, 0)
     boxes = to_device_async(boxes.to(torch.int64), images.device)
     top, left, h, w = boxes.unbind(1)
-    y0, ky = resample_coeffs(h, size)
-    x0, kx = resample_coeffs(w, size)
+    y0, ky = resample_coeffs(h, size, rows)
+    x0, kx = resample_coeffs(w, size, cols)
     return rows, top, left, h, x0 + left[:, None], kx, y0, ky, normalize_lut(mean, std, images.device)
 
 

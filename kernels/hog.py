@@ -8,7 +8,7 @@ over each c x c cell, L2-normalised over the bins (x / max(||x||, 1e-12)), chann
 Output: one target per cell size, [B, (H / c) * (W / c), 3 * nbins], cells row-major, fp32 (or bf16 on request).
 Without a bias the cell sums nest (an 8 px cell is the sum of four 4 px cells), so every scale is pooled from the
 finest; with a bias each scale has its own gradients and is binned separately (the kernel re-bins the same
-gradients with each scale's bias, still from one read of the image).
+gradients with each scale's bias, one program per tile and scale, whose re-reads of the tile should hit L2).
 
 Inputs. Either the normalised float image (fp32 / fp16 / bf16; fp64 uses ``hog_ref``) or uint8 pixels with the
 normalisation's ``mean`` and ``std`` (x = (u8 / 255 - mean) / std, torchvision's ToTensor + Normalize). The mean
@@ -38,17 +38,21 @@ column by column inside a cell so that the compiler keeps its default layout: la
 cell in one thread, so the per-cell sums are in-thread adds (no shuffles). Per channel the kernel reads the tile's
 pixels with their one-pixel halo (8 shifted loads; the halo and the re-reads are L1/L2 hits, DRAM sees each image
 byte once), forms G0, G1, |g| and the edge sums in registers (no atomics, no tl.histogram, no zero-filled
-[B, nbins, H, W] map), keeps the three channels' finest-cell sums [4, nbins, cells], pools them scale by scale
-(each from the next finer one, reshape-sums) and stores each scale's rows straight into [B, N_k, 3 * nbins]
-(3 * nbins contiguous values per cell). The channel loop is a runtime loop: unrolled, the compiler would hoist all
-three channels' loads (250+ registers). Grid = B * (H / T) * (W / T), the tiles of an image adjacent.
+[B, nbins, H, W] map), keeps that channel's finest-cell sums [nbins, cells], pools them scale by scale (each from
+the next finer one, reshape-sums) and stores each scale's nbins values of that channel straight into its place in
+[B, N_k, 3 * nbins] before reading the next channel (holding all three channels' sums took up to 255 registers and
+spilled with 18 bins). The channel loop is a runtime loop: unrolled, the compiler would hoist all three channels'
+loads (250+ registers). Grid = B * (H / T) * (W / T) tiles, the tiles of an image adjacent; with a bias, one
+program per tile and scale, a tile's programs adjacent, so that their re-reads of the tile should hit L2 (not yet
+measured on a GPU).
 
 Bytes moved (ViT-B, B = 256, 224 px, 9 bins, cells 4/8/16/32): image 154 MB fp32 (38.5 MB uint8) read once,
 targets 4165 cells x 27 x 4 B = 450 kB per image = 115 MB fp32 (58 MB bf16) written once: 269 MB, ~0.09 ms at
 3 TB/s. The released code makes 12 passes (4 scales x 3 colours) each zero-filling and scattering into a
 [B, 9, 224, 224] fp32 map (~28 GB, ~12.6 ms, PERFORMANCE.md): the expected speedup is >= 50x over it, and several
 x over torch.compile of ``hog_ref`` (which still materialises per-pixel one-hot maps). Compiled offline for sm_90
-(ptxas, no GPU run yet): 136 registers at 2 warps, ~72 SASS instructions per pixel and channel (the 8 edge tests
+(ptxas, no GPU run yet; before the per-channel stores): 136 registers at 2 warps, ~72 SASS instructions per pixel and
+channel (the 8 edge tests
 are half of them), i.e. an instruction-issue floor of ~0.13 ms at B = 256 next to the 0.09 ms memory floor: the
 kernel is as much issue- as memory-bound, and its H100 time is still to be measured (benchmarks/bench_hog.py).
 
@@ -184,9 +188,11 @@ def hog_ref(img: Tensor, cell_sizes: Sequence[int], nbins: int = 9, bias: Tensor
 
 
 def _autotune_configs() -> list:
-    # A thread owns whole finest cells when the program's cells fill its lanes (64 cells of 4 px at T = 32: 2 warps);
-    # the interpreter runs one config.
-    warps = (2,) if _INTERPRETED else (2, 4, 1)
+    # 4 and 8 warps: compiled for sm_80 / sm_90 (fastmim bench kernels --static) every recipe's shape takes <= 109
+    # registers with triton 3.8 and <= 175 with triton 3.6, never spilling. 1 warp took 208-255 registers (spilling
+    # with 18 bins + bias); 2 warps spilled under triton 3.6 (ViT-B: 8 bytes, Swin: 128-136). The interpreter runs
+    # one config.
+    warps = (4,) if _INTERPRETED else (4, 8)
     return [triton.Config({}, num_warps=w, num_stages=1) for w in warps] if tl is not None else []
 
 
@@ -233,32 +239,31 @@ def _channel_histogram(ptr, y, x, scale, b0, b1, edge_ptr, H: tl.constexpr, W: t
 
 
 @triton.jit
-def _pool(hist3, G: tl.constexpr, P: tl.constexpr, NB_PAD: tl.constexpr):
-    # [4, NB_PAD, G * G] cell sums on a G x G grid -> [4, NB_PAD, (G / P)^2]: cells nest, so a P x P block's sum is
-    # the sum of its cells (row-major cells: index (P * i + di) * G + P * j + dj).
+def _pool(hist, G: tl.constexpr, P: tl.constexpr, NB_PAD: tl.constexpr):
+    # [NB_PAD, G * G] cell sums on a G x G grid -> [NB_PAD, (G / P)^2]: cells nest, so a P x P block's sum is the sum
+    # of its cells (row-major cells: index (P * i + di) * G + P * j + dj).
     if P > 1:
-        h6 = tl.reshape(hist3, [4, NB_PAD, G // P, P, G // P, P])
-        out = tl.reshape(tl.sum(tl.sum(h6, axis=5), axis=3), [4, NB_PAD, (G // P) * (G // P)])
+        h5 = tl.reshape(hist, [NB_PAD, G // P, P, G // P, P])
+        out = tl.reshape(tl.sum(tl.sum(h5, axis=4), axis=2), [NB_PAD, (G // P) * (G // P)])
     else:
-        out = hist3
+        out = hist
     return out
 
 
 @triton.jit
-def _store_scale(sums, out_ptr, b, ty, tx, H, W, CELL: tl.constexpr, TILE: tl.constexpr, NBINS: tl.constexpr,
+def _store_scale(sums, out_ptr, b, c, ty, tx, H, W, CELL: tl.constexpr, TILE: tl.constexpr, NBINS: tl.constexpr,
                  NB_PAD: tl.constexpr):  # fmt: skip
-    # One scale of one tile: cell sums [4, NB_PAD, GK * GK] (channel 3 padding) -> means (1 / CELL^2 is a power of
-    # two: exact) -> L2-normalised over bins per cell and channel -> rows of 3 * NBINS contiguous values.
+    # One scale and channel c of one tile: cell sums [NB_PAD, GK * GK] -> means (1 / CELL^2 is a power of two:
+    # exact) -> L2-normalised over bins per cell -> NBINS contiguous values at column c * NBINS of each cell's row.
     GK: tl.constexpr = TILE // CELL
     avg = sums * (1.0 / (CELL * CELL))
-    inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(avg * avg, axis=1)), 1e-12)
-    val = avg * inv[:, None, :]
-    chan = tl.arange(0, 4)[:, None, None]
-    bcol = tl.arange(0, NB_PAD)[None, :, None]
-    qk = tl.arange(0, GK * GK)[None, None, :]
+    inv = 1.0 / tl.maximum(tl.sqrt(tl.sum(avg * avg, axis=0)), 1e-12)
+    val = avg * inv[None, :]
+    bcol = tl.arange(0, NB_PAD)[:, None]
+    qk = tl.arange(0, GK * GK)[None, :]
     row = (ty * GK + qk // GK) * (W // CELL) + tx * GK + qk % GK
-    offs = (b * (H // CELL) * (W // CELL) + row) * (3 * NBINS) + chan * NBINS + bcol
-    tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=(chan < 3) & (bcol < NBINS))
+    offs = (b * (H // CELL) * (W // CELL) + row) * (3 * NBINS) + c * NBINS + bcol
+    tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=bcol < NBINS)
 
 
 @triton.autotune(configs=_autotune_configs(), key=["H", "W", "NBINS", "CELLS_K", "HAS_BIAS"])
@@ -268,12 +273,15 @@ def _hog_fwd_kernel(
     H: tl.constexpr, W: tl.constexpr, NBINS: tl.constexpr, NB_PAD: tl.constexpr, TILE: tl.constexpr,
     MIN_CELL: tl.constexpr, CELLS_K: tl.constexpr, NUM_SCALES: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):  # fmt: skip
-    # One program: a TILE x TILE block of one image (TILE = the largest cell), 3 channels, every scale. Registers
-    # hold one channel's pixels as [PIX, CELLS] (pixels per finest cell x finest cells), the three channels' cell
-    # sums [4, NB_PAD, CELLS] (channel 3 is padding), and the pooled sums of one scale at a time. CELLS_K: the cell
-    # sizes in ascending order, each scale pooled from the previous one; with a bias each scale is a group of its
-    # own, binned from the same pixels with its own (b0, b1). Grid: B * (H / TILE) * (W / TILE), tiles of an image
-    # consecutive (their halos overlap in L2).
+    # One program: a TILE x TILE block of one image (TILE = the largest cell), 3 channels, every scale (with a bias:
+    # one scale, see below). Registers hold one channel at a time: its pixels as [PIX, CELLS] (pixels per finest
+    # cell x finest cells), its cell sums [NB_PAD, CELLS], and the pooled sums of one scale; each scale's values of
+    # that channel are stored before the next channel is read (holding all three channels' sums took 255 registers
+    # and spilled with 18 bins). CELLS_K: the cell sizes in ascending order, each scale pooled from the previous
+    # one. With a bias each scale is a group of its own, binned from the same pixels with its own (b0, b1), and each
+    # group is a program of its own (a loop over the groups in one program took 255 registers and spilled under
+    # triton 3.6). Grid: B * (H / TILE) * (W / TILE) * GROUPS, the groups of a tile and the tiles of an image
+    # consecutive (so that their pixels and halos are L2 hits after the first read).
     GRID: tl.constexpr = TILE // MIN_CELL
     CELLS: tl.constexpr = GRID * GRID
     PIX: tl.constexpr = MIN_CELL * MIN_CELL
@@ -281,35 +289,33 @@ def _hog_fwd_kernel(
     TILES_W: tl.constexpr = W // TILE
     TILES_H: tl.constexpr = H // TILE
     pid = tl.program_id(0).to(tl.int64)
-    b = pid // (TILES_H * TILES_W)
-    ty = (pid % (TILES_H * TILES_W)) // TILES_W
-    tx = pid % TILES_W
+    grp = pid % GROUPS
+    tile = pid // GROUPS
+    b = tile // (TILES_H * TILES_W)
+    ty = (tile % (TILES_H * TILES_W)) // TILES_W
+    tx = tile % TILES_W
     q = tl.arange(0, CELLS)[None, :]
     r = tl.arange(0, PIX)[:, None]
     # a cell's pixels column by column: with no contiguous run along PIX the compiler keeps the default layout,
     # lanes along cells and each cell's pixels in one thread (row by row it vectorises PIX and splits cells)
     y = (ty * TILE + (q // GRID) * MIN_CELL + r % MIN_CELL).to(tl.int32)
     x = (tx * TILE + (q % GRID) * MIN_CELL + r // MIN_CELL).to(tl.int32)
-    chan = tl.arange(0, 4)[:, None, None]
-    for grp in range(GROUPS):  # runtime loops: unrolled, the compiler hoists every channel's loads (200+ registers)
-        b0 = tl.load(bias_ptr + 2 * grp) if HAS_BIAS else 0.0
-        b1 = tl.load(bias_ptr + 2 * grp + 1) if HAS_BIAS else 0.0
-        sums = tl.zeros([4, NB_PAD, CELLS], dtype=tl.float32)
-        for c in range(3):
-            hist = _channel_histogram(x_ptr + (b * 3 + c) * (H * W), y, x, tl.load(scale_ptr + c), b0, b1, edge_ptr, H,
-                                      W, CELLS, PIX, NBINS, NB_PAD, HAS_BIAS)  # fmt: skip
-            sums = tl.where(chan == c, hist[None, :, :], sums)
+    b0 = tl.load(bias_ptr + 2 * grp) if HAS_BIAS else 0.0
+    b1 = tl.load(bias_ptr + 2 * grp + 1) if HAS_BIAS else 0.0
+    for c in range(3):  # a runtime loop: unrolled, the compiler hoists every channel's loads (200+ registers)
+        sums = _channel_histogram(x_ptr + (b * 3 + c) * (H * W), y, x, tl.load(scale_ptr + c), b0, b1, edge_ptr, H, W,
+                                  CELLS, PIX, NBINS, NB_PAD, HAS_BIAS)  # fmt: skip
         for s in tl.static_range(NUM_SCALES):
             out_ptr = out0_ptr if s == 0 else (out1_ptr if s == 1 else (out2_ptr if s == 2 else out3_ptr))
             if HAS_BIAS:
                 if s == grp:
                     pooled = _pool(sums, GRID, CELLS_K[s] // MIN_CELL, NB_PAD)
-                    _store_scale(pooled, out_ptr, b, ty, tx, H, W, CELLS_K[s], TILE, NBINS, NB_PAD)
+                    _store_scale(pooled, out_ptr, b, c, ty, tx, H, W, CELLS_K[s], TILE, NBINS, NB_PAD)
             else:
                 # the previous scale's cells (the finest cells before the first scale) pooled up to this one's
                 sums = _pool(sums, TILE // (CELLS_K[s - 1] if s > 0 else MIN_CELL),
                              CELLS_K[s] // (CELLS_K[s - 1] if s > 0 else MIN_CELL), NB_PAD)  # fmt: skip
-                _store_scale(sums, out_ptr, b, ty, tx, H, W, CELLS_K[s], TILE, NBINS, NB_PAD)
+                _store_scale(sums, out_ptr, b, c, ty, tx, H, W, CELLS_K[s], TILE, NBINS, NB_PAD)
 
 
 @functools.lru_cache(maxsize=64)
@@ -361,7 +367,7 @@ def hog_fwd(img: Tensor, cell_sizes: Sequence[int], nbins: int = 9, bias: Tensor
             "on the image's device; got "
             f"{img.dtype}, out {out_dtype}, cells {list(cell_sizes)}: use hog() or hog_ref for this configuration"
         )
-    if not _use_kernel(img):
+    if not (_use_kernel(img) or img.is_meta):  # meta: shapes only, a launch traced for its static report
         raise ValueError(
             f"no Triton kernel can run on a {img.device.type} tensor here: use CUDA, or set TRITON_INTERPRET=1 before "
             "triton is imported"
@@ -376,7 +382,7 @@ def hog_fwd(img: Tensor, cell_sizes: Sequence[int], nbins: int = 9, bias: Tensor
     scale = _grad_scale(None if std is None else tuple(float(s) for s in std), img.device)
     bias_arg = scale if bias is None else bias.detach()[order].to(torch.float32).contiguous()
     ordered = [outs[k] for k in order]
-    grid = (bsz * (h // max(cells)) * (w // max(cells)),)
+    grid = (bsz * (h // max(cells)) * (w // max(cells)) * (len(cells) if bias is not None else 1),)
     _hog_fwd_kernel[grid](
         img.contiguous(), scale, bias_arg, _edges(nbins, img.device), *ordered, *ordered[-1:] * (4 - len(cells)),
         H=h, W=w, NBINS=nbins, NB_PAD=triton.next_power_of_2(nbins), TILE=max(cells), MIN_CELL=min(cells),
