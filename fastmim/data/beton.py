@@ -437,6 +437,13 @@ def _write(out: Path, src: str, source: FolderSource, keep: list[int], sizes: li
             if out.exists():
                 raise FastmimError(f"{out} appeared while converting; it was left untouched.") from None
             os.rename(tmp, out)
+    except BaseException:
+        # Interrupted (a stop signal) or failed while FFCV's writer processes run: they would go on writing, and
+        # multiprocessing's exit handler would wait for them (and they for a reader of their result queue) forever.
+        for child in multiprocessing.active_children():
+            child.kill()
+            child.join()
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
