@@ -44,8 +44,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from fastmim.data import packed
+from fastmim.data.beton import BetonSource
 from fastmim.data.packed import CropBatches, SharedRing, load_or_replace
-from fastmim.data.sources import ImageSource, build_source
+from fastmim.data.sources import SOURCES, DemoSource, FolderSource, ImageSource, SyntheticSource
 from fastmim.data.transforms import PretrainTransform, normalize_uint8
 from fastmim.errors import STOP_SIGNALS, FastmimError, one_line
 
@@ -389,6 +390,20 @@ def _stop_workers_at_exit() -> None:
     that hook) and before multiprocessing's, which would wait forever for workers that ignore its SIGTERM."""
     for batches in list(_LIVE_ITERATORS):
         stop_workers(batches)
+
+
+def build_source(cfg: Any, img_size: int) -> ImageSource:
+    """Build the source named by ``cfg.source`` (reads ``cfg.path`` and ``cfg.num_images``)."""
+    if cfg.source == "folder":
+        return FolderSource(cfg.path)
+    if cfg.source == "ffcv":
+        return BetonSource(cfg.path)
+    if cfg.source in ("demo", "synthetic"):
+        if cfg.num_images < 1:
+            raise FastmimError(f"data.num_images is {cfg.num_images}; set it to a positive number of images.")
+        cls = DemoSource if cfg.source == "demo" else SyntheticSource
+        return cls(cfg.num_images, img_size)
+    raise FastmimError(f"data.source {cfg.source!r} is unknown; set data.source to one of {', '.join(SOURCES)}.")
 
 
 def _default_device() -> torch.device:

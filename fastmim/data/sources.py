@@ -22,7 +22,7 @@ import os
 import stat
 import warnings
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
@@ -390,19 +390,3 @@ class SyntheticSource:
         smooth = np.asarray(coarse.resize((s, s), Image.BILINEAR), dtype=np.int16)
         noisy = smooth + rng.integers(-24, 25, (s, s, 3), dtype=np.int16)
         return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB"), 0
-
-
-def build_source(cfg: Any, img_size: int) -> ImageSource:
-    """Build the source named by ``cfg.source`` (reads ``cfg.path`` and ``cfg.num_images``)."""
-    if cfg.source == "folder":
-        return FolderSource(cfg.path)
-    if cfg.source == "ffcv":
-        from fastmim.data.beton import BetonSource  # the .beton reader needs numpy and OpenCV only
-
-        return BetonSource(cfg.path)
-    if cfg.source in ("demo", "synthetic"):
-        if cfg.num_images < 1:
-            raise FastmimError(f"data.num_images is {cfg.num_images}; set it to a positive number of images.")
-        cls = DemoSource if cfg.source == "demo" else SyntheticSource
-        return cls(cfg.num_images, img_size)
-    raise FastmimError(f"data.source {cfg.source!r} is unknown; set data.source to one of {', '.join(SOURCES)}.")

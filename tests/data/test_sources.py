@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fastmim.data.loader import build_source
 from fastmim.data.sources import (
     DemoSource,
     FolderSource,
     SyntheticSource,
     UnreadableImageError,
-    build_source,
     decode_image,
     load_rgb,
 )
