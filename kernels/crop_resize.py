@@ -35,27 +35,18 @@ from __future__ import annotations
 
 import functools
 import math
-import types
 
 import torch
 from torch import Tensor
 
-from . import can_run_on, interpreter_enabled
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only PyTorch builds ship without triton: crop_resize() then uses crop_resize_ref.
-    triton = types.SimpleNamespace(jit=lambda fn: fn, cdiv=lambda a, b: -(-a // b))
-    tl = None
-
-# The @triton.jit decorator picks the interpreter when this module is imported, not when a kernel runs.
-_INTERPRETED = interpreter_enabled()
+from ._common import autotune_configs, tl, triton
+from ._common import use_kernel as _use_kernel  # a module global, so that tests can turn the kernel path off
 
 PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images: 32 bits - 8 (pixel) - 2 (overshoot of the filter)
 _HALF = 1 << (PRECISION_BITS - 1)
 _SUPPORT = 2.0  # bicubic support at scale 1
-_BLOCK = 16384 if _INTERPRETED else 1024  # outputs per program (the interpreter runs programs one by one)
+# BLOCK outputs per program, nothing to tune; the interpreter runs programs one by one, so it takes larger blocks.
+_CONFIGS = autotune_configs([({"BLOCK": 1024}, 4)], interpreted={"BLOCK": 16384})
 
 
 def _bicubic(x: Tensor) -> Tensor:
@@ -195,6 +186,7 @@ def crop_resize_ref(images: Tensor, boxes: Tensor, flips: Tensor, size: int, mea
 # ----------------------------------------------------------------------------------------------- kernels
 
 
+@triton.autotune(configs=_CONFIGS, key=[])
 @triton.jit
 def _resize_rows_kernel(img_ptr, layout_ptr, top_ptr, h_ptr, x0_ptr, kx_ptr, t_ptr, S, ROWS, TAPS, COL_STRIDE,
                         BLOCK: tl.constexpr):  # fmt: skip
@@ -228,6 +220,7 @@ def _resize_rows_kernel(img_ptr, layout_ptr, top_ptr, h_ptr, x0_ptr, kx_ptr, t_p
     tl.store(t_ptr + b * ROWS * S * 3 + offs, out.to(tl.uint8), mask=mask)
 
 
+@triton.autotune(configs=_CONFIGS, key=[])
 @triton.jit
 def _resize_cols_kernel(t_ptr, y0_ptr, ky_ptr, flip_ptr, lut_ptr, out_ptr, S, ROWS, TAPS, BLOCK: tl.constexpr):
     # Vertical pass, flip and normalisation. One program writes BLOCK consecutive elements (c, i, j) of out[b]
@@ -277,21 +270,34 @@ def _launch(data: Tensor, layout: Tensor, col_stride: int, boxes: Tensor, flips:
     layout = to_device_async(layout, data.device)
     t = torch.empty(b, rows, size, 3, dtype=torch.uint8, device=data.device)
     flip8 = to_device_async(flips.to(torch.uint8), data.device)
-    grid = (b, triton.cdiv(rows * size * 3, _BLOCK))
-    _resize_rows_kernel[grid](data, layout, top.contiguous(), h.contiguous(), x0.contiguous(), kx.contiguous(), t,
-                              size, rows, kx.shape[-1], col_stride, BLOCK=_BLOCK)  # fmt: skip
-    grid = (b, triton.cdiv(3 * size * size, _BLOCK))
-    _resize_cols_kernel[grid](t, y0.contiguous(), ky.contiguous(), flip8, lut, out, size, rows, ky.shape[-1],
-                              BLOCK=_BLOCK)  # fmt: skip
+    _resize_rows_kernel[lambda meta: (b, triton.cdiv(rows * size * 3, meta["BLOCK"]))](
+        img_ptr=data,
+        layout_ptr=layout,
+        top_ptr=top.contiguous(),
+        h_ptr=h.contiguous(),
+        x0_ptr=x0.contiguous(),
+        kx_ptr=kx.contiguous(),
+        t_ptr=t,
+        S=size,
+        ROWS=rows,
+        TAPS=kx.shape[-1],
+        COL_STRIDE=col_stride,
+    )
+    _resize_cols_kernel[lambda meta: (b, triton.cdiv(3 * size * size, meta["BLOCK"]))](
+        t_ptr=t,
+        y0_ptr=y0.contiguous(),
+        ky_ptr=ky.contiguous(),
+        flip_ptr=flip8,
+        lut_ptr=lut,
+        out_ptr=out,
+        S=size,
+        ROWS=rows,
+        TAPS=ky.shape[-1],
+    )
     return out
 
 
 # ----------------------------------------------------------------------------------------------- public API
-
-
-def _use_kernel(x: Tensor) -> bool:
-    """A kernel can run: CUDA with triton, or CPU with this module's kernels built for the interpreter."""
-    return can_run_on(x) and (x.is_cuda or _INTERPRETED)
 
 
 @torch.no_grad()

@@ -66,25 +66,16 @@ from __future__ import annotations
 
 import functools
 import math
-import types
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from . import can_run_on, interpreter_enabled
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only PyTorch builds ship without triton: the kernels below are then plain functions that
-    triton = types.SimpleNamespace(jit=lambda fn: fn, autotune=lambda **kw: lambda fn: fn)  # are never launched,
-    tl = None  # and hog() uses hog_ref
-
 # triton fixes the interpreter choice when it is imported (its own tl.sum etc. are decorated then), so fastmim
 # imports this module lazily (fastmim.targets.hog), after a test suite has set TRITON_INTERPRET.
-_INTERPRETED = interpreter_enabled()
+from ._common import autotune_configs, kernel_op, tl, traced, triton, wrap_triton
+from ._common import use_kernel as _use_kernel  # a module global, so that tests can turn the kernel path off
 
 KERNEL_DTYPES = (torch.uint8, torch.float32, torch.float16, torch.bfloat16)
 OUT_DTYPES = (torch.float32, torch.bfloat16)
@@ -187,15 +178,6 @@ def hog_ref(img: Tensor, cell_sizes: Sequence[int], nbins: int = 9, bias: Tensor
 # ----------------------------------------------------------------------------------------------- kernel
 
 
-def _autotune_configs() -> list:
-    # 4 and 8 warps: compiled for sm_80 / sm_90 (fastmim bench kernels --static) every recipe's shape takes <= 109
-    # registers with triton 3.8 and <= 175 with triton 3.6, never spilling. 1 warp took 208-255 registers (spilling
-    # with 18 bins + bias); 2 warps spilled under triton 3.6 (ViT-B: 8 bytes, Swin: 128-136). The interpreter runs
-    # one config.
-    warps = (4,) if _INTERPRETED else (4, 8)
-    return [triton.Config({}, num_warps=w, num_stages=1) for w in warps] if tl is not None else []
-
-
 @triton.jit
 def _channel_histogram(ptr, y, x, scale, b0, b1, edge_ptr, H: tl.constexpr, W: tl.constexpr, CELLS: tl.constexpr,
                        PIX: tl.constexpr, NBINS: tl.constexpr, NB_PAD: tl.constexpr,
@@ -266,7 +248,12 @@ def _store_scale(sums, out_ptr, b, c, ty, tx, H, W, CELL: tl.constexpr, TILE: tl
     tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=bcol < NBINS)
 
 
-@triton.autotune(configs=_autotune_configs(), key=["H", "W", "NBINS", "CELLS_K", "HAS_BIAS"])
+# 4 and 8 warps: compiled for sm_80 / sm_90 (fastmim bench kernels --static) every recipe's shape takes <= 109
+# registers with triton 3.8 and <= 175 with triton 3.6, never spilling. 1 warp took 208-255 registers (spilling with
+# 18 bins + bias); 2 warps spilled under triton 3.6 (ViT-B: 8 bytes, Swin: 128-136).
+@triton.autotune(
+    configs=autotune_configs([({}, 4), ({}, 8)], num_stages=1), key=["H", "W", "NBINS", "CELLS_K", "HAS_BIAS"]
+)
 @triton.jit
 def _hog_fwd_kernel(
     x_ptr, scale_ptr, bias_ptr, edge_ptr, out0_ptr, out1_ptr, out2_ptr, out3_ptr,
@@ -318,9 +305,9 @@ def _hog_fwd_kernel(
                 _store_scale(sums, out_ptr, b, c, ty, tx, H, W, CELLS_K[s], TILE, NBINS, NB_PAD)
 
 
-@functools.lru_cache(maxsize=64)
-def _edges(nbins: int, device: torch.device) -> Tensor:
-    """u_k = cos(a) / (|cos(a)| + sin(a)) of the bin edges a = k pi / nbins, k = 1..nbins-1, fp32 [max(n-1, 1)].
+@functools.cache
+def _edges(nbins: int) -> tuple[float, ...]:
+    """u_k = cos(a) / (|cos(a)| + sin(a)) of the bin edges a = k pi / nbins, k = 1..nbins-1 (one 0 for one bin).
     Edges at multiples of 45 degrees are set exactly (1/2, 0, -1/2): they are the ones float gradients can hit."""
     u = []
     for k in range(1, nbins):
@@ -329,13 +316,25 @@ def _edges(nbins: int, device: torch.device) -> Tensor:
         else:
             a = k * math.pi / nbins
             u.append(math.cos(a) / (abs(math.cos(a)) + math.sin(a)))
-    return torch.tensor(u or [0.0], dtype=torch.float32, device=device)
+    return tuple(u or [0.0])
+
+
+def _grad_scale(std: Sequence[float] | None) -> tuple[float, ...]:
+    """Per-channel factor on the Sobel sums: 1 for a normalised image, 1 / (255 std_c) for uint8 pixels."""
+    return (1.0, 1.0, 1.0) if std is None else tuple(1.0 / (255.0 * float(s)) for s in std)
+
+
+def _constant(values: tuple[float, ...], like: Tensor) -> Tensor:
+    """fp32 ``values`` on the device of ``like``, made once per device (a fresh host-to-device copy per batch would
+    synchronise); while torch traces (``like`` is fake) made afresh, a constant of the graph, so that the cache
+    never holds a traced tensor."""
+    if traced(like):
+        return torch.tensor(values, dtype=torch.float32, device=like.device)
+    return _cached_constant(values, like.device)
 
 
 @functools.lru_cache(maxsize=64)
-def _grad_scale(std: tuple[float, ...] | None, device: torch.device) -> Tensor:
-    """Per-channel factor on the Sobel sums: 1 for a normalised image, 1 / (255 std_c) for uint8 pixels."""
-    values = [1.0, 1.0, 1.0] if std is None else [1.0 / (255.0 * s) for s in std]
+def _cached_constant(values: tuple[float, ...], device: torch.device) -> Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
@@ -379,39 +378,41 @@ def hog_fwd(img: Tensor, cell_sizes: Sequence[int], nbins: int = 9, bias: Tensor
         torch.empty(bsz, (h // c) * (w // c), 3 * nbins, device=img.device, dtype=out_dtype or torch.float32)
         for c in cells
     ]
-    scale = _grad_scale(None if std is None else tuple(float(s) for s in std), img.device)
+    scale = _constant(_grad_scale(std), img)
     bias_arg = scale if bias is None else bias.detach()[order].to(torch.float32).contiguous()
     ordered = [outs[k] for k in order]
+    ordered += ordered[-1:] * (MAX_SCALES - len(cells))  # unused output slots: never written
     grid = (bsz * (h // max(cells)) * (w // max(cells)) * (len(cells) if bias is not None else 1),)
-    _hog_fwd_kernel[grid](
-        img.contiguous(), scale, bias_arg, _edges(nbins, img.device), *ordered, *ordered[-1:] * (4 - len(cells)),
-        H=h, W=w, NBINS=nbins, NB_PAD=triton.next_power_of_2(nbins), TILE=max(cells), MIN_CELL=min(cells),
-        CELLS_K=tuple(cells[k] for k in order), NUM_SCALES=len(cells), HAS_BIAS=bias is not None,
-    )  # fmt: skip
+    wrap_triton(_hog_fwd_kernel)[grid](
+        x_ptr=img.contiguous(),
+        scale_ptr=scale,
+        bias_ptr=bias_arg,
+        edge_ptr=_constant(_edges(nbins), img),
+        **{f"out{k}_ptr": out for k, out in enumerate(ordered)},
+        H=h,
+        W=w,
+        NBINS=nbins,
+        NB_PAD=triton.next_power_of_2(nbins),
+        TILE=max(cells),
+        MIN_CELL=min(cells),
+        CELLS_K=tuple(cells[k] for k in order),
+        NUM_SCALES=len(cells),
+        HAS_BIAS=bias is not None,
+    )
     return outs
 
 
 # ----------------------------------------------------------------------------------------------- custom op
 
 
-@torch.library.custom_op(
-    "fastmim::hog",
-    mutates_args=(),
-    schema="(Tensor img, Tensor? bias, int[] cell_sizes, int nbins, float[]? std, ScalarType out_dtype) -> Tensor[]",
-)
-def _hog_op(img, bias, cell_sizes, nbins, std, out_dtype):
+def _hog_launch(
+    img: Tensor, bias: Tensor | None, cell_sizes: list[int], nbins: int, std: list[float] | None, out_dtype: torch.dtype
+) -> list[Tensor]:
+    # hog_fwd with the op's argument types (lists, no defaults), called by name (tests count its calls)
     return hog_fwd(img, cell_sizes, nbins, bias, std, out_dtype)
 
 
-@_hog_op.register_fake
-def _(img, bias, cell_sizes, nbins, std, out_dtype):
-    bsz, _, h, w = img.shape
-    return [img.new_empty(bsz, (h // c) * (w // c), 3 * nbins, dtype=out_dtype) for c in cell_sizes]
-
-
-def _use_kernel(x: Tensor) -> bool:
-    """A kernel can run: CUDA with triton, or CPU with this module's kernels built for the interpreter."""
-    return can_run_on(x) and (x.is_cuda or _INTERPRETED)
+_hog_op = kernel_op("fastmim::hog", _hog_launch)
 
 
 def hog(img: Tensor, cell_sizes: Sequence[int], nbins: int = 9, bias: Tensor | None = None,

@@ -43,33 +43,15 @@ the kernels run on CUDA, or on CPU under TRITON_INTERPRET=1 (set before this mod
 
 from __future__ import annotations
 
-import types
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from . import can_run_on, interpreter_enabled
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only PyTorch builds ship without triton: the kernels below are never launched and the
-    triton = types.SimpleNamespace(jit=lambda fn: fn, autotune=lambda **kw: lambda fn: fn, Config=dict)  # _ref runs
-    tl = None
-
-# The @triton.jit decorator picks the interpreter when this module is imported, not when a kernel runs; and
-# triton.language's own jit helpers (tl.zeros, tl.sum) when triton is first imported: both must be interpreted.
-_INTERPRETED = interpreter_enabled() and tl is not None and not isinstance(tl.zeros, triton.runtime.JITFunction)
-
-
-def _configs(interpreted: list[dict], tuned: list[tuple[dict, int]]) -> list:
-    """Autotune configs; one under the interpreter (its timings mean nothing and every program runs serially)."""
-    if interpreter_enabled():
-        return [triton.Config(interpreted[0], num_warps=4)]
-    return [triton.Config(kw, num_warps=w) for kw, w in tuned]
-
+from ._common import autotune_configs, kernel_op, tl, triton, wrap_triton
+from ._common import use_kernel as _use_kernel  # a module global, so that tests can turn the kernel path off
 
 # ----------------------------------------------------------------------------------------------- references
 
@@ -100,11 +82,17 @@ def decoder_input_ref(y: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_em
 
 
 @triton.autotune(
-    configs=_configs([{"BLOCK_M": 64, "BLOCK_K": 256}],
-                     [({"BLOCK_M": 32, "BLOCK_K": 256}, 4), ({"BLOCK_M": 64, "BLOCK_K": 128}, 4),
-                      ({"BLOCK_M": 64, "BLOCK_K": 256}, 8), ({"BLOCK_M": 128, "BLOCK_K": 64}, 4)]),
+    configs=autotune_configs(
+        [
+            ({"BLOCK_M": 32, "BLOCK_K": 256}, 4),
+            ({"BLOCK_M": 64, "BLOCK_K": 128}, 4),
+            ({"BLOCK_M": 64, "BLOCK_K": 256}, 8),
+            ({"BLOCK_M": 128, "BLOCK_K": 64}, 4),
+        ],
+        interpreted={"BLOCK_M": 64, "BLOCK_K": 256},
+    ),
     key=["M", "KP"],
-)  # fmt: skip
+)
 @triton.jit
 def _patch_gather_kernel(img_ptr, ids_ptr, out_ptr, M, KP, KEEP, GW, P: tl.constexpr, s_b, s_c, s_h, s_w, s_ib,
                          s_ik, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
@@ -128,12 +116,23 @@ def _patch_gather_kernel(img_ptr, ids_ptr, out_ptr, M, KP, KEEP, GW, P: tl.const
     tl.store(out_ptr + rows[:, None] * KP + cols[None, :], pix.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.autotune(
-    configs=_configs([{"BLOCK_R": 64, "BLOCK_D": 256}],
-                     [({"BLOCK_R": 16, "BLOCK_D": 128}, 4), ({"BLOCK_R": 32, "BLOCK_D": 128}, 4),
-                      ({"BLOCK_R": 16, "BLOCK_D": 256}, 4), ({"BLOCK_R": 32, "BLOCK_D": 256}, 8)]),
-    key=["KEEP", "D"],
-)  # fmt: skip
+# The encoder's row kernels (epilogue, backward) share one list: both stream BLOCK_R x BLOCK_D tiles of rows.
+_ROW_CONFIGS = autotune_configs(
+    [
+        ({"BLOCK_R": 16, "BLOCK_D": 128}, 4),
+        ({"BLOCK_R": 32, "BLOCK_D": 128}, 4),
+        ({"BLOCK_R": 16, "BLOCK_D": 256}, 4),
+        ({"BLOCK_R": 32, "BLOCK_D": 256}, 8),
+    ],
+    interpreted={"BLOCK_R": 64, "BLOCK_D": 256},
+)
+# The decoder kernels' rows are a whole C-channel row each (BLOCK_C = C rounded up to a power of two).
+_DECODER_CONFIGS = autotune_configs(
+    [({"BLOCK_R": 8}, 4), ({"BLOCK_R": 16}, 4), ({"BLOCK_R": 32}, 8)], interpreted={"BLOCK_R": 64}
+)
+
+
+@triton.autotune(configs=_ROW_CONFIGS, key=["KEEP", "D"])
 @triton.jit
 def _encoder_epilogue_kernel(y_ptr, ids_ptr, bias_ptr, pos_ptr, cls_ptr, out_ptr, KEEP, D, s_ib, s_ik,
                              BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):  # fmt: skip
@@ -159,12 +158,7 @@ def _encoder_epilogue_kernel(y_ptr, ids_ptr, bias_ptr, pos_ptr, cls_ptr, out_ptr
         tl.store(dst, val.to(out_ptr.dtype.element_ty), mask=umask[:, None] & cmask[None, :])
 
 
-@triton.autotune(
-    configs=_configs([{"BLOCK_R": 64, "BLOCK_D": 256}],
-                     [({"BLOCK_R": 16, "BLOCK_D": 128}, 4), ({"BLOCK_R": 32, "BLOCK_D": 128}, 4),
-                      ({"BLOCK_R": 16, "BLOCK_D": 256}, 4), ({"BLOCK_R": 32, "BLOCK_D": 256}, 8)]),
-    key=["KEEP", "D"],
-)  # fmt: skip
+@triton.autotune(configs=_ROW_CONFIGS, key=["KEEP", "D"])
 @triton.jit
 def _encoder_input_bwd_kernel(g_ptr, dy_ptr, part_ptr, KEEP, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     # One program: sample b = program 0, BLOCK_D channels. Copies dout[b, 1:] (the patch rows) to dY[b * KEEP:]
@@ -183,10 +177,7 @@ def _encoder_input_bwd_kernel(g_ptr, dy_ptr, part_ptr, KEEP, D, BLOCK_R: tl.cons
     tl.store(part_ptr + b * D + cols, acc, mask=cmask)
 
 
-@triton.autotune(
-    configs=_configs([{"BLOCK_R": 64}], [({"BLOCK_R": 8}, 4), ({"BLOCK_R": 16}, 4), ({"BLOCK_R": 32}, 8)]),
-    key=["KEEP", "L", "C"],
-)
+@triton.autotune(configs=_DECODER_CONFIGS, key=["KEEP", "L", "C"])
 @triton.jit
 def _decoder_input_fwd_kernel(y_ptr, ids_ptr, mask_ptr, pos_ptr, out_ptr, B, KEEP, L, C, s_ib, s_il, s_pg, s_pu,
                               BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
@@ -213,10 +204,7 @@ def _decoder_input_fwd_kernel(y_ptr, ids_ptr, mask_ptr, pos_ptr, out_ptr, B, KEE
         tl.store(out_base + u[:, None] * C + cols[None, :], val.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.autotune(
-    configs=_configs([{"BLOCK_R": 64}], [({"BLOCK_R": 8}, 4), ({"BLOCK_R": 16}, 4), ({"BLOCK_R": 32}, 8)]),
-    key=["KEEP", "L", "C"],
-)
+@triton.autotune(configs=_DECODER_CONFIGS, key=["KEEP", "L", "C"])
 @triton.jit
 def _decoder_input_bwd_kernel(g_ptr, ids_ptr, dy_ptr, part_ptr, B, KEEP, L, C, s_ib, s_il, BLOCK_R: tl.constexpr,
                               BLOCK_C: tl.constexpr):  # fmt: skip
@@ -274,15 +262,40 @@ def encoder_input_fwd(imgs: Tensor, ids_keep: Tensor, weight: Tensor, bias: Tens
     patches = torch.empty(b * keep, kp, device=imgs.device, dtype=weight.dtype)
     grid = lambda meta: (triton.cdiv(b * keep, meta["BLOCK_M"]), triton.cdiv(kp, meta["BLOCK_K"]))  # noqa: E731
     if patches.numel():
-        _patch_gather_kernel[grid](imgs, ids_keep, patches, b * keep, kp, keep, imgs.shape[-1] // patch_size,
-                                   patch_size, *imgs.stride(), *ids_keep.stride())  # fmt: skip
+        s_b, s_c, s_h, s_w = imgs.stride()
+        wrap_triton(_patch_gather_kernel)[grid](
+            img_ptr=imgs,
+            ids_ptr=ids_keep,
+            out_ptr=patches,
+            M=b * keep,
+            KP=kp,
+            KEEP=keep,
+            GW=imgs.shape[-1] // patch_size,
+            P=patch_size,
+            s_b=s_b,
+            s_c=s_c,
+            s_h=s_h,
+            s_w=s_w,
+            s_ib=ids_keep.stride(0),
+            s_ik=ids_keep.stride(1),
+        )
     y = torch.mm(patches, weight.t())
     out_dtype = torch.promote_types(torch.promote_types(weight.dtype, pos_embed.dtype), cls.dtype)
     out = torch.empty(b, keep + 1, d, device=imgs.device, dtype=out_dtype)
     grid = lambda meta: (b, triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
     if out.numel():
-        _encoder_epilogue_kernel[grid](y, ids_keep, bias.contiguous(), pos_embed.contiguous(), cls.contiguous(), out,
-                                       keep, d, *ids_keep.stride())  # fmt: skip
+        wrap_triton(_encoder_epilogue_kernel)[grid](
+            y_ptr=y,
+            ids_ptr=ids_keep,
+            bias_ptr=bias.contiguous(),
+            pos_ptr=pos_embed.contiguous(),
+            cls_ptr=cls.contiguous(),
+            out_ptr=out,
+            KEEP=keep,
+            D=d,
+            s_ib=ids_keep.stride(0),
+            s_ik=ids_keep.stride(1),
+        )
     return out, patches
 
 
@@ -296,7 +309,7 @@ def encoder_input_bwd(grad_out: Tensor, patches: Tensor) -> tuple[Tensor, Tensor
     part = torch.empty(b, d, device=grad_out.device, dtype=torch.float32)
     grid = lambda meta: (b, triton.cdiv(d, meta["BLOCK_D"]))  # noqa: E731
     if part.numel():
-        _encoder_input_bwd_kernel[grid](grad_out, dy, part, keep, d)
+        wrap_triton(_encoder_input_bwd_kernel)[grid](g_ptr=grad_out, dy_ptr=dy, part_ptr=part, KEEP=keep, D=d)
     d_weight = torch.mm(dy.t(), patches)
     return d_weight, part.sum(0), grad_out[:, 0].sum(0, dtype=torch.float32)
 
@@ -327,9 +340,22 @@ def decoder_input_fwd(y: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_em
     out = torch.empty(g, b, length + 1, c, device=y.device, dtype=dtype)
     if out.numel():
         pos = pos_embed if pos_embed.stride(-1) == 1 else pos_embed.contiguous()
-        _decoder_input_fwd_kernel[(b, g)](y.contiguous(), ids_restore, mask_token.contiguous(), pos, out, b, n - 1,
-                                          length, c, *ids_restore.stride(), pos.stride(0), pos.stride(1),
-                                          BLOCK_C=triton.next_power_of_2(c))  # fmt: skip
+        wrap_triton(_decoder_input_fwd_kernel)[(b, g)](
+            y_ptr=y.contiguous(),
+            ids_ptr=ids_restore,
+            mask_ptr=mask_token.contiguous(),
+            pos_ptr=pos,
+            out_ptr=out,
+            B=b,
+            KEEP=n - 1,
+            L=length,
+            C=c,
+            s_ib=ids_restore.stride(0),
+            s_il=ids_restore.stride(1),
+            s_pg=pos.stride(0),
+            s_pu=pos.stride(1),
+            BLOCK_C=triton.next_power_of_2(c),
+        )
     return out
 
 
@@ -340,93 +366,59 @@ def decoder_input_bwd(grad_out: Tensor, ids_restore: Tensor, keep: int, dtype: t
     dy = torch.empty(g, b, keep + 1, c, device=grad_out.device, dtype=dtype)
     part = torch.empty(g, b, c, device=grad_out.device, dtype=torch.float32)
     if part.numel():
-        _decoder_input_bwd_kernel[(b, g)](grad_out, ids_restore, dy, part, b, keep, n - 1, c, *ids_restore.stride(),
-                                          BLOCK_C=triton.next_power_of_2(c))  # fmt: skip
+        wrap_triton(_decoder_input_bwd_kernel)[(b, g)](
+            g_ptr=grad_out,
+            ids_ptr=ids_restore,
+            dy_ptr=dy,
+            part_ptr=part,
+            B=b,
+            KEEP=keep,
+            L=n - 1,
+            C=c,
+            s_ib=ids_restore.stride(0),
+            s_il=ids_restore.stride(1),
+            BLOCK_C=triton.next_power_of_2(c),
+        )
     return dy, part.sum(1)
 
 
 # ----------------------------------------------------------------------------------------------- custom ops + autograd
-# torch.library custom ops (forward and backward each), so torch.compile treats them as opaque nodes instead of
-# breaking its graph on a Triton launch; register_autograd gives them their backward (the STYLE "<Op>Fn" role).
+# Each launcher is a torch.library op (forward and backward alike: kernels._common.kernel_op), so torch.compile keeps
+# its graph around the kernels; the autograd functions give the forward ops their backward (the STYLE "<Op>Fn" role).
 
 
-@torch.library.custom_op("fastmim::encoder_input", mutates_args=())
-def _encoder_input_op(imgs: Tensor, ids_keep: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor, cls: Tensor,
-                      patch_size: int) -> tuple[Tensor, Tensor]:  # fmt: skip
-    return encoder_input_fwd(imgs, ids_keep, weight, bias, pos_embed, cls, patch_size)
-
-
-@_encoder_input_op.register_fake
-def _(imgs, ids_keep, weight, bias, pos_embed, cls, patch_size):
-    b, keep, d = imgs.shape[0], ids_keep.shape[1], weight.shape[0]
-    dtype = torch.promote_types(torch.promote_types(weight.dtype, pos_embed.dtype), cls.dtype)
-    return imgs.new_empty(b, keep + 1, d, dtype=dtype), weight.new_empty(b * keep, weight.shape[1])
-
-
-@torch.library.custom_op("fastmim::encoder_input_bwd", mutates_args=())
-def _encoder_input_bwd_op(grad_out: Tensor, patches: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    return encoder_input_bwd(grad_out, patches)
-
-
-@_encoder_input_bwd_op.register_fake
-def _(grad_out, patches):
-    d = grad_out.shape[-1]
-    f32 = torch.float32
-    return patches.new_empty(d, patches.shape[1]), grad_out.new_empty(d, dtype=f32), grad_out.new_empty(d, dtype=f32)
-
-
-def _encoder_setup(ctx, inputs, output) -> None:
-    ctx.dtypes = (inputs[2].dtype, inputs[3].dtype, inputs[5].dtype)
+def _encoder_save(ctx, inputs: dict[str, Any], output: tuple[Tensor, Tensor]) -> None:
+    ctx.dtypes = {name: inputs[name].dtype for name in ("weight", "bias", "cls")}
     ctx.save_for_backward(output[1])
 
 
-def _encoder_backward(ctx, grad_out: Tensor, _grad_patches: Tensor):
+def _encoder_backward(ctx, grad_out: Tensor, _grad_patches: Tensor) -> dict[str, Tensor]:
     (patches,) = ctx.saved_tensors
     d_weight, d_bias, d_cls = _encoder_input_bwd_op(grad_out, patches)
-    w_dtype, b_dtype, c_dtype = ctx.dtypes
-    return None, None, d_weight.to(w_dtype), d_bias.to(b_dtype), None, d_cls.to(c_dtype), None
+    grads = {"weight": d_weight, "bias": d_bias, "cls": d_cls}
+    return {name: grad.to(ctx.dtypes[name]) for name, grad in grads.items()}
 
 
-torch.library.register_autograd("fastmim::encoder_input", _encoder_backward, setup_context=_encoder_setup)
+def _decoder_save(ctx, inputs: dict[str, Any], output: Tensor) -> None:
+    ctx.keep, ctx.y_dtype = inputs["y"].shape[2] - 1, inputs["y"].dtype
+    ctx.mask_dtype = inputs["mask_token"].dtype
+    ctx.save_for_backward(inputs["ids_restore"])
 
 
-@torch.library.custom_op("fastmim::decoder_input", mutates_args=())
-def _decoder_input_op(y: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_embed: Tensor) -> Tensor:
-    return decoder_input_fwd(y, ids_restore, mask_token, pos_embed)
-
-
-@_decoder_input_op.register_fake
-def _(y, ids_restore, mask_token, pos_embed):
-    g, b, _, c = y.shape
-    dtype = torch.promote_types(torch.promote_types(y.dtype, mask_token.dtype), pos_embed.dtype)
-    return y.new_empty(g, b, ids_restore.shape[1] + 1, c, dtype=dtype)
-
-
-@torch.library.custom_op("fastmim::decoder_input_bwd", mutates_args=())
-def _decoder_input_bwd_op(grad_out: Tensor, ids_restore: Tensor, keep: int,
-                          dtype: torch.dtype) -> tuple[Tensor, Tensor]:  # fmt: skip
-    return decoder_input_bwd(grad_out, ids_restore, keep, dtype)
-
-
-@_decoder_input_bwd_op.register_fake
-def _(grad_out, ids_restore, keep, dtype):
-    g, b, _, c = grad_out.shape
-    return grad_out.new_empty(g, b, keep + 1, c, dtype=dtype), grad_out.new_empty(g, c, dtype=torch.float32)
-
-
-def _decoder_setup(ctx, inputs, output) -> None:
-    y, ids_restore, mask_token = inputs[0], inputs[1], inputs[2]
-    ctx.keep, ctx.y_dtype, ctx.mask_dtype = y.shape[2] - 1, y.dtype, mask_token.dtype
-    ctx.save_for_backward(ids_restore)
-
-
-def _decoder_backward(ctx, grad_out: Tensor):
+def _decoder_backward(ctx, grad_out: Tensor) -> dict[str, Tensor]:
     (ids_restore,) = ctx.saved_tensors
     dy, d_mask = _decoder_input_bwd_op(grad_out, ids_restore, ctx.keep, ctx.y_dtype)
-    return dy, None, d_mask.to(ctx.mask_dtype), None
+    return {"y": dy, "mask_token": d_mask.to(ctx.mask_dtype)}
 
 
-torch.library.register_autograd("fastmim::decoder_input", _decoder_backward, setup_context=_decoder_setup)
+_encoder_input_bwd_op = kernel_op("fastmim::encoder_input_bwd", encoder_input_bwd)
+_encoder_input_op = kernel_op(
+    "fastmim::encoder_input", encoder_input_fwd, setup_context=_encoder_save, backward=_encoder_backward
+)
+_decoder_input_bwd_op = kernel_op("fastmim::decoder_input_bwd", decoder_input_bwd)
+_decoder_input_op = kernel_op(
+    "fastmim::decoder_input", decoder_input_fwd, setup_context=_decoder_save, backward=_decoder_backward
+)
 
 
 # torch.utils.flop_counter sees a custom op as one leaf (not the torch.mm inside it): count its matmul, so FLOPs and
@@ -442,11 +434,6 @@ def _encoder_input_bwd_flops(grad_shape, patches_shape, *args, **kwargs) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- public API
-
-
-def _use_kernel(x: Tensor) -> bool:
-    """A kernel can run: CUDA with triton, or CPU with this module's kernels built for the interpreter."""
-    return can_run_on(x) and (x.is_cuda or _INTERPRETED)
 
 
 def encoder_input(imgs: Tensor, ids_keep: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor,

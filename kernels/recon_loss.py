@@ -48,26 +48,18 @@ order, so the loss is bitwise reproducible (no atomics).
 from __future__ import annotations
 
 import math
-import types
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from . import can_run_on, interpreter_enabled
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only PyTorch builds ship without triton: the kernels below are then plain functions that
-    triton = types.SimpleNamespace(jit=lambda fn: fn)  # are never launched, and recon_loss() uses recon_loss_ref.
-    tl = None
+from ._common import kernel_op, tl, triton, wrap_triton
+from ._common import use_kernel as _use_kernel  # a module global, so that tests can turn the kernel path off
 
 SUBS = (4, 2, 1, 0)  # cells per patch side of each scale; 0 marks the s = 1/2 scale (one cell per 2 x 2 patches)
 SWIN_SUBS = (4, 2, 1, 1)  # LocalMIM-Swin: 8 / 16 / 32 / 32 px cells per 32 px mask unit (module docstring)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# The @triton.jit decorator picks the interpreter when this module is imported, not when a kernel runs.
-_INTERPRETED = interpreter_enabled()
 
 
 # ----------------------------------------------------------------------------------------------- layout + reference
@@ -171,32 +163,33 @@ def _recon_block(pred_ptr, tgt_ptr, res_ptr, part_ptr, mask_ptr, sel_ptr, msum_p
 
 @triton.jit
 def _recon_loss_fwd_kernel(p0, p1, p2, p3, t0, t1, t2, t3, res_ptr, part_ptr, mask_ptr, idx_ptr, gidx_ptr, msum_ptr,
-                           n_sel, n_grp, grid, C0, C1, C2, C3, rows0, rows1, rows2, rows3, o1, o2, o3, end0, end1,
+                           n_sel, n_grp, grid_side, C0, C1, C2, C3, rows0, rows1, rows2, rows3, o1, o2, o3, end0, end1,
                            end2, P_MAX, SUB0: tl.constexpr, SUB1: tl.constexpr, SUB2: tl.constexpr,
                            SUB3: tl.constexpr, STORE_RES: tl.constexpr, BLOCK_R: tl.constexpr,
                            BLOCK_C: tl.constexpr):  # fmt: skip
     # Grid: the row blocks of all four scales back to back (end_k = last block of scale k, exclusive); each program
     # handles one block of one scale and writes its partial loss to part[k, block] (summed in a fixed order later).
-    # o_k: where scale k's residual starts (the four scales' predictions back to back); rows_k: its compact rows;
-    # SUB_k: its cells per patch side (0: the 2 x 2-group scale, whose rows come from gidx).
+    # grid_side: g, the patch grid's side (not `grid`, which names a launch's grid); o_k: where scale k's residual
+    # starts (the four scales' predictions back to back); rows_k: its compact rows; SUB_k: its cells per patch side
+    # (0: the 2 x 2-group scale, whose rows come from gidx).
     # Registers: one [BLOCK_R, BLOCK_C] tile of predictions and targets (1024 elements: see recon_loss_fwd), the
     # row weights and an fp32 accumulator.
     pid = tl.program_id(0).to(tl.int64)
     if pid < end0:
         _recon_block(p0, t0, res_ptr, part_ptr + pid, mask_ptr, idx_ptr if SUB0 > 0 else gidx_ptr, msum_ptr, pid,
-                     rows0, n_sel if SUB0 > 0 else n_grp, grid, C0, SUB0, STORE_RES, BLOCK_R, BLOCK_C)  # fmt: skip
+                     rows0, n_sel if SUB0 > 0 else n_grp, grid_side, C0, SUB0, STORE_RES, BLOCK_R, BLOCK_C)  # fmt: skip
     elif pid < end1:
         _recon_block(p1, t1, res_ptr + o1, part_ptr + P_MAX + pid - end0, mask_ptr, idx_ptr if SUB1 > 0 else gidx_ptr,
-                     msum_ptr, pid - end0, rows1, n_sel if SUB1 > 0 else n_grp, grid, C1, SUB1, STORE_RES, BLOCK_R,
-                     BLOCK_C)  # fmt: skip
+                     msum_ptr, pid - end0, rows1, n_sel if SUB1 > 0 else n_grp, grid_side, C1, SUB1, STORE_RES,
+                     BLOCK_R, BLOCK_C)  # fmt: skip
     elif pid < end2:
         _recon_block(p2, t2, res_ptr + o2, part_ptr + 2 * P_MAX + pid - end1, mask_ptr,
                      idx_ptr if SUB2 > 0 else gidx_ptr, msum_ptr, pid - end1, rows2, n_sel if SUB2 > 0 else n_grp,
-                     grid, C2, SUB2, STORE_RES, BLOCK_R, BLOCK_C)  # fmt: skip
+                     grid_side, C2, SUB2, STORE_RES, BLOCK_R, BLOCK_C)  # fmt: skip
     else:
         _recon_block(p3, t3, res_ptr + o3, part_ptr + 3 * P_MAX + pid - end2, mask_ptr,
                      idx_ptr if SUB3 > 0 else gidx_ptr, msum_ptr, pid - end2, rows3, n_sel if SUB3 > 0 else n_grp,
-                     grid, C3, SUB3, STORE_RES, BLOCK_R, BLOCK_C)  # fmt: skip
+                     grid_side, C3, SUB3, STORE_RES, BLOCK_R, BLOCK_C)  # fmt: skip
 
 
 @triton.jit
@@ -245,6 +238,11 @@ def _check(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx: Tensor
         raise ValueError("all recon_loss inputs must be on one device")
 
 
+def _per_scale(name: str, values: Sequence[Any], first: int = 0) -> dict[str, Any]:
+    """The kernels' per-scale arguments by name: {name0: values[0], name1: values[1], ...} (from ``first``)."""
+    return {f"{name}{k}": v for k, v in enumerate(values, first)}
+
+
 def recon_loss_fwd(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx: Tensor, gidx: Tensor, grid: int,
                    store_residual: bool = True, subs: Sequence[int] = SUBS) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Launch the forward kernel: (losses [4] fp32, residual w * (P - T) flattened scale after scale, in the
@@ -254,10 +252,12 @@ def recon_loss_fwd(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx
     mask, idx, gidx = mask.to(torch.float32).contiguous(), idx.contiguous(), gidx.contiguous()
     b, n = idx.shape
     channels = [p.shape[-1] for p in preds]
+    # Block sizes are chosen here rather than by an autotune list: the grid's partition into scales (ends, P_MAX)
+    # is an argument of the launch. 1024-element tiles, 8 elements per thread at 4 warps: a thread keeps a
+    # prediction, a target and their addresses per element, and 4096-element tiles took 255 registers (8 resident
+    # warps per SM, at the spill edge); 1024 take 72 on sm_80 and sm_90 (28 resident warps; `fastmim bench kernels
+    # --static`).
     block_c = min(triton.next_power_of_2(max(channels)), 128)
-    # 1024-element tiles, 8 elements per thread at 4 warps: a thread keeps a prediction, a target and their addresses
-    # per element, and 4096-element tiles took 255 registers (8 resident warps per SM, at the spill edge); 1024 take
-    # 72 on sm_80 and sm_90 (28 resident warps; `fastmim bench kernels --static`).
     block_r = max(8, 1024 // block_c)
     rows = [math.prod(compact_shape(s, b, n, gidx.shape[1])) for s in subs]
     blocks = [triton.cdiv(r, block_r) for r in rows]
@@ -268,11 +268,28 @@ def recon_loss_fwd(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx
     part = torch.zeros(4, max(max(blocks), 1), device=mask.device, dtype=torch.float32)
     res = preds[0].new_empty(sum(numels) if store_residual else 0)
     if ends[-1]:
-        _recon_loss_fwd_kernel[(ends[-1],)](
-            *preds, *targets, res if store_residual else preds[0], part, mask, idx, gidx, msum, n, gidx.shape[1],
-            grid, *channels, *rows, *offsets, *ends[:3], part.shape[1], SUB0=subs[0], SUB1=subs[1], SUB2=subs[2],
-            SUB3=subs[3], STORE_RES=store_residual, BLOCK_R=block_r, BLOCK_C=block_c,
-        )  # fmt: skip
+        wrap_triton(_recon_loss_fwd_kernel)[(ends[-1],)](
+            **_per_scale("p", preds),
+            **_per_scale("t", targets),
+            res_ptr=res if store_residual else preds[0],
+            part_ptr=part,
+            mask_ptr=mask,
+            idx_ptr=idx,
+            gidx_ptr=gidx,
+            msum_ptr=msum,
+            n_sel=n,
+            n_grp=gidx.shape[1],
+            grid_side=grid,
+            **_per_scale("C", channels),
+            **_per_scale("rows", rows),
+            **_per_scale("o", offsets, 1),
+            **_per_scale("end", ends[:3]),
+            P_MAX=part.shape[1],
+            **_per_scale("SUB", subs),
+            STORE_RES=store_residual,
+            BLOCK_R=block_r,
+            BLOCK_C=block_c,
+        )
     losses = part.sum(dim=1)
     if not n:  # no masked patch: 0 / 0 = nan, as the full-map masked mean gives
         losses = losses / msum
@@ -280,7 +297,7 @@ def recon_loss_fwd(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx
 
 
 def recon_loss_bwd(residual: Tensor, grad_losses: Tensor, mask: Tensor, numels: list[int], channels: list[int],
-                   subs: Sequence[int] = SUBS) -> Tensor:  # fmt: skip
+                   subs: list[int]) -> Tensor:  # fmt: skip
     """Launch the backward kernel: d(sum_k dL_k * L_k)/d(preds), flattened like the residual."""
     if residual.numel() != sum(numels) or grad_losses.shape != (4,):
         raise ValueError("recon_loss_bwd needs the forward's residual (stored) and one gradient per scale")
@@ -289,63 +306,49 @@ def recon_loss_bwd(residual: Tensor, grad_losses: Tensor, mask: Tensor, numels: 
     msum = mask.to(torch.float32).sum()
     block = 1024
     if residual.numel():
-        _recon_loss_bwd_kernel[(triton.cdiv(residual.numel(), block),)](
-            residual, grad, grad_losses.to(torch.float32).contiguous(), msum, residual.numel(), *ends, *channels,
-            A0=area(subs[0]), A1=area(subs[1]), A2=area(subs[2]), A3=area(subs[3]), BLOCK=block,
-        )  # fmt: skip
+        wrap_triton(_recon_loss_bwd_kernel)[(triton.cdiv(residual.numel(), block),)](
+            res_ptr=residual,
+            grad_ptr=grad,
+            dl_ptr=grad_losses.to(torch.float32).contiguous(),
+            msum_ptr=msum,
+            total=residual.numel(),
+            **_per_scale("e", ends, 1),
+            **_per_scale("C", channels),
+            **_per_scale("A", [area(s) for s in subs]),
+            BLOCK=block,
+        )
     return grad
 
 
 # ----------------------------------------------------------------------------------------------- autograd + custom op
 
 
-@torch.library.custom_op("fastmim::recon_loss", mutates_args=())
-def _recon_loss_op(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx: Tensor, gidx: Tensor, grid: int,
-                   store_residual: bool, subs: list[int]) -> tuple[Tensor, Tensor]:  # fmt: skip
+def _recon_loss_launch(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx: Tensor, gidx: Tensor,
+                       grid: int, store_residual: bool, subs: list[int]) -> tuple[Tensor, Tensor]:  # fmt: skip
+    # recon_loss_fwd with the op's argument types (lists, no defaults), called by name (tests count its calls)
     return recon_loss_fwd(preds, targets, mask, idx, gidx, grid, store_residual, subs)
 
 
-@_recon_loss_op.register_fake
-def _(preds, targets, mask, idx, gidx, grid, store_residual, subs):
-    numel = sum(p.numel() for p in preds) if store_residual else 0
-    return mask.new_empty(4, dtype=torch.float32), preds[0].new_empty(numel)
+def _save_for_backward(ctx, inputs: dict[str, Any], output: tuple[Tensor, Tensor]) -> None:
+    ctx.shapes = [p.shape for p in inputs["preds"]]
+    ctx.channels = [p.shape[-1] for p in inputs["preds"]]
+    ctx.store_residual, ctx.subs = inputs["store_residual"], inputs["subs"]
+    ctx.save_for_backward(output[1], inputs["mask"])
 
 
-@torch.library.custom_op("fastmim::recon_loss_bwd", mutates_args=())
-def _recon_loss_bwd_op(residual: Tensor, grad_losses: Tensor, mask: Tensor, numels: list[int], channels: list[int],
-                       subs: list[int]) -> Tensor:  # fmt: skip
-    return recon_loss_bwd(residual, grad_losses, mask, numels, channels, subs)
-
-
-@_recon_loss_bwd_op.register_fake
-def _(residual, grad_losses, mask, numels, channels, subs):
-    return torch.empty_like(residual)
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    preds, mask, store_residual, ctx.subs = inputs[0], inputs[2], inputs[6], list(inputs[7])
-    ctx.shapes = [p.shape for p in preds]
-    ctx.channels = [p.shape[-1] for p in preds]
-    ctx.store_residual = store_residual
-    ctx.save_for_backward(output[1], mask)
-
-
-def _backward(ctx, grad_losses: Tensor, _grad_residual: Tensor):
+def _backward(ctx, grad_losses: Tensor, _grad_residual: Tensor) -> dict[str, list[Tensor]]:
     if not ctx.store_residual:
         raise RuntimeError("recon_loss ran with store_residual=False, so it cannot be differentiated")
     residual, mask = ctx.saved_tensors
     numels = [s.numel() for s in ctx.shapes]
     grad = _recon_loss_bwd_op(residual, grad_losses, mask, numels, ctx.channels, ctx.subs)
-    grads = [g.view(s) for g, s in zip(grad.split(numels), ctx.shapes)]
-    return grads, [None] * 4, None, None, None, None, None, None
+    return {"preds": [g.view(s) for g, s in zip(grad.split(numels), ctx.shapes)]}
 
 
-torch.library.register_autograd("fastmim::recon_loss", _backward, setup_context=_setup_context)
-
-
-def _use_kernel(x: Tensor) -> bool:
-    """A kernel can run: CUDA with triton, or CPU with this module's kernels built for the interpreter."""
-    return can_run_on(x) and (x.is_cuda or _INTERPRETED)
+_recon_loss_bwd_op = kernel_op("fastmim::recon_loss_bwd", recon_loss_bwd)
+_recon_loss_op = kernel_op(
+    "fastmim::recon_loss", _recon_loss_launch, setup_context=_save_for_backward, backward=_backward
+)
 
 
 def recon_loss(preds: list[Tensor], targets: list[Tensor], mask: Tensor, idx: Tensor, gidx: Tensor, grid: int,

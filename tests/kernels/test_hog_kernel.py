@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from fastmim.bench.harness import check_provider
 from fastmim.kernels import hog as hk
+from fastmim.kernels._common import INTERPRETED
 from fastmim.models.localmim import LocalMIMViT
 from fastmim.targets import HOGTarget
 
@@ -258,7 +259,7 @@ def test_bench_gate_runs_the_triton_provider():
 def test_gpu_vit_base_batch(out_dtype):
     """B = 64, 224 px on CUDA, compiled: real-valued images against hog_ref with ties bounded; bf16 output within
     bf16 rounding of the fp32 reference."""
-    assert not hk._INTERPRETED, "run gpu tests with TRITON_INTERPRET=0: they must test the compiled kernels"
+    assert not INTERPRETED, "run gpu tests with TRITON_INTERPRET=0: they must test the compiled kernels"
     img = images(64, 224, 224, seed=9)
     out = hk.hog_fwd(img, VIT, 9, out_dtype=out_dtype)
     ref = hk.hog_ref(img, VIT, 9)

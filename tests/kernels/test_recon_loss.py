@@ -15,6 +15,7 @@ import torch
 
 from fastmim.bench.harness import CorrectnessError, check_provider
 from fastmim.kernels import recon_loss as rl
+from fastmim.kernels._common import INTERPRETED
 from fastmim.masking import num_kept, random_masking, scale_weights
 from fastmim.models.base import masked_mse
 from fastmim.models.decoder import ScaleHead
@@ -262,7 +263,7 @@ def test_custom_op_registration_and_compile_without_graph_break():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gpu_vit_base_shapes_within_twice_torch_error(dtype):
     """ViT-B head shapes (C = 256, 27 outputs, 14 x 14 patches) on CUDA under autocast, as training runs them."""
-    assert not rl._INTERPRETED, "run gpu tests with TRITON_INTERPRET=0: they must test the compiled kernels"
+    assert not INTERPRETED, "run gpu tests with TRITON_INTERPRET=0: they must test the compiled kernels"
     batch, grid = 16, 14
     heads, tokens, targets, mask = heads_case(batch, grid, 0.75, dim=256)
     inputs = [*tokens, *heads.parameters()]
