@@ -1,12 +1,13 @@
 """bench "decoders": LocalMIM's four decoders run one after another ("separate") or as one grouped computation
 ("grouped"), each eager and under torch.compile: which one LocalMIMViT.group_decoders should pick.
 
-What is timed (fastmim.models.fast_path.decode, impl = "fast"): from the four tapped encoder outputs [B, 50, 768]
-to the four decoder outputs [B, 196, 256]: tap LayerNorm -> embed Linear -> fused decoder input -> 1 block (8
-heads, MLP 4) -> LayerNorm, for all four decoders. "grouped" includes stacking the decoders' parameters (one
-torch.cat per block per step), so the comparison answers whether stacking costs more than it saves. In full mode
-every decoder parameter and tap norm is an input, so the weight gradients are timed too. ViT-B shapes, B = 256, bf16
-autocast on GPU; --quick: a tiny fp32 case for checking the instrument on CPU (CPU timings decide nothing).
+What is timed (impl = "fast"; "grouped" is fastmim.models.grouped.decode_grouped): from the four tapped encoder
+outputs [B, 50, 768] to the four decoder outputs [B, 196, 256]: tap LayerNorm -> embed Linear -> fused decoder
+input -> 1 block (8 heads, MLP 4) -> LayerNorm, for all four decoders. "grouped" includes stacking the decoders'
+parameters (one torch.cat per block per step), so the comparison answers whether stacking costs more than it saves.
+In full mode every decoder parameter and tap norm is an input, so the weight gradients are timed too. ViT-B shapes,
+B = 256, bf16 autocast on GPU; --quick: a tiny fp32 case for checking the instrument on CPU (CPU timings decide
+nothing).
 The prediction heads are not part of it (they differ per scale; see fastmim.models.fast_heads).
 
     python benchmarks/bench_decoders.py [--providers separate,grouped,separate_compile,grouped_compile]
@@ -27,8 +28,8 @@ from torch.func import functional_call
 
 from fastmim.bench.harness import Case, KernelBench, kernel_main
 from fastmim.masking import random_masking
-from fastmim.models import fast_path
 from fastmim.models.decoder import MaskedDecoder
+from fastmim.models.grouped import GroupedBlock, decode_grouped
 from fastmim.models.vit import LN_EPS
 
 
@@ -39,9 +40,14 @@ class TapDecoders(nn.Module):
         super().__init__()
         self.tap_norms = nn.ModuleList(nn.LayerNorm(in_dim, eps=LN_EPS) for _ in range(taps))
         self.decoders = nn.ModuleList(MaskedDecoder(in_dim, dim, 1, heads, grid) for _ in range(taps))
+        for decoder in self.decoders:
+            decoder.impl = "fast"  # the fused decoder input, as in LocalMIMViT with impl "fast"
+        self.grouped_block = GroupedBlock()
 
     def forward(self, feats: list[Tensor], ids_restore: Tensor, grouped: bool) -> list[Tensor]:
-        return fast_path.decode(self.decoders, self.tap_norms, feats, ids_restore, grouped)
+        if grouped:
+            return decode_grouped(self.decoders, self.tap_norms, feats, ids_restore, self.grouped_block)
+        return [dec(norm(f), ids_restore) for dec, norm, f in zip(self.decoders, self.tap_norms, feats)]
 
 
 def _provider(module: TapDecoders, grouped: bool, amp: torch.dtype | None, compile_: bool):
@@ -83,7 +89,7 @@ def make_bench(device: torch.device, quick: bool) -> KernelBench:
     # bf16: the weight gradients are sums over B * 197 tokens (|g| up to a few hundred at B = 256) and the two
     # providers round differently (folded LayerNorm affine), so their elementwise gap reaches ~0.5 % of a tensor's
     # largest value; the atol covers that. A real defect (a wrong decoder's weights, a wrong token order) gives
-    # errors of the order of the values themselves, far above it. tests/models/test_fast_path.py checks to 1e-5.
+    # errors of the order of the values themselves, far above it. tests/models/test_grouped.py checks to 1e-5.
     tol = (4.0, 5e-2) if amp else (1e-4, 1e-4)
     return KernelBench("decoders", providers, [case], modes=("full",), reference="separate", atol=tol[0],
                        rtol=tol[1], cuda_only=())  # fmt: skip

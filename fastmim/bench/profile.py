@@ -80,10 +80,10 @@ def stage_hooks(model: nn.Module) -> Iterator[None]:
             h.remove()
 
 
-# impl = "fast" runs parts of the model as functions rather than modules: (module, function name, stage).
+# Parts of the model that run as functions rather than modules: (module, function name, stage).
 FAST_PATH_FUNCTIONS = (
-    ("fastmim.models.fast_path", "encode", "patch embed"),  # fused gather + patch embed; blocks open their own range
-    ("fastmim.models.fast_path", "decode", "decoders"),  # fused decoder input, grouped decoder blocks
+    ("fastmim.models.vit", "visible_tokens", "patch embed"),  # patch embed + gather (fused under impl "fast")
+    ("fastmim.models.localmim", "decode_grouped", "decoders"),  # fused decoder input, grouped decoder blocks
     ("fastmim.models.localmim", "heads_and_loss", "heads"),  # heads on the masked cells + the fused loss kernel
 )
 

@@ -1,4 +1,4 @@
-"""Masked-token decoders and the LocalMIM per-scale prediction heads (SPEC 2.3).
+"""Masked-token decoders and the LocalMIM per-scale prediction heads (method 2.3).
 
 A decoder projects the encoder tokens (cls + visible) to its width, inserts its learned mask token at every removed
 position (un-shuffling with ids_restore), adds its fixed sin-cos position embedding, runs its blocks and a final
@@ -7,10 +7,13 @@ LayerNorm, and returns the patch tokens [B, L, C] in raster order (cls dropped).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastmim.models.base import masked_gather_ops
 from fastmim.models.vit import LN_EPS, Block, init_weights, sincos_pos_embed
 
 
@@ -18,8 +21,11 @@ class MaskedDecoder(nn.Module):
     """``forward(x [B, 1 + len_keep, D_in], ids_restore [B, L]) -> [B, L, dim]``.
 
     Parameters: ``embed`` (Linear D_in -> dim), ``mask_token`` [1, 1, dim], ``pos_embed`` (frozen buffer
-    [1, 1 + L, dim]), ``blocks``, ``norm``.
+    [1, 1 + L, dim]), ``blocks``, ``norm``. ``impl`` (set by the owning model) chooses how :func:`decoder_input`
+    computes the blocks' input.
     """
+
+    impl = "reference"
 
     def __init__(self, in_dim: int, dim: int, depth: int, num_heads: int, grid: int, mlp_ratio: float = 4.0) -> None:
         super().__init__()
@@ -32,15 +38,24 @@ class MaskedDecoder(nn.Module):
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, x: Tensor, ids_restore: Tensor) -> Tensor:
-        x = self.embed(x)
-        b, n, c = x.shape
-        num_masked = ids_restore.shape[1] + 1 - n
-        tokens = torch.cat([x[:, 1:], self.mask_token.expand(b, num_masked, -1)], dim=1)
-        tokens = torch.gather(tokens, 1, ids_restore.unsqueeze(-1).expand(-1, -1, c))
-        x = torch.cat([x[:, :1], tokens], dim=1) + self.pos_embed
+        x = decoder_input([self], self.embed(x).unsqueeze(0), ids_restore)[0]
         for block in self.blocks:
             x = block(x)
         return self.norm(x)[:, 1:]
+
+
+def decoder_input(decoders: Sequence[MaskedDecoder], y: Tensor, ids_restore: Tensor) -> Tensor:
+    """The blocks' input [G, B, 1 + L, C] of G decoders of one width from their embedded tokens y [G, B, 1 + K, C]
+    (cls + visible): each decoder's mask token at the removed positions, all tokens un-shuffled to raster order with
+    ids_restore [B, L], cls in front, + each decoder's position embedding. impl "reference": concatenate, gather,
+    concatenate, add, the released steps (``decoder_input_ref``); "fast": one pass that reads each visible row once
+    and writes each output row once (``decoder_input``)."""
+    ops = masked_gather_ops()
+    op = ops.decoder_input if decoders[0].impl == "fast" else ops.decoder_input_ref
+    if len(decoders) == 1:
+        return op(y, ids_restore, decoders[0].mask_token.reshape(1, -1), decoders[0].pos_embed)
+    mask_tokens = torch.cat([d.mask_token.reshape(1, -1) for d in decoders])
+    return op(y, ids_restore, mask_tokens, torch.cat([d.pos_embed for d in decoders]))
 
 
 class LayerNorm2d(nn.Module):

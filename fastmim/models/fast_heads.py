@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastmim.models.base import recon_loss_ops
 from fastmim.models.decoder import ScaleHead
 from fastmim.models.vit import LN_EPS
 
@@ -103,20 +104,13 @@ def predict_cells(head: ScaleHead, tokens: Tensor, sel: CellSelection) -> Tensor
     return torch.addmm(bias, h, matrix).view(b, n, 16, -1)
 
 
-def _recon_loss_module():
-    """fastmim.kernels.recon_loss, imported on first use rather than with fastmim: importing a kernel module fixes
-    whether its kernels run in Triton's interpreter (TRITON_INTERPRET), which tests set after fastmim is imported."""
-    from fastmim.kernels import recon_loss
-
-    return recon_loss
-
-
 def scatter_cells(pred: Tensor, sel: CellSelection, grid: int, k: int, subs: Sequence[int] | None = None) -> Tensor:
     """Compact predictions of scale k -> [B, N_k, out], zero at the cells that were not predicted. ``subs``: the
     scales' cells per patch side (default the ViT scales, ``recon_loss.SUBS``)."""
     b, out = pred.shape[0], pred.shape[-1]
-    sub, cell_index = (subs or _recon_loss_module().SUBS)[k], _recon_loss_module().cell_index
-    cells = cell_index(sel.idx, grid, sub).flatten(1) if sub else sel.gidx
+    ops = recon_loss_ops()
+    sub = (subs or ops.SUBS)[k]
+    cells = ops.cell_index(sel.idx, grid, sub).flatten(1) if sub else sel.gidx
     side = grid * sub if sub else grid // 2
     rows = (cells + torch.arange(b, device=cells.device).unsqueeze(1) * side * side).flatten()
     full = pred.new_zeros(b * side * side, out)
@@ -151,5 +145,5 @@ def heads_and_loss(heads: Sequence[ScaleHead], tokens: Sequence[Tensor], targets
     scale_weights up to float rounding. tokens[k] [B, L, C]; targets[k] [B, N_k, out_k]; mask [B, L]."""
     sel = select_cells(mask, grid, num_masked)
     compact = [predict_cells(head, x, sel) for head, x in zip(heads, tokens)]
-    losses = _recon_loss_module().recon_loss(compact, list(targets), mask, sel.idx, sel.gidx, grid)
+    losses = recon_loss_ops().recon_loss(compact, list(targets), mask, sel.idx, sel.gidx, grid)
     return ScatteredPredictions(compact, sel, grid), list(losses.unbind())

@@ -1,8 +1,12 @@
-"""LocalMIM for ViT (SPEC section 2): multi-scale reconstruction from several encoder layers.
+"""LocalMIM for ViT (method section 2): multi-scale reconstruction from several encoder layers.
 
 Blocks [1, 3, depth - 3, depth - 1] are tapped; each tap has its own LayerNorm, decoder (1 block, width 256,
 8 heads) and head at scale 4, 2, 1, 1/2 (cells of patch / s pixels) predicting HOG (default) or pixel targets.
 Total loss = the unweighted sum of the four masked MSEs.
+
+impl "fast" (fastmim.models.base) computes the same with the same modules: the HOG kernel, the fused encoder and
+decoder inputs, the four decoders as one grouped computation (fastmim.models.grouped), and the heads only at the
+cells that reach the loss, followed by one fused loss kernel (fastmim.models.fast_heads).
 """
 
 from __future__ import annotations
@@ -11,18 +15,18 @@ from fractions import Fraction
 
 from torch import Tensor, nn
 
-from fastmim.masking import Masking, scale_weights
-from fastmim.models import fast_path
-from fastmim.models.base import MIMOutput, make_masking, masked_mse
+from fastmim.masking import scale_weights
+from fastmim.models.base import MaskedImageModel, MIMOutput, make_masking, masked_mse
 from fastmim.models.decoder import MaskedDecoder, ScaleHead
 from fastmim.models.fast_heads import heads_and_loss
+from fastmim.models.grouped import GroupedBlock, decode_grouped
 from fastmim.models.vit import LN_EPS, MaskedViTEncoder
-from fastmim.targets import HOGTarget, PixelTarget
+from fastmim.targets import make_target
 
 VIT_SCALES = (4, 2, 1, 0.5)
 
 
-class LocalMIMViT(nn.Module):
+class LocalMIMViT(MaskedImageModel):
     """LocalMIM ViT. ``forward(imgs [B, 3, H, W] normalised, noise [B, L] | None) -> MIMOutput``."""
 
     def __init__(
@@ -44,12 +48,11 @@ class LocalMIMViT(nn.Module):
         super().__init__()
         if depth < 4:
             raise ValueError(f"LocalMIM taps blocks 1, 3, depth-3, depth-1: depth must be >= 4, got {depth}")
-        self.mask_ratio, self.impl = mask_ratio, impl
+        self.mask_ratio = mask_ratio
         # impl "fast": run the four decoders as one grouped computation (False: one after another, each with the
-        # fused decoder input). benchmarks/bench_decoders.py measures both; see fastmim.models.fast_path.
+        # fused decoder input). benchmarks/bench_decoders.py measures both.
         self.group_decoders = True
-        # The grouped decoder block (a function); fastmim.train.parallel.apply_compile swaps in its compiled form.
-        self.grouped_block_fn = fast_path.grouped_block if impl == "fast" else None
+        self.grouped_block = GroupedBlock()
         self.taps = [1, 3, depth - 3, depth - 1]
         self.scales = VIT_SCALES
         cells = [Fraction(patch_size) / Fraction(s) for s in self.scales]
@@ -63,48 +66,30 @@ class LocalMIMViT(nn.Module):
         grid = self.encoder.grid
         if grid % 2:
             raise ValueError(f"the s = 1/2 scale pools 2 x 2 patches: patches per side ({grid}) must be even")
-        if target == "hog":
-            self.target = HOGTarget(self.cell_sizes, nbins=nbins, bias=hog_bias, impl=impl)
-        elif target == "pixel":
-            self.target = PixelTarget(self.cell_sizes, norm_pix=True)
-        else:
-            raise ValueError(f"unknown target '{target}'; use 'hog' or 'pixel'")
+        self.target = make_target(target, self.cell_sizes, nbins, hog_bias)
         self.tap_norms = nn.ModuleList(nn.LayerNorm(embed_dim, eps=LN_EPS) for _ in self.taps)
         self.decoders = nn.ModuleList(
             MaskedDecoder(embed_dim, decoder_dim, 1, decoder_heads, grid, mlp_ratio) for _ in self.taps
         )
         for decoder, scale, out_dim in zip(self.decoders, self.scales, self.target.out_dims):
             decoder.head = ScaleHead(decoder_dim, out_dim, scale, grid)
-
-    @property
-    def num_patches(self) -> int:
-        return self.encoder.num_patches
+        self.impl = impl  # last: it reaches the submodules built above
 
     def forward(self, imgs: Tensor, noise: Tensor | None = None) -> MIMOutput:
         masking = make_masking(imgs, self.num_patches, self.mask_ratio, noise)
         targets = self.target(imgs)
-        if self.impl == "fast":
-            feats = fast_path.encode(self.encoder, imgs, masking, self.taps)
-            return self._fast_heads_and_loss(feats, targets, masking)
         feats = self.encoder(imgs, masking, self.taps)
-        preds, losses = [], []
-        for k, scale in enumerate(self.scales):
-            decoder = self.decoders[k]
-            pred = decoder.head(decoder(self.tap_norms[k](feats[k]), masking.ids_restore))
-            weight = scale_weights(masking.mask, self.encoder.grid, scale)
-            preds.append(pred)
-            losses.append(masked_mse(pred, targets[k], weight))
-        return MIMOutput(sum(losses), losses, masking.mask, preds, targets)
-
-    def _fast_heads_and_loss(self, feats: list[Tensor], targets: list[Tensor], masking: Masking) -> MIMOutput:
-        """impl = "fast": the same decoders (fused decoder input, grouped: fastmim.models.fast_path), then heads
-        evaluated only at cells that reach the loss and one fused loss kernel (fastmim.models.fast_heads).
-        ``preds[k]`` scatters to [B, N_k, out] on first access, zero at cells of loss weight 0; ``preds.compact``
-        holds the computed predictions."""
-        tokens = fast_path.decode(
-            self.decoders, self.tap_norms, feats, masking.ids_restore, self.group_decoders, self.grouped_block_fn
-        )
-        num_masked = masking.ids_restore.shape[1] - masking.ids_keep.shape[1]
+        if self.impl == "fast" and self.group_decoders:
+            tokens = decode_grouped(self.decoders, self.tap_norms, feats, masking.ids_restore, self.grouped_block)
+        else:
+            tokens = [dec(norm(f), masking.ids_restore) for dec, norm, f in zip(self.decoders, self.tap_norms, feats)]
         heads = [dec.head for dec in self.decoders]
-        preds, losses = heads_and_loss(heads, tokens, targets, masking.mask, self.encoder.grid, num_masked)
+        if self.impl == "fast":
+            # preds[k] scatters to [B, N_k, out] on first access, zero at cells of loss weight 0
+            num_masked = masking.ids_restore.shape[1] - masking.ids_keep.shape[1]
+            preds, losses = heads_and_loss(heads, tokens, targets, masking.mask, self.encoder.grid, num_masked)
+        else:
+            preds = [head(t) for head, t in zip(heads, tokens)]
+            weights = [scale_weights(masking.mask, self.encoder.grid, s) for s in self.scales]
+            losses = [masked_mse(p, t, w) for p, t, w in zip(preds, targets, weights)]
         return MIMOutput(sum(losses), losses, masking.mask, preds, targets)

@@ -1,8 +1,9 @@
-"""Import and export of the authors' released LocalMIM and MAE checkpoints (SPEC section 9).
+"""Import and export of the authors' released LocalMIM and MAE checkpoints (method section 9); LocalMIM-Swin's
+are translated by fastmim.models.swin_weights.
 
 One table of name templates per family drives both directions, so import and export cannot drift apart. The
 released HOG layers (``hog_enc.{k}.conv``) hold the fixed Sobel kernels, checked on import and written back on export,
-and (ViT-L) the frozen per-scale bias, which becomes the target's ``bias`` buffer [4, 2].
+and (ViT-L) the frozen per-scale bias, which becomes the target's ``bias`` buffer [4, 2] (fastmim.models.keymap).
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ from __future__ import annotations
 import re
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
 from fastmim.errors import FastmimError
+from fastmim.models import keymap
+from fastmim.models.keymap import unwrap_state_dict
 from fastmim.models.registry import create_model, name_is_localmim, name_is_swin
-from fastmim.targets.hog import SOBEL_WEIGHT
+from fastmim.models.swin_weights import convert_released_swin, export_released_swin, infer_swin_overrides
 
 _COMMON = [
     ("patch_embed.proj.{p}", "encoder.patch_embed.proj.{p}"),
@@ -51,19 +53,12 @@ _MAE = _COMMON + [
     ("decoder_pred.{p}", "pred.{p}"),
 ]
 _FIELDS = {"p": r"(weight|bias)", "i": r"\d+", "k": r"[0-3]", "r": r"[a-z0-9_.]+"}
-_HOG = re.compile(r"hog_enc\.([0-3])\.conv\.(weight|bias)")
-
-
-def _compile(template: str) -> re.Pattern[str]:
-    pattern = re.escape(template)
-    for name, regex in _FIELDS.items():
-        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{regex})")
-    return re.compile(pattern)
 
 
 def _rules(name: str, to_fastmim: bool) -> list[tuple[re.Pattern[str], str]]:
     table = _LOCALMIM if name_is_localmim(name) else _MAE
-    return [(_compile(src if to_fastmim else dst), dst if to_fastmim else src) for src, dst in table]
+    pairs = table if to_fastmim else [(dst, src) for src, dst in table]
+    return [(keymap.template_pattern(src, _FIELDS), dst) for src, dst in pairs]
 
 
 def _translate(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None:
@@ -74,69 +69,41 @@ def _translate(key: str, rules: list[tuple[re.Pattern[str], str]]) -> str | None
     return None
 
 
-def unwrap_state_dict(obj: Any) -> dict[str, Tensor]:
-    """Accept a bare state dict or a checkpoint dict with a "model" entry; strip a DDP "module." prefix."""
-    if isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
-        raise FastmimError("this is not a state dict or a released checkpoint (a dict with a 'model' entry).")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
-
-
 def convert_released_state_dict(state_dict: dict[str, Tensor], name: str) -> dict[str, Tensor]:
-    """Translate a released LocalMIM / MAE state dict (SPEC 9 names) to fastmim names for model ``name``.
+    """Translate a released LocalMIM / MAE state dict (method 9 names) to fastmim names for model ``name``.
 
     Every key is mapped or checked: the Sobel weights must be the fixed kernels, per-scale HOG biases are stacked
     into ``target.bias`` [4, 2]. Unknown keys are refused. Swin models: see fastmim.models.swin_weights.
     """
     if name_is_swin(name):
-        from fastmim.models.swin_weights import convert_released_swin  # imports this module: load it lazily
-
         return convert_released_swin(state_dict)
     state_dict = unwrap_state_dict(state_dict)
     rules, out, biases = _rules(name, to_fastmim=True), {}, {}
     for key, value in state_dict.items():
-        hog = _HOG.fullmatch(key) if name_is_localmim(name) else None
-        if hog and hog.group(2) == "weight":
-            # values can only be checked on real tensors (the translation also runs on the meta device)
-            if value.shape != SOBEL_WEIGHT.shape or (
-                not value.is_meta and not torch.equal(value.float().cpu(), SOBEL_WEIGHT)
-            ):
-                raise FastmimError(
-                    f"{key} is not the fixed Sobel kernel of SPEC 3.1; this checkpoint is not LocalMIM's."
-                )
-            continue
-        if hog:
-            biases[int(hog.group(1))] = value
+        if name_is_localmim(name) and keymap.take_hog_layer(key, value, biases):
             continue
         new = _translate(key, rules)
         if new is None:
             raise FastmimError(f"unexpected key '{key}' for {name}: this is not a released {name} checkpoint.")
         out[new] = value
-    if biases:
-        if sorted(biases) != [0, 1, 2, 3]:
-            raise FastmimError(f"the checkpoint has HOG biases for scales {sorted(biases)}, expected all of 0-3.")
-        out["target.bias"] = torch.stack([biases[k].reshape(2) for k in range(4)])
-    return out
+    return {**out, **keymap.stacked_hog_bias(biases)}
 
 
 def export_released_state_dict(state_dict: dict[str, Tensor], name: str) -> dict[str, Tensor]:
     """The reverse of :func:`convert_released_state_dict`: fastmim names -> released names (with Sobel weights)."""
     if name_is_swin(name):
-        from fastmim.models.swin_weights import export_released_swin
-
         return export_released_swin(state_dict)
     rules, out = _rules(name, to_fastmim=False), {}
     for key, value in state_dict.items():
         if key == "target.bias":
-            out.update({f"hog_enc.{k}.conv.bias": value[k].clone() for k in range(4)})
+            out.update(keymap.released_hog_biases(value))
             continue
         new = _translate(key, rules)
         if new is None:
             raise FastmimError(f"'{key}' has no released counterpart for {name}.")
         out[new] = value
     if name_is_localmim(name) and _has_hog(state_dict):
-        out.update({f"hog_enc.{k}.conv.weight": SOBEL_WEIGHT.clone() for k in range(4)})
+        out.update(keymap.released_sobel_weights())
     return out
 
 
@@ -149,8 +116,6 @@ def _has_hog(fastmim_sd: dict[str, Tensor]) -> bool:
 def _infer_overrides(sd: dict[str, Tensor], name: str) -> dict[str, Any]:
     """Constructor overrides that the released shapes imply (image size, decoder width, bins, bias, target)."""
     if name_is_swin(name):
-        from fastmim.models.swin_weights import infer_swin_overrides
-
         return infer_swin_overrides(sd)
     patch = sd["encoder.patch_embed.proj.weight"].shape[-1]
     grid = round((sd["encoder.pos_embed"].shape[1] - 1) ** 0.5)

@@ -44,13 +44,13 @@ import torch
 from torch import Tensor, nn
 
 from fastmim.masking import scale_weights
-from fastmim.models.base import MIMOutput, masked_mse
+from fastmim.models.base import MaskedImageModel, MIMOutput, masked_mse, recon_loss_ops
 from fastmim.models.decoder import MaskedDecoder
 from fastmim.models.fast_heads import CellSelection, ScatteredPredictions
 from fastmim.models.registry import register_model
 from fastmim.models.swin_encoder import SparseSwinEncoder
 from fastmim.models.vit import LN_EPS, init_weights, sincos_pos_embed
-from fastmim.targets import HOGTarget, PixelTarget
+from fastmim.targets import make_target
 
 MASK_RULES = ("exact", "released")
 
@@ -100,9 +100,10 @@ def restore_index(visible: Tensor, units_per_side: int, r: int) -> Tensor:
 
 
 class SwinDecoder(MaskedDecoder):
-    """A MaskedDecoder without cls (SPEC 4) and with a Linear ``head``:
+    """A MaskedDecoder without cls (method 4) and with a Linear ``head``:
     ``forward(x [B, N_vis, D_in] unit-major, restore [L]) -> [B, L, out_dim]`` in raster order; with ``rows`` [n]
-    (raster positions) only those tokens go through the final LayerNorm and the head: [B, n, out_dim]."""
+    (raster positions) only those tokens go through the final LayerNorm and the head: [B, n, out_dim]. Its input
+    (no cls, one restore for the whole batch) has no fused op: ``impl`` does not change it."""
 
     def __init__(self, in_dim: int, dim: int, num_heads: int, grid: int, out_dim: int, mlp_ratio: float = 4.0) -> None:
         super().__init__(in_dim, dim, 1, num_heads, grid, mlp_ratio)
@@ -121,7 +122,7 @@ class SwinDecoder(MaskedDecoder):
         return self.head(self.norm(x))
 
 
-class LocalMIMSwin(nn.Module):
+class LocalMIMSwin(MaskedImageModel):
     """LocalMIM Swin. ``forward(imgs [B, 3, H, W] normalised, noise [U] | [B, U] | None) -> MIMOutput`` with
     ``mask`` [B, U] (the batch's unit mask, the same row for every image), U = (H / 32)^2 = ``num_patches``."""
 
@@ -150,9 +151,7 @@ class LocalMIMSwin(nn.Module):
         if len(depths) != 4:
             raise ValueError(f"LocalMIM-Swin taps four stages: depths must have 4 entries, got {list(depths)}")
         num_masked_units(1, mask_ratio, mask_rule)  # validates the rule
-        if impl not in ("reference", "fast"):
-            raise ValueError(f"unknown impl '{impl}'; use 'reference' or 'fast'")
-        self.mask_ratio, self.mask_rule, self.impl = mask_ratio, mask_rule, impl
+        self.mask_ratio, self.mask_rule = mask_ratio, mask_rule
         coords = swin_coords or ("released" if mask_rule == "released" else "true")
         self.encoder = SparseSwinEncoder(img_size, patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio,
                                          coords)  # fmt: skip
@@ -161,18 +160,14 @@ class LocalMIMSwin(nn.Module):
         self.tokens_per_unit = [8 // 2**lv for lv in levels]  # r: 4, 2, 1, 1 tokens per unit side
         self.cell_sizes = [patch_size * 2**lv for lv in levels]  # 8, 16, 32, 32 px
         dims = [embed_dim * 2**lv for lv in levels]
-        if target == "hog":
-            self.target = HOGTarget(self.cell_sizes, nbins=nbins, bias=hog_bias, impl=impl)
-        elif target == "pixel":
-            self.target = PixelTarget(self.cell_sizes, norm_pix=True)
-        else:
-            raise ValueError(f"unknown target '{target}'; use 'hog' or 'pixel'")
+        self.target = make_target(target, self.cell_sizes, nbins, hog_bias)
         u = self.encoder.units_per_side
         self.tap_norms = nn.ModuleList(nn.LayerNorm(d, eps=LN_EPS) for d in dims)
         self.decoders = nn.ModuleList(
             SwinDecoder(d, decoder_dim // 2 if k == 0 else decoder_dim, decoder_heads, u * r, out, mlp_ratio)
             for k, (d, r, out) in enumerate(zip(dims, self.tokens_per_unit, self.target.out_dims))
         )
+        self.impl = impl  # last: it reaches the submodules built above
 
     @property
     def num_units(self) -> int:
@@ -195,41 +190,34 @@ class LocalMIMSwin(nn.Module):
 
     def forward(self, imgs: Tensor, noise: Tensor | None = None) -> MIMOutput:
         masking = unit_masking(noise, self.num_units, self.mask_ratio, self.mask_rule)
-        b, u = imgs.shape[0], self.encoder.units_per_side
-        mask = masking.mask.to(imgs.device).expand(b, -1)
+        b, u, device = imgs.shape[0], self.encoder.units_per_side, imgs.device
+        mask = masking.mask.to(device).expand(b, -1)
         targets = self.target(imgs)
         feats = self.encoder(imgs, masking.visible)
-        if self.impl == "fast":
-            return self._fast_heads_and_loss(feats, targets, masking, mask)
-        preds, losses = [], []
-        for k, feat in enumerate(feats):
-            r = self.tokens_per_unit[k]
-            restore = restore_index(masking.visible, u, r).to(imgs.device)
-            pred = self.decoders[k](self.tap_norms[k](feat.reshape(b, -1, feat.shape[-1])), restore)
-            preds.append(pred)
-            losses.append(masked_mse(pred, targets[k], scale_weights(mask, u, r)))
-        return MIMOutput(sum(losses), losses, mask, preds, targets)
-
-    def _fast_heads_and_loss(self, feats: list[Tensor], targets: list[Tensor], masking: UnitMasking,
-                             mask: Tensor) -> MIMOutput:  # fmt: skip
-        """impl = "fast" (module docstring): the decoders' norms and heads on the masked units' cells only, in the
-        compact layout of fastmim.kernels.recon_loss (unit-major; a unit's 4 x 4 cells in that module's sub-cell
-        order), and the fused loss over them."""
-        from fastmim.kernels import recon_loss  # on first use: importing a kernel module fixes TRITON_INTERPRET
-
-        b, u, device = mask.shape[0], self.encoder.units_per_side, mask.device
-        units = torch.nonzero(masking.mask).flatten().unsqueeze(0)  # [1, n] masked units, ascending
-        compact = []
+        fast = self.impl == "fast"
+        # impl "fast": the decoders' norms and heads only on the cells of masked units, in the compact layout of
+        # fastmim.kernels.recon_loss (unit-major; a unit's 4 x 4 cells in that module's sub-cell order)
+        units = torch.nonzero(masking.mask).flatten().unsqueeze(0) if fast else None  # [1, n] masked, ascending
+        preds = []
         for k, feat in enumerate(feats):
             r = self.tokens_per_unit[k]
             restore = restore_index(masking.visible, u, r).to(device)
-            rows = recon_loss.cell_index(units, u, r).flatten().to(device)
-            pred = self.decoders[k](self.tap_norms[k](feat.reshape(b, -1, feat.shape[-1])), restore, rows)
-            compact.append(pred.view(recon_loss.compact_shape(r, b, units.shape[1], 0) + pred.shape[-1:]))
-        sel = CellSelection(units.to(device).expand(b, -1), torch.zeros(b, 0, dtype=torch.long, device=device))
-        losses = recon_loss.recon_loss(compact, targets, mask, sel.idx, sel.gidx, u, self.tokens_per_unit)
+            rows = recon_loss_ops().cell_index(units, u, r).flatten().to(device) if fast else None
+            preds.append(self.decoders[k](self.tap_norms[k](feat.reshape(b, -1, feat.shape[-1])), restore, rows))
+        if fast:
+            return self._fused_loss(preds, targets, units.to(device).expand(b, -1), mask)
+        losses = [masked_mse(p, t, scale_weights(mask, u, r)) for p, t, r in zip(preds, targets, self.tokens_per_unit)]
+        return MIMOutput(sum(losses), losses, mask, preds, targets)
+
+    def _fused_loss(self, preds: list[Tensor], targets: list[Tensor], units: Tensor, mask: Tensor) -> MIMOutput:
+        """impl "fast": the four masked MSEs of the predictions at the masked units ``units`` [B, n] in one fused
+        kernel; ``preds[k]`` of the output scatters to the full map on first access."""
+        ops, u = recon_loss_ops(), self.encoder.units_per_side
+        b, n = units.shape
+        compact = [p.view(ops.compact_shape(r, b, n, 0) + p.shape[-1:]) for p, r in zip(preds, self.tokens_per_unit)]
+        sel = CellSelection(units, torch.zeros(b, 0, dtype=torch.long, device=units.device))
+        losses = list(ops.recon_loss(compact, targets, mask, sel.idx, sel.gidx, u, self.tokens_per_unit).unbind())
         preds = ScatteredPredictions(compact, sel, u, self.tokens_per_unit)
-        losses = list(losses.unbind())
         return MIMOutput(sum(losses), losses, mask, preds, targets)
 
 

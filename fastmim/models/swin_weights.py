@@ -32,9 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from fastmim.errors import FastmimError
-from fastmim.models.released import unwrap_state_dict
+from fastmim.models import keymap
 from fastmim.models.swin_encoder import SparseSwinEncoder
-from fastmim.targets.hog import SOBEL_WEIGHT
 
 _BLOCK = r"(?:norm1|norm2|attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)\.(?:weight|bias)|attn\.relative_position_bias_table"
 _FIELDS = {
@@ -64,20 +63,12 @@ _TIMM = [
     ("tap_norms.3.{p}", "norm.{p}"),
 ]
 _INDEX = re.compile(r"encoder\.layers\.\d+\.blocks\.\d+\.attn\.relative_position_index")
-_HOG = re.compile(r"hog_enc\.([0-3])\.conv\.(weight|bias)")
 _MERGE = re.compile(r"encoder\.layers\.\d+\.downsample\.(norm\.weight|norm\.bias|reduction\.weight)")
-
-
-def _compile(template: str) -> re.Pattern[str]:
-    pattern = re.escape(template)
-    for name, regex in _FIELDS.items():
-        pattern = pattern.replace(re.escape("{" + name + "}"), f"(?P<{name}>{regex})")
-    return re.compile(pattern)
 
 
 def _translate(key: str, table: list[tuple[str, str]], forward: bool) -> str | None:
     for src, dst in table:
-        match = _compile(src if forward else dst).fullmatch(key)
+        match = keymap.template_pattern(src if forward else dst, _FIELDS).fullmatch(key)
         if match:
             fields = match.groupdict()
             if "i" in fields:
@@ -111,20 +102,12 @@ def _window_of(table: Tensor) -> int:
 def convert_released_swin(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Released LocalMIM-Swin state dict -> fastmim names, in fastmim's (Swin's) merge order. Sobel kernels and
     relative-position indices are checked and dropped; per-scale HOG biases become ``target.bias`` [4, 2]."""
-    state_dict = unwrap_state_dict(state_dict)
+    state_dict = keymap.unwrap_state_dict(state_dict)
     out, biases = {}, {}
     for key, value in state_dict.items():
-        hog = _HOG.fullmatch(key)
-        if hog and hog.group(2) == "weight":
-            if value.shape != SOBEL_WEIGHT.shape or (
-                not value.is_meta and not torch.equal(value.float().cpu(), SOBEL_WEIGHT)
-            ):
-                raise FastmimError(
-                    f"{key} is not the fixed Sobel kernel of SPEC 3.1; this checkpoint is not LocalMIM's."
-                )
-        elif hog:
-            biases[int(hog.group(1))] = value
-        elif _INDEX.fullmatch(key):
+        if keymap.take_hog_layer(key, value, biases):
+            continue
+        if _INDEX.fullmatch(key):
             table = state_dict.get(key.replace("relative_position_index", "relative_position_bias_table"))
             expected = relative_position_index(_window_of(table)) if table is not None else None
             if (
@@ -135,16 +118,12 @@ def convert_released_swin(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
                 raise FastmimError(
                     f"{key} is not Swin's relative position index; this is not a LocalMIM-Swin checkpoint."
                 )
-        else:
-            new = _translate(key, _RELEASED, forward=True)
-            if new is None:
-                raise FastmimError(f"unexpected key '{key}': this is not a released LocalMIM-Swin checkpoint.")
-            out[new] = _reorder_merge(key, value) if _MERGE.fullmatch(new) else value
-    if biases:
-        if sorted(biases) != [0, 1, 2, 3]:
-            raise FastmimError(f"the checkpoint has HOG biases for scales {sorted(biases)}, expected all of 0-3.")
-        out["target.bias"] = torch.stack([biases[k].reshape(2) for k in range(4)])
-    return out
+            continue
+        new = _translate(key, _RELEASED, forward=True)
+        if new is None:
+            raise FastmimError(f"unexpected key '{key}': this is not a released LocalMIM-Swin checkpoint.")
+        out[new] = _reorder_merge(key, value) if _MERGE.fullmatch(new) else value
+    return {**out, **keymap.stacked_hog_bias(biases)}
 
 
 def export_released_swin(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -152,7 +131,7 @@ def export_released_swin(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     out = {}
     for key, value in state_dict.items():
         if key == "target.bias":
-            out.update({f"hog_enc.{k}.conv.bias": value[k].clone() for k in range(4)})
+            out.update(keymap.released_hog_biases(value))
             continue
         new = _translate(key, _RELEASED, forward=False)
         if new is None:
@@ -162,7 +141,7 @@ def export_released_swin(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             index = new.replace("relative_position_bias_table", "relative_position_index")
             out[index] = relative_position_index(_window_of(value))
     if not _is_pixel(state_dict):
-        out.update({f"hog_enc.{k}.conv.weight": SOBEL_WEIGHT.clone() for k in range(4)})
+        out.update(keymap.released_sobel_weights())
     return out
 
 
@@ -199,7 +178,7 @@ def export_timm_swin(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """The encoder of a fastmim LocalMIM-Swin state dict (a model's, or a checkpoint's "model") as a timm Swin
     state dict: timm's names, Swin's merge order, the last tap norm as timm's final ``norm``; no classifier head.
     Load it with ``timm_model.load_state_dict(sd, strict=False)`` (only ``head.fc.*`` missing)."""
-    state_dict = unwrap_state_dict(state_dict)
+    state_dict = keymap.unwrap_state_dict(state_dict)
     out = {}
     for key, value in state_dict.items():
         new = _translate(key, _TIMM, forward=True)

@@ -17,8 +17,6 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-IMPLS = ("reference", "fast")
-
 # G0 and its transpose G1 (SPEC 3.1 step 1) as a conv2d weight [2, 1, 3, 3]: the layout of the released checkpoints'
 # frozen `hog_enc.{k}.conv.weight` (fastmim.kernels.hog applies the same operator as explicit fp32 sums).
 SOBEL = torch.tensor([[[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]])
@@ -39,13 +37,11 @@ class HOGTarget(nn.Module):
     ``bias`` (SPEC 3.3): one frozen 2-vector per scale drawn from U(-1/3, 1/3), stored as the buffer ``bias`` [K, 2]
     so it travels with the model's state dict. ``impl``: "reference" computes ``hog_ref``; "fast" uses the Triton
     kernel where one can run (CUDA, or CPU under TRITON_INTERPRET=1; fastmim.kernels.can_run_on) and ``hog_ref``
-    elsewhere. The owning model passes its own impl.
+    elsewhere. A model sets it with its own (fastmim.models.base); the argument is for the module on its own.
     """
 
     def __init__(self, cell_sizes: Sequence[int], nbins: int = 9, bias: bool = False, impl: str = "reference") -> None:
         super().__init__()
-        if impl not in IMPLS:
-            raise ValueError(f"unknown impl '{impl}'; use one of {', '.join(IMPLS)}")
         self.cell_sizes = tuple(int(c) for c in cell_sizes)
         self.nbins, self.impl = nbins, impl
         bias_init = torch.empty(len(self.cell_sizes), 2).uniform_(-1 / 3, 1 / 3) if bias else None

@@ -101,3 +101,11 @@ def test_mae_forward():
     assert out.preds[0].shape == (2, 16, 768) and out.mask.sum() == 2 * 12
     out.loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_impl_reaches_the_hog_target_and_a_wrong_impl_is_a_clear_error():
+    model = create_model("localmim_vit_small_patch16", **TINY)
+    model.impl = "fast"
+    assert model.target.impl == model.encoder.impl == model.decoders[0].impl == "fast"
+    with pytest.raises(FastmimError, match="unknown impl 'quick'"):
+        create_model("localmim_vit_small_patch16", impl="quick", **TINY)

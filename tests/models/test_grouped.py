@@ -1,8 +1,8 @@
-"""fastmim.models.fast_path (impl = "fast"): fused encoder input, fused decoder input and grouped decoders against
-the reference modules, values and the gradient of every parameter, on odd shapes and MIM edge cases.
+"""fastmim.models.grouped and LocalMIMViT(impl="fast"): fused encoder input, fused decoder input and grouped
+decoders against the reference modules, values and the gradient of every parameter, on odd shapes and MIM edge cases.
 
 The Triton kernels run through the interpreter on CPU: TRITON_INTERPRET is set here before fastmim.kernels'
-modules are first imported (fast_path imports them on first use), as tests/kernels/conftest.py does.
+modules are first imported (the models import them on first use), as tests/kernels/conftest.py does.
 """
 
 import os
@@ -16,14 +16,15 @@ import torch
 
 from fastmim import create_model
 from fastmim.masking import random_masking
-from fastmim.models import fast_path
+from fastmim.models.base import masked_gather_ops
+from fastmim.models.grouped import GroupedBlock, decode_grouped, stack_parameters
 
 TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 4, "num_heads": 2, "decoder_dim": 16,
         "decoder_heads": 2}  # fmt: skip
 
 
 def setup_module():
-    assert fast_path._masked_gather()._use_kernel(torch.zeros(1)), "the fast path must run its kernels here"
+    assert masked_gather_ops()._use_kernel(torch.zeros(1)), "the fast path must run its kernels here"
 
 
 def assert_rel_close(actual, expected, tol):
@@ -64,8 +65,12 @@ def decoder_params(model):
 @pytest.mark.parametrize("grouped,batch,ratio", [(True, 2, 0.75), (True, 1, 0.9), (False, 3, 0.0)])
 def test_decode_matches_reference_decoders(grouped, batch, ratio):
     model, feats, m = decoder_setup(batch, ratio)
-    out = fast_path.decode(model.decoders, model.tap_norms, feats, m.ids_restore, grouped=grouped)
     ref = reference_decode(model, feats, m)
+    model.impl = "fast"  # the same parameters, now with the fused decoder input
+    if grouped:
+        out = decode_grouped(model.decoders, model.tap_norms, feats, m.ids_restore, model.grouped_block)
+    else:
+        out = reference_decode(model, feats, m)
     g = torch.Generator().manual_seed(1)
     ups = [torch.randn(r.shape, generator=g) for r in ref]
     inputs = feats + decoder_params(model)
@@ -87,7 +92,7 @@ def test_grouped_block_equals_each_block():
     model = perturbed(create_model("localmim_vit_small_patch16", **TINY))
     blocks = [d.blocks[0] for d in model.decoders]
     x = torch.randn(4, 2, 17, TINY["decoder_dim"], requires_grad=True)
-    out = fast_path.grouped_block(blocks, x)
+    out = GroupedBlock()(blocks, x)
     ref = torch.stack([blk(x[g]) for g, blk in enumerate(blocks)])
     assert_rel_close(out, ref, 1e-5)
     up = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
@@ -99,7 +104,7 @@ def test_grouped_block_equals_each_block():
 def test_stack_parameters_views_every_module():
     model = create_model("localmim_vit_small_patch16", **TINY)
     blocks = [d.blocks[0] for d in model.decoders]
-    stacked = fast_path.stack_parameters(blocks)
+    stacked = stack_parameters(blocks)
     assert list(stacked) == [n for n, _ in blocks[0].named_parameters()]
     for name, t in stacked.items():
         for g, blk in enumerate(blocks):
@@ -110,8 +115,8 @@ def test_grouping_needs_identical_shapes():
     model = create_model("localmim_vit_small_patch16", **TINY)
     other = create_model("localmim_vit_small_patch16", **{**TINY, "decoder_dim": 8})
     decoders = [*list(model.decoders)[:3], other.decoders[0]]
-    with pytest.raises(ValueError, match="grouped=False"):
-        fast_path.decode(decoders, model.tap_norms, [torch.randn(1, 5, 24)] * 4, torch.arange(16)[None])
+    with pytest.raises(ValueError, match="group_decoders = False"):
+        decode_grouped(decoders, model.tap_norms, [torch.randn(1, 5, 24)] * 4, torch.arange(16)[None], GroupedBlock())
 
 
 @pytest.mark.parametrize("group_decoders,batch,ratio", [(True, 2, 0.75), (False, 1, 0.9)])
