@@ -140,7 +140,7 @@ def build_finetune(cfg: EvalConfig) -> FinetuneRun:
             "lower finetune.batch_size."
         )
     total = f.steps if f.steps > 0 else f.epochs * steps_per_epoch
-    peak = f.lr if f.lr > 0 else f.blr * f.batch_size * f.accum_steps / 256
+    peak = f.peak_lr()
     groups = layer_decay_groups(model, f.weight_decay, f.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=peak, betas=(f.beta1, f.beta2))
     dtype = amp_dtype(f.precision, device)
