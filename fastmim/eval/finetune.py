@@ -36,10 +36,10 @@ from fastmim.eval.backbone import Backbone, build_vit, describe, finetune_state,
 from fastmim.eval.common import check_fresh_run_dir, plot_curves, resolve_device, topk_correct
 from fastmim.eval.config import EvalConfig
 from fastmim.eval.data import LabelledImages, build_splits, eval_transform, train_transform
+from fastmim.train.build import amp_dtype
 from fastmim.train.checkpoint import atomic_save
 from fastmim.train.metrics import MetricsLog, read_metrics
 from fastmim.train.optim import lr_at
-from fastmim.train.trainer import amp_dtype
 from fastmim.weights import safe_load
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token")
