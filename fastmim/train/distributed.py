@@ -186,7 +186,6 @@ def apply_distributed(d: Dist, model: nn.Module, optimizer: torch.optim.Optimize
     lr the trainer sets). Unwrapped model and optimizer for a single process."""
     if d.mode == "none":
         return model, optimizer
-    dist.barrier()  # every rank has read the run directory before rank 0 starts writing into it
     if d.mode == "ddp":
         device_ids = [d.local_rank] if next(model.parameters()).is_cuda else None
         # Every trainable parameter gets a gradient every step: no unused-parameter search (an extra graph walk).
