@@ -28,6 +28,7 @@ import signal
 import sys
 from pathlib import Path
 
+from fastmim.config import ModelConfig, choices
 from fastmim.errors import FastmimError, interrupt_on_stop_signals, one_line
 
 
@@ -56,7 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--plot", action="store_true", help="also write a PNG chart next to the JSON")
         q.add_argument("--steps", type=int, help="timed steps / batches (default 20 on CUDA, 8 on CPU)")
         q.add_argument("--warmup", type=int, help="untimed steps / batches first (default 5 on CUDA, 2 on CPU)")
-    which.choices["step"].add_argument("--impls", default="reference,fast", help="comma-separated impls to compare")
+    impls = " or ".join(choices(ModelConfig, "impl"))
+    which.choices["step"].add_argument(
+        "--impls",
+        default="reference,fast",
+        help=f"comma-separated variants to compare: IMPL, IMPL+compile or IMPL+eager, IMPL = {impls} "
+        "(default reference,fast)",
+    )
     which.choices["step"].add_argument("--breakdown-steps", type=int, default=3, help="synchronised steps (default 3)")
     which.choices["step"].add_argument(
         "--fixed-batch", action="store_true", help="reuse one batch kept on the device: time the step without input"
@@ -236,7 +243,7 @@ def _rank_prefix() -> str:
 
 
 def cmd_consolidate(args: argparse.Namespace, extra: list[str]) -> int:
-    from fastmim.train.distributed import consolidate
+    from fastmim.train.zero import consolidate
 
     s = consolidate(args.src, _fresh_output(args.out))
     print(
@@ -293,42 +300,41 @@ def cmd_export_released(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
-def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
+def _evaluate(args: argparse.Namespace, overrides: list[str], command: str) -> dict | None:
+    """`fastmim finetune` / `linprobe`: with --keys the evaluation keys are printed (None); else the resolved config
+    is printed and ``fastmim.eval.<command>.<command>(cfg)`` run; its summary is returned."""
+    import importlib
+
     from fastmim.eval.config import dump_toml, eval_reference_markdown, load_eval_config
 
     if args.keys:
         print(eval_reference_markdown())
-        return 0
-    from fastmim.eval.finetune import finetune
-
+        return None
+    run = getattr(importlib.import_module(f"fastmim.eval.{command}"), command)
     cfg = load_eval_config(args.config, overrides)
     print("resolved config:\n" + dump_toml(cfg))
-    s = finetune(cfg)
-    last = s["last"] or {}
-    print(
-        f"done: {s['model']} fine-tuned for {s['steps']} steps on {s['device']}; best top-1 {s['best_acc1']:.2f}%, "
-        f"last top-1 {last.get('acc1', float('nan')):.2f}% / top-5 {last.get('acc5', float('nan')):.2f}%\n"
-        f"  best: {s['best']}\n  last: {s['last_checkpoint']}\n  metrics: {s['metrics']}\n  curves: {s['plot']}"
-    )
+    return run(cfg)
+
+
+def cmd_finetune(args: argparse.Namespace, overrides: list[str]) -> int:
+    if (s := _evaluate(args, overrides, "finetune")) is not None:
+        last = s["last"] or {}
+        print(
+            f"done: {s['model']} fine-tuned for {s['steps']} steps on {s['device']}; best top-1 "
+            f"{s['best_acc1']:.2f}%, last top-1 {last.get('acc1', float('nan')):.2f}% / top-5 "
+            f"{last.get('acc5', float('nan')):.2f}%\n  best: {s['best']}\n  last: {s['last_checkpoint']}\n  "
+            f"metrics: {s['metrics']}\n  curves: {s['plot']}"
+        )
     return 0
 
 
 def cmd_linprobe(args: argparse.Namespace, overrides: list[str]) -> int:
-    from fastmim.eval.config import dump_toml, eval_reference_markdown, load_eval_config
-
-    if args.keys:
-        print(eval_reference_markdown())
-        return 0
-    from fastmim.eval.linprobe import linprobe
-
-    cfg = load_eval_config(args.config, overrides)
-    print("resolved config:\n" + dump_toml(cfg))
-    s = linprobe(cfg)
-    print(
-        f"done: linear probe of the {s['encoder']}: top-1 {s['acc1']:.2f}%, top-5 {s['acc5']:.2f}% "
-        f"({s['num_train']} train / {s['num_val']} val images; features in {s['extract_s']:.1f} s, "
-        f"probe in {s['probe_s']:.1f} s)\n  result: {s['result']}\n  curves: {s['plot']}"
-    )
+    if (s := _evaluate(args, overrides, "linprobe")) is not None:
+        print(
+            f"done: linear probe of the {s['encoder']}: top-1 {s['acc1']:.2f}%, top-5 {s['acc5']:.2f}% "
+            f"({s['num_train']} train / {s['num_val']} val images; features in {s['extract_s']:.1f} s, "
+            f"probe in {s['probe_s']:.1f} s)\n  result: {s['result']}\n  curves: {s['plot']}"
+        )
     return 0
 
 
@@ -409,7 +415,7 @@ def cmd_profile(args: argparse.Namespace, overrides: list[str]) -> int:
     from fastmim.bench.harness import device_name, slug
     from fastmim.bench.profile import run_profile
     from fastmim.config import load_config
-    from fastmim.train.trainer import resolve_device
+    from fastmim.train.build import resolve_device
 
     cfg = load_config(args.config, overrides)
     gpu = slug(device_name(resolve_device(cfg.train.device)))

@@ -18,12 +18,19 @@ import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from fastmim.errors import FastmimError
 
 # `fastmim pretrain` with no --config trains this built-in recipe (configs/tiny_cpu.toml).
 DEFAULT_RECIPE = "tiny_cpu"
+DEFAULT_IMG_SIZE = 224  # model.img_size = 0: the published recipes' resolution
+
+
+def scaled_lr(lr: float, blr: float, batch: int) -> float:
+    """The peak learning rate: ``lr`` when set (> 0), else the linear scaling rule blr * batch / 256 (MAE, LocalMIM;
+    method 5), ``batch`` being the images of one optimizer step over all processes."""
+    return lr if lr > 0 else blr * batch / 256
 
 
 def _recipe_dir() -> Path:
@@ -40,38 +47,43 @@ def list_recipes() -> list[str]:
 class ModelConfig:
     name: str = "localmim_vit_base_patch16"
     """Registered model name (`fastmim list-models`), e.g. localmim_vit_base_patch16 or mae_vit_base_patch16."""
-    impl: str = "reference"
+    impl: Literal["reference", "fast"] = "reference"
     """"reference" (plain PyTorch, the specification) or "fast" (Triton kernels where available)."""
     img_size: int = 0
     """Input resolution in pixels (0 = 224); every target cell size (patch / scale) must divide it."""
     mask_ratio: float = 0.75
     """Fraction of patches removed per image, in [0, 1)."""
-    target: str = ""
+    target: Literal["", "hog", "pixel"] = ""
     """"hog" or "pixel"; empty = the model's default (HOG for LocalMIM, normalised pixels for MAE)."""
     nbins: int = 0
     """HOG orientation bins; 0 = the model's default (9 for ViT-S/B, 18 for ViT-L and Swin)."""
-    hog_bias: str = "default"
+    hog_bias: Literal["default", "on", "off"] = "default"
     """"default", "on" or "off": the frozen random Sobel bias per scale (SPEC 3.3); default = on for ViT-L and Swin."""
-    attn: str = "auto"
+    attn: Literal["auto", "sdpa", "flash", "cudnn", "efficient", "math", "xformers"] = "auto"
     """Attention backend: "auto" (on CUDA, the fastest backend at each attention shape, measured before training;
     "sdpa" on CPU), "sdpa" (torch picks per call), "flash", "cudnn", "efficient", "math" (SDPA forced to that
     kernel) or "xformers"; CUDA-only choices fall back to "sdpa" on CPU with a warning."""
     decoder_dim: int = 0
     """Decoder width; 0 = the model's default (256 for LocalMIM ViT, 512 for MAE, 128 for Swin, whose first is half)."""
-    mask_rule: str = "exact"
+    mask_rule: Literal["exact", "released"] = "exact"
     """Swin (one mask of 32 px units per batch): "exact" masks round(ratio * units), "released" int(ratio * units) + 1
     (the authors' code); they agree at 0.75 (37 of 49 units) but not at e.g. 0.6 (29 vs 30) or 0.8 (39 vs 40).
     "released" also selects the released token coordinates (model.swin_coords)."""
-    swin_coords: str = "default"
+    swin_coords: Literal["default", "true", "released"] = "default"
     """Swin token coordinates, which decide windows and relative positions after a patch merge: "true" (each token at
     its own position), "released" (the authors' pre-training code, which produced the published results: a merged
     token gets the raster position of its index in unit-major order) or "default" (released when model.mask_rule is
     "released", else true)."""
 
+    @property
+    def resolved_img_size(self) -> int:
+        """model.img_size with 0 resolved: the resolution the model, the loader and the benchmarks use."""
+        return self.img_size or DEFAULT_IMG_SIZE
+
 
 @dataclass
 class DataConfig:
-    source: str = "demo"
+    source: Literal["demo", "folder", "synthetic", "ffcv"] = "demo"
     """"demo" (built-in images, no download), "folder" (an ImageFolder tree at data.path), "ffcv" (a .beton file
     at data.path, from `fastmim data convert`; needs the ffcv extra) or "synthetic"."""
     path: str = ""
@@ -82,10 +94,10 @@ class DataConfig:
     """Number of images in the demo and synthetic datasets."""
     min_scale: float = 0.2
     """Lower bound of RandomResizedCrop's area scale (SPEC 5: 0.2)."""
-    augment: str = "cpu"
+    augment: Literal["cpu", "gpu"] = "cpu"
     """Where crops are resized, flipped and normalised: "cpu" (PIL, in the data workers) or "gpu" (workers only
     decode and crop; one fused op on the training device; same crops, same pixels up to Pillow's pass order)."""
-    decode: str = "cpu"
+    decode: Literal["cpu", "gpu"] = "cpu"
     """Where JPEGs are decoded: "cpu" (libjpeg-turbo in the data workers: the stored pixels exactly) or "gpu"
     (data.source = "ffcv" with JPEG storage and data.augment = "gpu": workers ship the JPEG bytes, the training
     device decodes them with nvJPEG through torchvision; pixels may differ slightly: `fastmim bench data` measures)."""
@@ -119,11 +131,11 @@ class TrainConfig:
     """AdamW beta2."""
     clip_grad: float = 0.0
     """Clip the global gradient norm to this value; 0 = no clipping (the published recipes)."""
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """"bf16" (autocast), "fp16" (autocast + GradScaler), "fp32", or "auto" (bf16 on CUDA, fp32 on CPU)."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
-    compile: str = "auto"
+    compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile each transformer block on its own (regional compilation): "auto" (on for CUDA, off on CPU),
     "on" or "off". The first step then includes the compile time, which the run reports."""
     seed: int = 0
@@ -140,17 +152,29 @@ class TrainConfig:
     """A checkpoint path to continue from, "auto" (newest intact checkpoint in out_dir, if any) or empty."""
     max_nonfinite: int = 20
     """Save and stop after this many consecutive steps with a non-finite loss or gradient (each one is skipped)."""
-    dist: str = "auto"
+    dist: Literal["auto", "none", "ddp", "deepspeed"] = "auto"
     """Several processes (launched by torchrun, the deepspeed launcher or srun): "ddp", "deepspeed" (ZeRO, see
     zero_stage), "none" (one process) or "auto" (ddp when WORLD_SIZE > 1, else none)."""
     zero_stage: int = 0
     """DeepSpeed ZeRO stage: 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters); only with
     train.dist = "deepspeed", which needs one of them."""
-    offload: str = "none"
+    offload: Literal["none", "optimizer", "all"] = "none"
     """DeepSpeed ZeRO CPU offload: "none", "optimizer" (optimizer state and step on the CPU) or "all" (also the
     parameters; ZeRO-3 only)."""
     dist_timeout: int = 600
     """Seconds any collective waits for the other processes before the run fails (a dead or stuck rank)."""
+
+    def peak_lr(self, world: int = 1) -> float:
+        """The peak learning rate of a run on ``world`` processes (train.batch_size is per process)."""
+        return scaled_lr(self.lr, self.blr, self.batch_size * self.accum_steps * world)
+
+    def schedule(self, batches_per_epoch: int) -> tuple[int, int]:
+        """(total, warm-up) optimizer steps for a loader of ``batches_per_epoch`` micro-batches per epoch:
+        train.steps, else train.epochs of optimizer steps; train.warmup_steps, else train.warmup_epochs of them."""
+        per_epoch = max(1, batches_per_epoch // self.accum_steps)
+        total = self.steps if self.steps > 0 else self.epochs * per_epoch
+        warmup = self.warmup_steps if self.warmup_steps >= 0 else round(self.warmup_epochs * per_epoch)
+        return total, warmup
 
 
 @dataclass
@@ -161,26 +185,28 @@ class Config:
 
 
 SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
-_CHOICES = {
-    ("model", "impl"): ("reference", "fast"),
-    ("model", "attn"): ("auto", "sdpa", "flash", "cudnn", "efficient", "math", "xformers"),
-    ("model", "target"): ("", "hog", "pixel"),
-    ("model", "hog_bias"): ("default", "on", "off"),
-    ("model", "mask_rule"): ("exact", "released"),
-    ("model", "swin_coords"): ("default", "true", "released"),
-    ("data", "source"): ("demo", "folder", "synthetic", "ffcv"),
-    ("data", "augment"): ("cpu", "gpu"),
-    ("data", "decode"): ("cpu", "gpu"),
-    ("train", "precision"): ("auto", "bf16", "fp16", "fp32"),
-    ("train", "compile"): ("auto", "on", "off"),
-    ("train", "device"): ("auto", "cpu", "cuda"),
-    ("train", "dist"): ("auto", "none", "ddp", "deepspeed"),
-    ("train", "offload"): ("none", "optimizer", "all"),
-}
+
+
+def key_types(cls: type) -> dict[str, tuple[type, tuple | None]]:
+    """``{key: (type, choices)}`` of a config section's dataclass: a key annotated ``Literal["a", "b"]`` has the
+    type of its values and those choices; any other key its annotation and None."""
+    types = {}
+    for key, hint in get_type_hints(cls).items():
+        choices = get_args(hint) if get_origin(hint) is Literal else None
+        types[key] = (type(choices[0]), choices) if choices else (hint, None)
+    return types
+
+
+def choices(cls: type, key: str) -> tuple:
+    """The values config key ``key`` of section dataclass ``cls`` accepts (its ``Literal`` annotation)."""
+    found = key_types(cls)[key][1]
+    if found is None:
+        raise KeyError(f"{cls.__name__}.{key} declares no choices")
+    return found
 
 
 def _section_types(cfg: Any, name: str) -> dict[str, type]:
-    return get_type_hints(type(getattr(cfg, name)))
+    return {key: typ for key, (typ, _) in key_types(type(getattr(cfg, name))).items()}
 
 
 def _sections(cfg: Any) -> list[str]:
@@ -308,12 +334,15 @@ def parse_toml(text: str, what: str, fix: str) -> dict[str, Any]:
     raise FastmimError(f"{what} ({reason}); {fix}.")
 
 
-def check_choices(cfg: Any, choices: dict[tuple[str, str], tuple]) -> None:
-    """Every ``(section, key)`` of ``choices`` holds one of its listed values (shared with fastmim.eval.config)."""
-    for (section, key), options in choices.items():
-        value = getattr(getattr(cfg, section), key)
-        if value not in options:
-            raise FastmimError(f"{section}.{key} = '{value}' is not one of {', '.join(repr(c) for c in options)}.")
+def check_choices(cfg: Any) -> None:
+    """Every key of a config tree whose annotation lists its choices holds one of them (shared with
+    fastmim.eval.config)."""
+    for section in _sections(cfg):
+        values = getattr(cfg, section)
+        for key, (_, options) in key_types(type(values)).items():
+            value = getattr(values, key)
+            if options is not None and value not in options:
+                raise FastmimError(f"{section}.{key} = '{value}' is not one of {', '.join(repr(c) for c in options)}.")
 
 
 def resolve_config(cfg: Any, mapping: dict[str, Any], where: str, overrides: list[str] | None, check) -> Any:
@@ -348,9 +377,9 @@ def validate(cfg: Config) -> None:
             if isinstance(value, str) and not value.isprintable():
                 raise FastmimError(f"{section}.{key} = {value!r} has control or undecodable characters; use text.")
             setattr(values, key, value)
-    check_choices(cfg, _CHOICES)
+    check_choices(cfg)
     m, d, t = cfg.model, cfg.data, cfg.train
-    peak_lr = t.lr if t.lr > 0 else t.blr * t.batch_size * t.accum_steps / 256
+    peak_lr = t.peak_lr()
     decode_fits = d.decode == "cpu" or (d.augment == "gpu" and d.source == "ffcv")
     checks = [
         (0.0 <= m.mask_ratio < 1.0, "model.mask_ratio must be in [0, 1), e.g. 0.75"),
@@ -420,8 +449,9 @@ def reference_markdown(root: type = Config) -> str:
     defaults = to_dict(root())
     for section in _sections(root):
         cls = type(getattr(root(), section))
-        docs, types = field_docs(cls), get_type_hints(cls)
+        docs, types = field_docs(cls), key_types(cls)
         for key, doc in docs.items():
-            default = _toml_value(defaults[section][key])
-            rows.append(f"| `{section}.{key}` | {types[key].__name__} | `{default}` | {doc} |")
+            typ, options = types[key]
+            kind = typ.__name__ if options is None else "one of " + ", ".join(f"`{_toml_value(c)}`" for c in options)
+            rows.append(f"| `{section}.{key}` | {kind} | `{_toml_value(defaults[section][key])}` | {doc} |")
     return "\n".join(rows)

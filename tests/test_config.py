@@ -2,7 +2,16 @@ import tomllib
 
 import pytest
 
-from fastmim.config import Config, config_from_toml, dump_toml, list_recipes, load_config, reference_markdown
+from fastmim.config import (
+    Config,
+    choices,
+    config_from_toml,
+    dump_toml,
+    key_types,
+    list_recipes,
+    load_config,
+    reference_markdown,
+)
 from fastmim.errors import FastmimError
 
 
@@ -83,3 +92,23 @@ def test_every_key_is_documented():
                 "train.epochs", "train.precision", "train.seed", "train.out_dir", "train.log_every",
                 "train.save_every", "train.resume", "train.dist", "train.zero_stage"]  # fmt: skip
     assert all(f"`{k}`" in table for k in required)
+
+
+def test_choices_are_declared_once_where_the_key_is():
+    """A key's Literal annotation is its list of choices: validation refuses anything else naming exactly those, and
+    the key table (README, `fastmim config --keys`) lists them."""
+    table = reference_markdown()
+    declared = {}
+    for section in vars(Config()):
+        for key, (typ, options) in key_types(type(getattr(Config(), section))).items():
+            if options is not None:
+                declared[f"{section}.{key}"] = options
+                assert typ is str and all(isinstance(c, str) for c in options)
+    assert declared["model.impl"] == choices(type(Config().model), "impl") == ("reference", "fast")
+    assert declared["train.dist"] == ("auto", "none", "ddp", "deepspeed") and len(declared) == 14
+    for key, options in declared.items():
+        listed = ", ".join(repr(c) for c in options)
+        with pytest.raises(FastmimError, match=rf"{key} = 'bogus' is not one of {listed}\.$"):
+            load_config(None, [f"--{key}=bogus"])
+        row = next(line for line in table.splitlines() if line.startswith(f"| `{key}` |"))
+        assert row.split(" | ")[1] == "one of " + ", ".join(f'`"{c}"`' for c in options)

@@ -123,7 +123,7 @@ def _levels(loader, images: int) -> torch.Tensor:
 
 def bench_row(cfg: Config, batches: int, warmup: int, reference: Config, deviation_images: int) -> dict[str, Any]:
     """Time the loader ``cfg.data`` describes and measure its pixels against ``reference``'s."""
-    t, img_size, device = cfg.train, cfg.model.img_size or 224, bench_device(cfg)
+    t, img_size, device = cfg.train, cfg.model.resolved_img_size, bench_device(cfg)
     loader = build_loader(cfg.data, img_size, t.batch_size, t.seed, device=device)
     elapsed, cpu = _timed(loader, batches, warmup, device)
     images = batches * t.batch_size

@@ -1,10 +1,12 @@
 """``fastmim profile``: a torch.profiler trace of a few training steps and a per-stage time table.
 
+The profiled steps are the trainer's own (:func:`fastmim.train.trainer.train_step` on the run its builder makes).
 Stages are marked without touching the model: forward hooks open a ``stage::<name>`` profiler range around the
 modules of each stage (patch embed, encoder blocks, decoders, heads, targets); the rest of the model's forward
-(masking, loss) falls in "loss + masking"; data and optimizer get their own ranges. Every profiled op is charged to
-the innermost stage range above it. Backward ops carry the sequence number of the forward op that created them, so
-each is charged to that forward op's stage (shown in the "bwd" column).
+(masking, loss) falls in "loss + masking"; the step's data and optimizer stages get their own ranges (through its
+``stage`` hook). Every profiled op is charged to the innermost stage range above it. Backward ops carry the sequence
+number of the forward op that created them, so each is charged to that forward op's stage (shown in the "bwd"
+column).
 
 Outputs: ``<out>/trace.json`` (open in chrome://tracing or Perfetto), ``<out>/stages.txt`` and ``<out>/ops.txt``
 (top ops by self time), and the same two tables on stdout. Times are device self-times on CUDA, CPU self-times on CPU.
@@ -23,7 +25,8 @@ from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from fastmim.config import Config
-from fastmim.train.trainer import mask_noise, resolve_device
+from fastmim.train.build import resolve_device
+from fastmim.train.trainer import train_step
 
 from .harness import format_table
 from .step import build_bench_run, device_batches
@@ -37,6 +40,8 @@ STAGE_PREFIXES = (
     ("decoders", ("decoder", "decoders")),
 )
 OTHER = "loss + masking"
+# The profiler range of each stage of the training step; its backward needs none (see stage_table).
+STEP_RANGES = {"data": "stage::data", "forward": f"stage::{OTHER}", "optimizer": "stage::optimizer"}
 
 
 def stage_of(name: str) -> str | None:
@@ -150,6 +155,10 @@ def stage_table(events, use_device: bool) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: -r["total_ms"])
 
 
+def _step_range(stage: str) -> contextlib.AbstractContextManager:
+    return record_function(STEP_RANGES[stage]) if stage in STEP_RANGES else contextlib.nullcontext()
+
+
 def run_profile(cfg: Config, steps: int, warmup: int, out_dir: Path, top: int = 25, log=print) -> dict[str, Any]:
     device = resolve_device(cfg.train.device)
     # Eager unless compilation is asked for explicitly: compiled blocks fuse ops across the stage boundaries.
@@ -162,18 +171,8 @@ def run_profile(cfg: Config, steps: int, warmup: int, out_dir: Path, top: int = 
     ranges.enter_context(stage_hooks(run.model))
     ranges.enter_context(function_ranges())
     with ranges, profile(activities=activities, schedule=schedule, acc_events=True) as prof:
-        for step in range(warmup + steps):
-            with record_function("stage::data"):
-                images = next(batches)
-            noise = mask_noise(t.seed, step, 0, images.shape[0], run.model.num_patches).to(device)
-            with record_function(f"stage::{OTHER}"):
-                with torch.autocast(device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-                    loss = run.model(images, noise).loss
-            run.scaler.scale(loss).backward()
-            with record_function("stage::optimizer"):
-                run.scaler.step(run.optimizer)
-                run.scaler.update()
-                run.optimizer.zero_grad(set_to_none=True)
+        for _ in range(warmup + steps):
+            train_step(run, batches, stage=_step_range)
             prof.step()
     out_dir.mkdir(parents=True, exist_ok=True)
     trace = out_dir / "trace.json"

@@ -4,9 +4,12 @@ Both impls run in one process on one device with the same config, data and seed.
 
 1. Throughput: ``warmup`` steps untimed, then ``steps`` steps of the production step
    (:func:`fastmim.train.trainer.train_step`: data, forward, backward, optimizer) timed as a whole, with one device
-   synchronisation at each end: ``ms_per_step`` and ``img_per_s``.
-2. Breakdown: a few more steps with a synchronisation at every stage boundary (which costs some overlap, so these
-   numbers are for attribution, not throughput): data wait / forward / backward / optimizer, in ms.
+   synchronisation at each end: ``ms_per_step`` and ``img_per_s``. The run is the trainer's, from its own builder
+   (:func:`fastmim.train.build.build_run`: model, attention choice, compilation, loader, lr schedule, AdamW), in one
+   process, without a run directory.
+2. Breakdown: a few more production steps with a synchronisation at every stage boundary (which costs some
+   overlap, so these numbers are for attribution, not throughput): data wait / forward / backward / optimizer, in
+   ms, each summed over the step's micro-batches.
 3. Model FLOPs of one forward + backward, counted once with torch.utils.flop_counter on the reference impl (never
    hand-typed) and used for every impl; MFU = FLOPs per step / step time / the device's dense peak for the step's
    dtype (CUDA only; the peak used is in the row).
@@ -18,26 +21,23 @@ Timed steps alternate between impls in rounds, so drift does not favour the impl
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import time
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from fastmim.config import Config
-from fastmim.data import build_loader
-from fastmim.data.prefetch import DevicePrefetcher
+from fastmim.config import Config, ModelConfig, choices
 from fastmim.errors import FastmimError
-from fastmim.models import model_from_config
-from fastmim.train.attn_choice import choose_attention, describe
+from fastmim.train.build import Run, build_run, resolve_device
+from fastmim.train.distributed import Dist
 from fastmim.train.metrics import peak_memory_gib
-from fastmim.train.optim import build_optimizer
-from fastmim.train.parallel import apply_compile, compile_wanted, timed_first_call
-from fastmim.train.trainer import Run, amp_dtype, mask_noise, resolve_device, train_step
+from fastmim.train.parallel import timed_first_call
+from fastmim.train.trainer import STAGES, input_stream, mask_noise, train_step
 
 from .harness import quantiles, synchronize
 
@@ -53,7 +53,6 @@ PEAK_TFLOPS = {
     ("h200", "fp32"): 494.7,
     ("a100", "fp32"): 156.0,
 }
-STAGES = ("data", "forward", "backward", "optimizer")
 
 
 def peak_tflops(device: torch.device, dtype_name: str) -> float | None:
@@ -71,51 +70,35 @@ def parse_variant(name: str) -> tuple[str, bool | None, str | None]:
     compile: True / False / None = as train.compile says, torch.compile mode or None = its default)."""
     impl, plus, rest = name.partition("+")
     how, colon, mode = rest.partition(":")
-    known = impl in ("reference", "fast") and how in ("", "compile", "eager") and (how or not plus)
+    impls = choices(ModelConfig, "impl")
+    known = impl in impls and how in ("", "compile", "eager") and (how or not plus)
     if not known or (colon and (how != "compile" or mode not in COMPILE_MODES)):
         raise FastmimError(
-            f"bench step variant {name!r} is unknown; write IMPL or IMPL+compile or IMPL+eager, IMPL = reference or "
-            f"fast, optionally IMPL+compile:MODE with MODE one of {', '.join(COMPILE_MODES)} (e.g. --impls "
-            "reference+eager,fast+compile)."
+            f"bench step variant {name!r} is unknown; write IMPL or IMPL+compile or IMPL+eager, IMPL = "
+            f"{' or '.join(impls)}, optionally IMPL+compile:MODE with MODE one of {', '.join(COMPILE_MODES)} (e.g. "
+            "--impls reference+eager,fast+compile)."
         )
     return impl, {"": None, "compile": True, "eager": False}[how], mode or None
 
 
 def build_bench_run(cfg: Config, impl: str, device: torch.device) -> Run:
-    """A trainer Run for benchmarking: no run directory, constant learning rate, nothing written. ``impl`` may
-    name a variant (:func:`parse_variant`); the blocks are compiled as it, or train.compile, says."""
+    """The trainer's run of ``cfg`` (its own builder) in one process on ``device``, as variant ``impl``
+    (:func:`parse_variant`): model.impl, and train.compile unless the variant says eager or compile."""
     cfg = copy.deepcopy(cfg)
     cfg.model.impl, compile_now, compile_mode = parse_variant(impl)
-    t = cfg.train
-    torch.manual_seed(t.seed)
-    model = model_from_config(cfg.model).to(device)
-    attn = cfg.model.attn
-    if cfg.model.attn == "auto":  # as the trainer does: the fastest backend per attention shape on this card
-        rows = choose_attention(model, t.batch_size, cfg.model.img_size or 224, amp_dtype(t.precision, device), device)
-        attn = f"auto: {describe(rows)}"
-        if device.type == "cuda":
-            print(f"bench step: model.attn={attn}", flush=True)
-    compile_now = compile_wanted(t.compile, device) if compile_now is None else compile_now
-    compiled = apply_compile(model, mode=compile_mode) if compile_now else 0
-    loader = build_loader(cfg.data, cfg.model.img_size or 224, t.batch_size, t.seed)
-    lr = t.lr if t.lr > 0 else t.blr * t.batch_size * t.accum_steps / 256
-    optimizer = build_optimizer(model, lr, t.weight_decay, (t.beta1, t.beta2), fused=device.type == "cuda")
-    dtype = amp_dtype(t.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
-    run = Run(cfg, device, model, optimizer, scaler, loader, Path("."), 10**9, 0, lr, dtype)
-    run.compiled_blocks, run.compile_mode, run.attn_choice = compiled, compile_mode, attn
-    return run
+    if compile_now is not None:
+        cfg.train.compile = "on" if compile_now else "off"
+    return build_run(cfg, Dist(), device, compile_mode)
 
 
 def device_batches(run: Run, fixed: bool = False) -> Iterator[torch.Tensor]:
-    """Batches on the device from the configured loader, read one step ahead as the trainer does
-    (fastmim.data.prefetch); ``fixed``: the first batch, reused every step (measures the step without input
-    loading, as PERFORMANCE.md's step figures do)."""
+    """Batches on the device, as the trainer reads them (:func:`fastmim.train.trainer.input_stream`); ``fixed``:
+    the first batch, reused every step (measures the step without input loading, as PERFORMANCE.md's step figures
+    do)."""
     if fixed:
         images, _ = next(run.loader.iterate(0))
         yield from itertools.repeat(images.to(run.device))
-    for images, _, _ in DevicePrefetcher(run.loader, run.device):
-        yield images
+    yield from input_stream(run)
 
 
 def count_flops(run: Run, images: torch.Tensor) -> int:
@@ -130,28 +113,21 @@ def count_flops(run: Run, images: torch.Tensor) -> int:
 
 
 def stage_breakdown(run: Run, batches: Iterator[torch.Tensor], steps: int) -> dict[str, float]:
-    """Median ms per stage over ``steps`` steps, synchronising at each stage boundary.
-
-    Mirrors train_step with accum_steps = 1; only the throughput pass uses the production step itself.
-    """
+    """Median ms per stage of :data:`~fastmim.train.trainer.STAGES` over ``steps`` production steps, synchronising
+    at each stage boundary."""
     samples: dict[str, list[float]] = {s: [] for s in STAGES}
     for _ in range(steps):
-        t0 = _now(run.device)
-        images = next(batches)
-        t1 = _now(run.device)
-        noise = mask_noise(run.cfg.train.seed, run.pos.step, 0, images.shape[0], run.model.num_patches)
-        with torch.autocast(run.device.type, dtype=run.amp_dtype, enabled=run.amp_dtype is not None):
-            out = run.model(images, noise.to(run.device))
-        t2 = _now(run.device)
-        run.scaler.scale(out.loss).backward()
-        t3 = _now(run.device)
-        run.scaler.step(run.optimizer)
-        run.scaler.update()
-        run.optimizer.zero_grad(set_to_none=True)
-        t4 = _now(run.device)
-        run.pos.step += 1
-        for stage, (a, b) in zip(STAGES, itertools.pairwise((t0, t1, t2, t3, t4))):
-            samples[stage].append((b - a) * 1e3)
+        spent = dict.fromkeys(STAGES, 0.0)
+
+        @contextlib.contextmanager
+        def timed(stage: str, spent=spent) -> Iterator[None]:
+            start = _now(run.device)
+            yield
+            spent[stage] += (_now(run.device) - start) * 1e3
+
+        train_step(run, batches, stage=timed)
+        for stage, ms in spent.items():
+            samples[stage].append(ms)
     return {f"{s}_ms": sorted(v)[len(v) // 2] for s, v in samples.items()}
 
 
@@ -243,11 +219,11 @@ def _row(cfg: Config, impl: str, run: Run, timing: dict[str, Any], device: torch
         "compile": bool(run.compiled_blocks),
         "compile_s": timing.get("compile_s"),
         "compile_mode": run.compile_mode,
-        "attn": run.attn_choice,
+        "attn": run.attn,
         "model": cfg.model.name,
         "batch": batch,
         "dtype": dtype_name,
-        "img_size": cfg.model.img_size or 224,
+        "img_size": cfg.model.resolved_img_size,
         "data_source": cfg.data.source,
         "data_mode": "fixed batch on device" if fixed_batch else "loader",
         "img_per_s": batch / (ms / 1e3),

@@ -9,8 +9,17 @@ are errors with a close-match suggestion; precedence CLI > TOML recipe > default
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
-from fastmim.config import check_choices, dump_toml, parse_toml, read_recipe, reference_markdown, resolve_config
+from fastmim.config import (
+    check_choices,
+    dump_toml,
+    parse_toml,
+    read_recipe,
+    reference_markdown,
+    resolve_config,
+    scaled_lr,
+)
 from fastmim.errors import FastmimError
 
 # `fastmim finetune` / `fastmim linprobe` with no --config use this built-in recipe (configs/eval_tiny_cpu.toml).
@@ -31,7 +40,7 @@ class EvalModelConfig:
 
 @dataclass
 class EvalDataConfig:
-    source: str = "folder"
+    source: Literal["folder", "digits"] = "folder"
     """"folder" (ImageFolder trees data.path/train and data.path/val) or "digits" (scikit-learn's 8x8 digits)."""
     path: str = ""
     """Root holding train/ and val/ class folders (the ImageNet layout), for source "folder"."""
@@ -83,9 +92,9 @@ class FinetuneConfig:
     """Random-erasing probability."""
     crop_pct: float = 0.875
     """Evaluation crop: resize to img_size / crop_pct (256 for 224), then centre-crop img_size."""
-    precision: str = "auto"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     """"bf16", "fp16", "fp32", or "auto" (bf16 on CUDA, fp32 on CPU)."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
     seed: int = 0
     """Seed for the head init, data order, augmentation and mixup."""
@@ -93,15 +102,19 @@ class FinetuneConfig:
     """Run directory: config.toml, metrics.jsonl, checkpoint-best.pt, checkpoint-last.pt and curves.png."""
     log_every: int = 20
     """Print the training loss every this many optimizer steps (in non-interactive logs)."""
-    resume: str = ""
+    resume: Literal["", "auto"] = ""
     """"auto" continues from out_dir/checkpoint-last.pt at the next epoch; empty = a fresh run."""
+
+    def peak_lr(self) -> float:
+        """The peak learning rate (finetune.lr, else the scaling rule on the effective batch)."""
+        return scaled_lr(self.lr, self.blr, self.batch_size * self.accum_steps)
 
 
 @dataclass
 class LinprobeConfig:
-    pool: str = "avg"
+    pool: Literal["avg", "cls"] = "avg"
     """Features: "avg" (mean of the last block's patch tokens) or "cls" (its cls token)."""
-    optimizer: str = "sgd"
+    optimizer: Literal["sgd", "lars"] = "sgd"
     """"sgd" (momentum) or "lars" (MAE's linear-probe optimizer)."""
     batch_size: int = 256
     """Feature vectors per optimizer step."""
@@ -121,12 +134,16 @@ class LinprobeConfig:
     """Weight decay of the linear head's weight (MAE: 0)."""
     extract_batch_size: int = 128
     """Images per forward pass while extracting features."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
     seed: int = 0
     """Seed for the head init and the feature order."""
     out_dir: str = "runs/linprobe"
     """Run directory: config.toml, metrics.jsonl, result.json and curves.png."""
+
+    def peak_lr(self, batch: int) -> float:
+        """The peak learning rate for probe batches of ``batch`` feature vectors (linprobe.lr, else the rule)."""
+        return scaled_lr(self.lr, self.blr, batch)
 
 
 @dataclass
@@ -135,17 +152,6 @@ class EvalConfig:
     data: EvalDataConfig = field(default_factory=EvalDataConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     linprobe: LinprobeConfig = field(default_factory=LinprobeConfig)
-
-
-_CHOICES = {
-    ("data", "source"): ("folder", "digits"),
-    ("finetune", "precision"): ("auto", "bf16", "fp16", "fp32"),
-    ("finetune", "device"): ("auto", "cpu", "cuda"),
-    ("finetune", "resume"): ("", "auto"),
-    ("linprobe", "pool"): ("avg", "cls"),
-    ("linprobe", "optimizer"): ("sgd", "lars"),
-    ("linprobe", "device"): ("auto", "cpu", "cuda"),
-}
 
 
 def load_eval_config(recipe: str | None = None, overrides: list[str] | None = None) -> EvalConfig:
@@ -164,7 +170,7 @@ def eval_config_from_toml(text: str, where: str = "checkpoint") -> EvalConfig:
 
 def validate(cfg: EvalConfig) -> None:
     """Range and combination checks; every message names the key and a valid value."""
-    check_choices(cfg, _CHOICES)
+    check_choices(cfg)
     m, f, p = cfg.model, cfg.finetune, cfg.linprobe
     mixing = f.mixup > 0 or f.cutmix > 0
     checks = [

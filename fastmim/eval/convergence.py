@@ -78,7 +78,7 @@ def run_check(work: Path, steps: int, pretrain_overrides: list[str], probe_overr
     for init in ("pretrained", "random"):
         for pool in ("avg", "cls"):
             ecfg = load_eval_config("eval_tiny_cpu", [f"--model.name={cfg.model.name}", f"--linprobe.pool={pool}",
-                                                      f"--model.img_size={cfg.model.img_size or 224}",
+                                                      f"--model.img_size={cfg.model.resolved_img_size}",
                                                       f"--linprobe.out_dir={work / f'probe_{init}_{pool}'}",
                                                       *probe_overrides])  # fmt: skip
             pretrained = summary["checkpoint"] if init == "pretrained" else ""

@@ -36,10 +36,10 @@ from fastmim.eval.backbone import Backbone, build_vit, describe, finetune_state,
 from fastmim.eval.common import check_fresh_run_dir, plot_curves, resolve_device, topk_correct
 from fastmim.eval.config import EvalConfig
 from fastmim.eval.data import LabelledImages, build_splits, eval_transform, train_transform
+from fastmim.train.build import amp_dtype
 from fastmim.train.checkpoint import atomic_save
 from fastmim.train.metrics import MetricsLog, read_metrics
 from fastmim.train.optim import lr_at
-from fastmim.train.trainer import amp_dtype
 from fastmim.weights import safe_load
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token")
@@ -140,7 +140,7 @@ def build_finetune(cfg: EvalConfig) -> FinetuneRun:
             "lower finetune.batch_size."
         )
     total = f.steps if f.steps > 0 else f.epochs * steps_per_epoch
-    peak = f.lr if f.lr > 0 else f.blr * f.batch_size * f.accum_steps / 256
+    peak = f.peak_lr()
     groups = layer_decay_groups(model, f.weight_decay, f.layer_decay)
     optimizer = torch.optim.AdamW(groups, lr=peak, betas=(f.beta1, f.beta2))
     dtype = amp_dtype(f.precision, device)

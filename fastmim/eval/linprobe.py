@@ -97,7 +97,7 @@ def train_probe(
     batch = min(p.batch_size, len(labels))
     steps_per_epoch = len(labels) // batch  # drop_last: BatchNorm statistics of a tiny last batch are noise
     total, warmup = p.epochs * steps_per_epoch, round(p.warmup_epochs * steps_per_epoch)
-    peak = p.lr if p.lr > 0 else p.blr * batch / 256
+    peak = p.peak_lr(batch)
     optimizer = build_probe_optimizer(probe, p.optimizer, peak, p.momentum, p.weight_decay)
     generator = torch.Generator().manual_seed(p.seed)
     rows, step = [], 0

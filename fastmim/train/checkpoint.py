@@ -1,4 +1,6 @@
-"""Checkpoints that survive crashes: atomic verified writes, safe loads, rotation, fallback to the last good one.
+"""Checkpoint files that survive crashes: atomic verified writes, safe loads, rotation, quarantine. The run's
+checkpoints as a whole (when to save, what to resume from, the fallback past damaged files) are the
+:class:`~fastmim.train.checkpointer.Checkpointer`'s, which writes and reads them through this module.
 
 A run directory holds, per saved step::
 
@@ -13,16 +15,16 @@ at most a stale temporary file or a record whose data file never arrived: both a
 
 Reading (:func:`load_checkpoint`): the file's size and SHA-256 are checked against its record (a truncated or
 bit-flipped file is a :class:`CorruptCheckpoint`), then it is read with ``torch.load(weights_only=True)``, which
-never executes code, and its format, version and fields are checked. :func:`latest_good_checkpoint` walks the run's
-checkpoints from the newest down, moves corrupt ones aside (``*.corrupt``, never deleted) with a warning, and
-returns the newest good one. :func:`prune` keeps the newest ``keep_last`` checkpoints and the one with the lowest
-recorded training loss.
+never executes code, and its format, version and fields are checked. :func:`quarantine` moves a corrupt checkpoint
+aside (``*.corrupt``, never deleted). :func:`prune` keeps the newest ``keep_last`` checkpoints and the one with the
+lowest recorded training loss.
 
 The checkpoint dict: ``format`` ("fastmim-checkpoint"), ``version``, ``model_name``, ``model`` (state dict),
 ``optimizer``, ``scaler``, ``step``, ``data`` ({"epoch", "batch"}: the next batch to read), ``rng`` (torch CPU /
-CUDA generator states), ``config`` (the resolved config as TOML text) and ``skipped_steps`` (optimizer steps skipped
-for a non-finite loss or gradient so far; optional, 0 when absent). Under DeepSpeed ZeRO ``optimizer`` is a pointer
-to the ``checkpoint-NNNNNNN.zero/`` shard directory with the shards' sizes and SHA-256 (fastmim.train.distributed).
+CUDA generator states), ``config`` (the resolved config as TOML text), ``skipped_steps`` (optimizer steps skipped
+for a non-finite loss or gradient so far; optional, 0 when absent) and ``world_size`` (processes; optional, 1 when
+absent). Under DeepSpeed ZeRO ``optimizer`` is a pointer to the ``checkpoint-NNNNNNN.zero/`` shard directory with
+the shards' sizes and SHA-256 (fastmim.train.zero).
 """
 
 from __future__ import annotations
@@ -110,7 +112,7 @@ def _write_temp(obj: Any, path: Path) -> tuple[Path, dict[str, Any]]:
     return Path(tmp), {"size": writer.size, "sha256": writer.sha256.hexdigest()}
 
 
-def _write_text(text: str, path: Path) -> None:
+def write_text_atomic(text: str, path: Path) -> None:
     """Write a small text file atomically: temporary file, fsync, rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -158,7 +160,7 @@ def write_checkpoint(state: dict[str, Any], path: str | Path, loss: float | None
         tmp, digest = _write_temp(state, path)
         try:
             record = {"format": RECORD_FORMAT, **digest, "step": state.get("step"), "loss": _finite_or_none(loss)}
-            _write_text(json.dumps(record) + "\n", record_path(path))
+            write_text_atomic(json.dumps(record) + "\n", record_path(path))
             os.replace(tmp, path)
         except BaseException:
             tmp.unlink(missing_ok=True)
@@ -203,13 +205,19 @@ def verify_checkpoint(path: str | Path) -> dict[str, Any] | None:
     size = path.stat().st_size
     if size != record["size"]:
         raise CorruptCheckpoint(f"checkpoint {path} is truncated or altered ({size} bytes, {record['size']} written)")
-    sha = hashlib.sha256()
+    if file_digest(path)["sha256"] != record["sha256"]:
+        raise CorruptCheckpoint(f"checkpoint {path} is corrupt (its SHA-256 differs from the one recorded at save)")
+    return record
+
+
+def file_digest(path: Path) -> dict[str, Any]:
+    """{"size", "sha256"} of a file, read in 1 MiB chunks."""
+    sha, size = hashlib.sha256(), 0
     with path.open("rb") as f:
         while chunk := f.read(_CHUNK):
             sha.update(chunk)
-    if sha.hexdigest() != record["sha256"]:
-        raise CorruptCheckpoint(f"checkpoint {path} is corrupt (its SHA-256 differs from the one recorded at save)")
-    return record
+            size += len(chunk)
+    return {"size": size, "sha256": sha.hexdigest()}
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -285,36 +293,10 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def latest_good_checkpoint(out_dir: str | Path, verify=None) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in ``out_dir`` that passes :func:`load_checkpoint` (and ``verify(path, ckpt)``, which
-    raises :class:`CorruptCheckpoint` for damaged side files such as ZeRO shards), loaded, or None if there is none.
-
-    A corrupt newer one is renamed ``<name>.corrupt`` (kept for inspection, out of the way of later saves and
-    resumes; its ``.zero`` shard directory, if any, likewise) with a warning. A foreign or hostile file raises; so
-    does a directory whose checkpoints are all corrupt, since restarting from scratch silently would throw the run
-    away.
-    """
-    found = checkpoints(out_dir)
-    for _, path in reversed(found):
-        try:
-            ckpt = load_checkpoint(path)
-            if verify is not None:
-                verify(path, ckpt)
-            return path, ckpt
-        except CorruptCheckpoint as err:
-            moved = _quarantine(path)
-            warn(f"{err}; moved it aside as {moved.name} and falling back to the previous checkpoint.")
-    if found:
-        raise FastmimError(
-            f"no checkpoint in {out_dir} is intact (all {len(found)} moved aside as *.corrupt); restore one from a "
-            "backup, or start again with a new train.out_dir."
-        )
-    return None
-
-
-def _quarantine(path: Path) -> Path:
-    """Move checkpoint ``path``, its record and its ZeRO shard directory (``.zero``, fastmim.train.distributed)
-    aside under one new suffix: ``.corrupt``, else ``.corrupt1``, ``.corrupt2``, ..."""
+def quarantine(path: Path) -> Path:
+    """Move checkpoint ``path``, its record and its ZeRO shard directory (``.zero``, fastmim.train.zero) aside under
+    one new suffix, out of the way of later saves and resumes but kept for inspection: ``.corrupt``, else
+    ``.corrupt1``, ``.corrupt2``, ... Returns the checkpoint's new path."""
     shards = path.with_suffix(".zero")
     suffix, n = ".corrupt", 1
 

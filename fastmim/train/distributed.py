@@ -29,27 +29,16 @@ count are unchanged (tests/train/test_distributed.py compares the shards before 
 back through ``was_step_applied``. The checkpoint record's loss (which picks the best checkpoint) is the mean over
 every rank's batches (:func:`mean_loss_since_save`).
 
-Checkpoints. DDP: rank 0 writes the usual single-file checkpoint (the unwrapped model's state dict; the optimizer
-state is full on every rank), so it resumes on any number of processes. ZeRO: every rank writes its shards into a
-hidden directory that rank 0 renames to ``checkpoint-<step>.zero/`` once all are done; then rank 0 writes
-``checkpoint-<step>.pt`` as usual (atomic, verified), holding the full model weights and, in place of the optimizer
-state, a pointer ``{"zero": {"dir", "world_size", "zero_stage", "files"}}``; ``files`` is the manifest of the shard
-directory ({"name", "size", "sha256"} per file, hashed after every rank has written, the ranks sharing the work),
-so the verified record vouches for the shards too: :func:`verify_shards` checks them on resume (``auto`` falls back
-past a checkpoint whose shards are missing or damaged, moving file, record and shards aside) and in
-``fastmim consolidate``, and also checks that they hold only data before DeepSpeed unpickles them (a shard with
-pickled code is refused by name). A ZeRO checkpoint resumes under DeepSpeed with
-the same world size and stage; anything else is refused with the way out: ``fastmim consolidate`` writes a plain
-checkpoint (fp32 weights from the shards, the position; AdamW moments restart) that resumes anywhere.
+Checkpoints (fastmim.train.checkpointer): DDP: rank 0 writes the usual single-file checkpoint (the unwrapped
+model's state dict; the optimizer state is full on every rank), so it resumes on any number of processes. ZeRO:
+the optimizer state goes to shards beside it (fastmim.train.zero).
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib
 import os
-import shutil
 import socket
 import warnings
 from dataclasses import dataclass
@@ -62,10 +51,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastmim.errors import FastmimError
-from fastmim.train.metrics import Progress, warn
-
-MODES = ("auto", "none", "ddp", "deepspeed")
-OFFLOAD = ("none", "optimizer", "all")
+from fastmim.train.metrics import Progress
 
 
 @dataclass
@@ -142,7 +128,7 @@ def init_distributed(t, device: torch.device) -> tuple[Dist, torch.device]:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, timeout=timeout, rank=rank, world_size=world)
     if mode == "deepspeed":
-        deepspeed = _import_deepspeed(device)
+        deepspeed = import_deepspeed(device)
         if device.type == "cpu":
             # DeepSpeed's shared-memory all-reduce serves CPU inference only, and compiles a C++ extension at first
             # use (minutes on 2 cores); training all-reduces through torch.distributed.
@@ -159,7 +145,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _import_deepspeed(device: torch.device):
+def import_deepspeed(device: torch.device):
     """DeepSpeed, told which accelerator to use before its first import (it probes for CUDA otherwise)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if device.type == "cuda" else "cpu")
     try:
@@ -200,13 +186,12 @@ def apply_distributed(d: Dist, model: nn.Module, optimizer: torch.optim.Optimize
     lr the trainer sets). Unwrapped model and optimizer for a single process."""
     if d.mode == "none":
         return model, optimizer
-    dist.barrier()  # every rank has read the run directory before rank 0 starts writing into it
     if d.mode == "ddp":
         device_ids = [d.local_rank] if next(model.parameters()).is_cuda else None
         # Every trainable parameter gets a gradient every step: no unused-parameter search (an extra graph walk).
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
         return ddp, optimizer
-    deepspeed = _import_deepspeed(next(model.parameters()).device)
+    deepspeed = import_deepspeed(next(model.parameters()).device)
     config = deepspeed_config(t, d.world)
     engine, ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
     d.engine = engine
@@ -316,247 +301,3 @@ class NullLog:
 
     def close(self) -> None:
         pass
-
-
-# --- checkpoints ----------------------------------------------------------------------------------------------
-
-
-def warn_if_global_batch_changed(d: Dist, path: Path, ckpt: dict[str, Any], saved_t, t) -> None:
-    """The data position is a batch index per process: it names the same images only when batch_size x world
-    size is unchanged (e.g. 2 processes x 32 resumed as 1 x 64); otherwise say what that means."""
-    before, now = saved_t.batch_size * ckpt.get("world_size", 1), t.batch_size * d.world
-    if before != now:
-        warn(
-            f"checkpoint {path} read {before} images per micro-step over all processes, this run reads {now}: the "
-            f"rest of the epoch differs from an uninterrupted run's, and the lr follows the new global batch; keep "
-            f"train.batch_size x processes = {before} to continue exactly."
-        )
-
-
-def zero_dir(path: Path) -> Path:
-    """The ZeRO shard directory beside fastmim checkpoint ``path``: checkpoint-0000100.zero/."""
-    return path.with_suffix(".zero")
-
-
-def model_state(d: Dist, model: nn.Module) -> dict[str, torch.Tensor]:
-    """The full model state dict (every rank calls this: under ZeRO-3 it gathers the partitioned parameters)."""
-    if d.engine is None or d.zero_stage < 3:
-        return model.state_dict()
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
-        return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def save_shards(d: Dist, path: Path) -> dict[str, Any] | None:
-    """ZeRO: every rank writes its shards of checkpoint ``path`` into a hidden directory, which rank 0 renames to
-    :func:`zero_dir` once all are written (a crash before leaves only the hidden directory, removed on resume).
-    Returns the pointer that takes the optimizer state's place in the fastmim checkpoint; None without ZeRO."""
-    if d.engine is None:
-        return None
-    staging = path.parent / f".{zero_dir(path).name}.tmp"  # DeepSpeed also drops its recovery scripts here
-    on_main(d, lambda: shutil.rmtree(staging, ignore_errors=True))
-    d.engine.save_checkpoint(str(staging), tag="shards", save_latest=False)
-    dist.barrier()
-    files = _shard_manifest(d, staging / "shards")
-
-    def publish() -> None:
-        final = zero_dir(path)
-        if final.exists():  # the same step saved again after a resume from an earlier checkpoint
-            shutil.rmtree(final)
-        os.replace(staging / "shards", final)
-        shutil.rmtree(staging)
-
-    on_main(d, publish)
-    return {"zero": {"dir": zero_dir(path).name, "world_size": d.world, "zero_stage": d.zero_stage, "files": files}}
-
-
-def _shard_manifest(d: Dist, shard_dir: Path) -> list[dict[str, Any]]:
-    """{"name", "size", "sha256"} of every file in ``shard_dir`` once all ranks have written theirs (the caller's
-    barrier), for the checkpoint record: the files are hashed in parallel, rank r reading every W-th of them (a
-    shared file system, as the rename in :func:`save_shards` already needs), and the lists gathered on every rank."""
-    names = sorted(p.relative_to(shard_dir).as_posix() for p in shard_dir.rglob("*") if p.is_file())
-    mine = [{"name": n, **_digest(shard_dir / n)} for n in names[d.rank :: d.world]]
-    parts: list[Any] = [None] * d.world
-    dist.all_gather_object(parts, mine)
-    return sorted((entry for part in parts for entry in part), key=lambda e: e["name"])
-
-
-def _digest(file: Path) -> dict[str, Any]:
-    sha, size = hashlib.sha256(), 0
-    with file.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            sha.update(chunk)
-            size += len(chunk)
-    return {"size": size, "sha256": sha.hexdigest()}
-
-
-def verify_shards(path: Path, ckpt: dict[str, Any]) -> None:
-    """Check the ZeRO shards of checkpoint ``path`` before anything reads them; nothing to check for a plain
-    checkpoint.
-
-    First against the manifest its (verified) record holds: every file present, with its size and SHA-256 (a
-    pointer without a manifest, written before fastmim recorded one, is checked for the directory only); a bad
-    file raises :class:`CorruptCheckpoint` naming it. Then what each file holds: DeepSpeed unpickles shards with
-    ``weights_only=False``, which would run any code pickled into one (a manifest and record can be recomputed to
-    match a planted file), so every file is first read here with ``weights_only=True`` (tensor data memory-mapped,
-    not read), allowing only the plain classes DeepSpeed stores (:func:`_shard_classes`); one that holds anything
-    else raises :class:`FastmimError`."""
-    from fastmim.train.checkpoint import CorruptCheckpoint, load_data_only
-
-    zero = zero_pointer(ckpt, path)
-    if zero is None:
-        return
-    shard_dir = Path(path).parent / zero["dir"]
-    if not shard_dir.is_dir():
-        raise CorruptCheckpoint(f"checkpoint {path} lacks its ZeRO shard directory {shard_dir}")
-    for entry in zero.get("files", []):
-        file = shard_dir / entry["name"]
-        if not file.is_file():
-            raise CorruptCheckpoint(f"the ZeRO shard {file} of checkpoint {path} is missing")
-        if file.stat().st_size != entry["size"] or _digest(file)["sha256"] != entry["sha256"]:
-            raise CorruptCheckpoint(
-                f"the ZeRO shard {file} of checkpoint {path} is truncated or altered (its size or SHA-256 differs "
-                "from the one recorded at save)"
-            )
-    classes = _shard_classes()
-    if classes is None:  # without DeepSpeed nothing unpickles the shards (resume and consolidate refuse first)
-        return
-    for file in sorted(p for p in shard_dir.rglob("*") if p.is_file()):
-        load_data_only(file, f"the ZeRO shard {file} of checkpoint {path}", classes, mmap=True)
-
-
-def _shard_classes() -> list[type] | None:
-    """The classes DeepSpeed pickles into ZeRO shards besides tensors and builtins, all plain data (a loss scaler's
-    settings, the ZeRO stage enum, a parameter fragment's address); None when DeepSpeed is not installed."""
-    try:
-        from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-        from deepspeed.runtime.zero.config import ZeroStageEnum
-        from deepspeed.utils.tensor_fragment import fragment_address
-    except ImportError:
-        return None
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
-
-
-def zero_pointer(ckpt: dict[str, Any], path: Path) -> dict[str, Any] | None:
-    """The ZeRO pointer of loaded fastmim checkpoint ``path``, or None for a plain checkpoint. A pointer of another
-    shape (fields missing or of the wrong type, a directory or file name that leaves the run directory) is refused:
-    everything that reads it relies on it."""
-    zero = ckpt["optimizer"].get("zero")
-    if zero is None:
-        return None
-    files = zero.get("files", []) if isinstance(zero, dict) else None
-    valid = (
-        isinstance(zero, dict)
-        and _plain_name(zero.get("dir"))
-        and isinstance(zero.get("world_size"), int)
-        and zero["world_size"] > 0
-        and zero.get("zero_stage") in (1, 2, 3)
-        and isinstance(files, list)
-        and all(isinstance(f, dict) and _plain_name(f.get("name"), nested=True) and isinstance(f.get("size"), int)
-                and isinstance(f.get("sha256"), str) for f in files)
-    )  # fmt: skip
-    if not valid:
-        raise FastmimError(
-            f"checkpoint {path} has a malformed ZeRO shard pointer; give a checkpoint written by fastmim."
-        )
-    return zero
-
-
-def _plain_name(name: Any, nested: bool = False) -> bool:
-    """A relative file name (with sub-directories when ``nested``) that stays inside its directory."""
-    if not isinstance(name, str) or not name or name.startswith("/"):
-        return False
-    parts = name.split("/")
-    return (nested or len(parts) == 1) and all(part not in ("", ".", "..") for part in parts)
-
-
-def check_resumable(d: Dist, path: Path, ckpt: dict[str, Any]) -> None:
-    """Refuse, by name, a checkpoint this run cannot continue: a ZeRO checkpoint under another world size, stage
-    or without DeepSpeed, and a plain checkpoint under DeepSpeed (ZeRO's optimizer partitions cannot be filled
-    from a full AdamW state)."""
-    zero = zero_pointer(ckpt, path)
-    if zero is None:
-        if d.mode == "deepspeed":
-            raise FastmimError(
-                f"checkpoint {path} was written without DeepSpeed; resume it with train.dist=ddp (any number of "
-                "processes), or start the DeepSpeed run afresh."
-            )
-        return
-    if d.mode != "deepspeed" or zero["world_size"] != d.world or zero["zero_stage"] != d.zero_stage:
-        here = f"ZeRO-{d.zero_stage} on {d.world}" if d.mode == "deepspeed" else f"train.dist={d.mode} on {d.world}"
-        raise FastmimError(
-            f"checkpoint {path} holds ZeRO-{zero['zero_stage']} shards of {zero['world_size']} process(es), "
-            f"which cannot continue as {here} process(es); resume with train.dist=deepspeed, "
-            f"train.zero_stage={zero['zero_stage']} on {zero['world_size']} process(es), or run `fastmim consolidate "
-            f"{path} --out FILE.pt` and resume from FILE.pt (weights and position kept, AdamW moments restart)."
-        )
-
-
-def load_shards(d: Dist, path: Path, ckpt: dict[str, Any]) -> bool:
-    """ZeRO: load the module and optimizer shards of checkpoint ``path`` into the engine (checked by
-    :func:`verify_shards` first); False without ZeRO."""
-    zero = zero_pointer(ckpt, path)
-    if zero is None:
-        return False
-    shard_dir = path.parent / zero["dir"]
-    if not shard_dir.is_dir():
-        raise FastmimError(f"checkpoint {path} lacks its ZeRO shards {shard_dir}; restore the directory beside it.")
-    loaded, _ = d.engine.load_checkpoint(str(path.parent), tag=zero["dir"], load_lr_scheduler_states=False)
-    if loaded is None:
-        raise FastmimError(f"DeepSpeed could not read the ZeRO shards in {shard_dir}; resume from another checkpoint.")
-    return True
-
-
-def remove_stale_shards(out_dir: Path) -> list[Path]:
-    """Shard directories that no checkpoint refers to any more: interrupted saves (hidden ``*.zero.tmp``) and the
-    shards of checkpoints removed by rotation. Rank 0 calls this after rotating and before resuming."""
-    stale = [p for p in out_dir.glob(".checkpoint-*.zero.tmp") if p.is_dir()]
-    stale += [p for p in out_dir.glob("checkpoint-*.zero") if p.is_dir() and not p.with_suffix(".pt").exists()]
-    for p in stale:
-        shutil.rmtree(p, ignore_errors=True)
-    return stale
-
-
-def consolidate(src: str | Path, out: Path) -> dict[str, Any]:
-    """A plain fastmim checkpoint from a ZeRO one: the fp32 weights gathered from the shards (DeepSpeed's
-    ``zero_to_fp32``), the step, data position, config and RNG of ``src``, and a fresh AdamW state (the moments are
-    partitioned in a layout only DeepSpeed reads; they restart). Returns a summary."""
-    from fastmim.config import config_from_toml
-    from fastmim.models import model_from_config
-    from fastmim.train.checkpoint import CorruptCheckpoint, load_checkpoint, write_checkpoint
-    from fastmim.train.optim import build_optimizer
-
-    src = Path(src)
-    ckpt = load_checkpoint(src)
-    zero = zero_pointer(ckpt, src)
-    if zero is None:
-        raise FastmimError(f"{src} is already a plain fastmim checkpoint; resume from it directly.")
-    shard_dir = src.parent / zero["dir"]
-    _import_deepspeed(torch.device("cpu"))
-    try:
-        verify_shards(src, ckpt)
-    except CorruptCheckpoint as e:
-        raise FastmimError(
-            f"{e}; consolidate an intact checkpoint instead (an earlier checkpoint-*.pt of the run), or restore "
-            f"{shard_dir} from a backup."
-        ) from None
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(src.parent), tag=zero["dir"])
-    cfg = config_from_toml(ckpt["config"], f"checkpoint {src}")
-    model = model_from_config(cfg.model)
-    missing = set(model.state_dict()) - set(weights)
-    state = {**model.state_dict(), **weights} if missing <= _buffers(model) else None
-    if state is None:
-        raise FastmimError(f"the shards in {shard_dir} lack parameters {sorted(missing)[:3]}; they are damaged.")
-    model.load_state_dict(state)
-    t = cfg.train
-    optimizer = build_optimizer(model, t.lr or t.blr, t.weight_decay, (t.beta1, t.beta2))
-    plain = {**ckpt, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
-    write_checkpoint(plain, out)
-    return {"step": ckpt["step"], "world_size": zero["world_size"], "zero_stage": zero["zero_stage"], "out": out}
-
-
-def _buffers(model: nn.Module) -> set[str]:
-    return {name for name, _ in model.named_buffers()}

@@ -1,4 +1,4 @@
-"""One run at a time per run directory: the lock file ``<out_dir>/run.lock``.
+"""One run at a time per run directory: the lock file ``<out_dir>/run.lock``; and the run's config files.
 
 A run takes an exclusive ``flock`` on ``run.lock`` before it reads or writes anything else in its directory, and
 holds it until its summary is written. The kernel drops the lock when the process ends, however it ends (kill -9
@@ -7,6 +7,9 @@ process id, host and start time, and means nothing once unlocked. A second run o
 taken and is refused in one line that names the holder. ``flock`` holds between the processes of one machine and,
 on Linux, over NFS (the client maps it onto POSIX locks); where a file system cannot lock at all, the run warns and
 goes on unlocked.
+
+``config.toml`` holds the run's config; a resume with different settings is recorded beside it
+(``config.resumed-<step>.toml``), never over it (:func:`save_config`).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from fastmim.errors import FastmimError, one_line
-from fastmim.train.checkpoint import latest_checkpoint
+from fastmim.train.checkpoint import latest_checkpoint, write_text_atomic
+from fastmim.train.distributed import Dist, on_main
 from fastmim.train.metrics import warn
 
 LOCK_NAME = "run.lock"
@@ -84,6 +88,35 @@ def hold_run_dir(out_dir: Path) -> RunLock:
     return RunLock(file)
 
 
+def lock_run_dir(d: Dist, out_dir: Path) -> RunLock:
+    """:func:`hold_run_dir` on rank 0, which alone reads and writes the run directory's files (the other ranks get
+    a lock that holds nothing); a refusal there is raised on every rank."""
+    held: list[RunLock] = []
+    on_main(d, lambda: held.append(hold_run_dir(out_dir)))
+    return held[0] if held else RunLock()
+
+
 def holds_a_run(out_dir: Path) -> bool:
     """Whether ``out_dir`` already holds a run's history: a metrics file or a checkpoint."""
     return (out_dir / "metrics.jsonl").exists() or latest_checkpoint(out_dir) is not None
+
+
+def save_config(out_dir: Path, text: str, resumed_at: int | None) -> Path:
+    """Record the run's config (TOML ``text``) and return the file that holds it (the resume command names it).
+    A run that starts from scratch (``resumed_at`` None) writes config.toml whatever is there (what an earlier
+    attempt that saved no checkpoint left: a fresh run is refused where a run's history exists); a resume at step
+    ``resumed_at`` keeps config.toml and writes ``config.resumed-<step>.toml`` (``-2``, ``-3``, ... when taken)
+    unless one of them already holds ``text``."""
+    if resumed_at is None:
+        write_text_atomic(text, out_dir / "config.toml")
+        return out_dir / "config.toml"
+    n = 0
+    while True:
+        suffix = "" if n < 2 else f"-{n}"
+        path = out_dir / ("config.toml" if n == 0 else f"config.resumed-{resumed_at:07d}{suffix}.toml")
+        if not path.exists():
+            write_text_atomic(text, path)
+            return path
+        if path.read_text() == text:
+            return path
+        n += 1

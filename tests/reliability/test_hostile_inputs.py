@@ -2,7 +2,6 @@
 models', versions' and tools' files refused by name; a run writes nothing outside its run directory."""
 
 import os
-from typing import get_type_hints
 
 import numpy as np
 import pytest
@@ -10,7 +9,7 @@ import torch
 from PIL import Image
 
 from fastmim.cli import main
-from fastmim.config import Config, load_config, to_dict, validate
+from fastmim.config import Config, key_types, load_config, to_dict, validate
 from fastmim.errors import FastmimError
 from fastmim.train import train
 from fastmim.train.checkpoint import checkpoint_path, load_checkpoint, write_checkpoint
@@ -67,7 +66,7 @@ INVALID = {
 }
 CONTEXT = {"data.path": ["--data.source=folder"], "train.epochs": ["--train.steps=0"], "train.blr": ["--train.lr=0"]}
 KEYS = [f"{s}.{k}" for s, values in to_dict(Config()).items() for k in values]
-TYPES = {f"{s}.{k}": t for s in to_dict(Config()) for k, t in get_type_hints(type(getattr(Config(), s))).items()}
+TYPES = {f"{s}.{k}": t for s in to_dict(Config()) for k, (t, _) in key_types(type(getattr(Config(), s))).items()}
 
 
 def test_every_key_has_an_invalid_case():

@@ -11,7 +11,7 @@ import torch
 
 from fastmim.errors import FastmimError
 from fastmim.models import model_from_config
-from fastmim.train import trainer
+from fastmim.train import build, trainer
 from fastmim.train.checkpoint import checkpoint_path, load_checkpoint
 from fastmim.train.metrics import StepStats
 from fastmim.train.optim import param_groups
@@ -87,13 +87,13 @@ def _poison_scale(monkeypatch, scale: int, steps) -> None:
     """Every model the trainer builds predicts NaN at one scale on the given forward passes (1-based)."""
     calls = itertools.count(1)
 
-    def build(mcfg):
+    def poisoned(mcfg):
         model = model_from_config(mcfg)
         head = model.decoders[scale].head
         head.register_forward_hook(lambda m, i, out: out * float("nan") if next(calls) in steps else None)
         return model
 
-    monkeypatch.setattr(trainer, "model_from_config", build)
+    monkeypatch.setattr(build, "model_from_config", poisoned)
 
 
 def test_a_transient_nan_is_skipped_logged_by_scale_and_training_goes_on(tmp_path, monkeypatch, capsys):

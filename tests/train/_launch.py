@@ -33,8 +33,7 @@ import torch
 
 import fastmim.cli
 import fastmim.train.trainer
-from fastmim.train.checkpoint import load_checkpoint, write_checkpoint
-from fastmim.train.distributed import _digest
+from fastmim.train.checkpoint import file_digest, load_checkpoint, write_checkpoint
 
 
 def free_port() -> int:
@@ -87,7 +86,7 @@ def plant(src: str, dst: str, marker: str) -> None:
     state = torch.load(target, map_location="cpu", weights_only=False)  # this test's own file
     torch.save({**state, "payload": Payload(marker)}, target)
     ckpt = load_checkpoint(src_path)
-    files = [{"name": p.name, **_digest(p)} for p in sorted(shards.iterdir())]
+    files = [{"name": p.name, **file_digest(p)} for p in sorted(shards.iterdir())]
     ckpt["optimizer"] = {"zero": {**ckpt["optimizer"]["zero"], "files": files}}
     write_checkpoint(ckpt, dst_path / src_path.name)
 

@@ -23,9 +23,10 @@ import torch
 from fastmim.config import load_config
 from fastmim.errors import FastmimError
 from fastmim.train.checkpoint import load_checkpoint, read_record, write_checkpoint
-from fastmim.train.distributed import consolidate, deepspeed_config, resolve_mode
+from fastmim.train.distributed import deepspeed_config, resolve_mode
 from fastmim.train.metrics import read_metrics
 from fastmim.train.trainer import train
+from fastmim.train.zero import consolidate
 
 HERE = Path(__file__).parent
 FAST = [

@@ -119,7 +119,7 @@ def test_a_non_logging_cuda_step_does_not_synchronise(tmp_path, impl, augment):
     """The real check: CUDA's sync debug mode raises on any synchronising call during two non-logging steps
     (bf16 autocast, fused AdamW, gradient clipping, device-side input from the prefetcher, for data.augment=gpu
     the crop-resize kernel, mask noise copied from pinned memory)."""
-    from fastmim.train.trainer import _batches
+    from fastmim.train.trainer import input_stream
 
     cfg = load_config(None, [
         "--model.img_size=64", "--model.decoder_dim=64", f"--model.impl={impl}", "--data.num_images=64",
@@ -128,7 +128,7 @@ def test_a_non_logging_cuda_step_does_not_synchronise(tmp_path, impl, augment):
         f"--train.out_dir={tmp_path / 'run'}",
     ])  # fmt: skip
     run = build_run(cfg)
-    batches = _batches(run)
+    batches = input_stream(run)
     stats = StepStats(scale_names(run.model), run.device)
     stats.update(*train_step(run, batches))
     torch.cuda.synchronize()

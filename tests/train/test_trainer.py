@@ -1,3 +1,4 @@
+import contextlib
 import itertools
 import json
 import time
@@ -7,7 +8,7 @@ import torch
 
 from fastmim.config import load_config
 from fastmim.errors import FastmimError
-from fastmim.train import trainer
+from fastmim.train import build, trainer
 from fastmim.train.checkpoint import latest_checkpoint, load_checkpoint
 from fastmim.train.rundir import LOCK_NAME
 from fastmim.train.trainer import build_run, train, train_step
@@ -39,6 +40,21 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
     losses = [train_step(run, itertools.repeat(images))[0].item() for _ in range(5)]
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] * 0.9, losses
+
+
+def test_train_step_names_its_stages_to_the_hook(tmp_path):
+    """`bench step` times and `fastmim profile` names the stages of the production step through this hook."""
+    run = build_run(_cfg(tmp_path, "--train.steps=2", "--train.accum_steps=2"))
+    images = next(run.loader.iterate(0))[0]
+    seen = []
+
+    def stage(name):
+        seen.append(name)
+        return contextlib.nullcontext()
+
+    train_step(run, itertools.repeat(images), stage=stage)
+    assert seen == ["data", "forward", "backward"] * 2 + ["optimizer"] and run.pos.step == 1
+    assert set(seen) == set(trainer.STAGES)
 
 
 def test_smoke_run_writes_metrics_checkpoint_and_plot(tmp_path):
@@ -134,13 +150,13 @@ def test_summary_rate_is_the_steady_one_and_start_up_is_apart(tmp_path, monkeypa
     """A slow start-up (here 1.5 s added to building the run) is reported as start-up, not averaged into the
     headline img/s, which matches the progress rows after the first step (before: 31.9 img/s in the summary where
     the last row said 94.6)."""
-    build_loader = trainer.build_loader
+    build_loader = build.build_loader
 
     def slow_build(*args):
         time.sleep(1.5)
         return build_loader(*args)
 
-    monkeypatch.setattr(trainer, "build_loader", slow_build)
+    monkeypatch.setattr(build, "build_loader", slow_build)
     summary = train(_cfg(tmp_path, "--train.steps=6"))
     rows = _rows(tmp_path / "run" / "metrics.jsonl")
     images = 8  # batch_size, one process
