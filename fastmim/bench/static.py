@@ -233,7 +233,7 @@ def recipe_launches(labels: Sequence[str]) -> list[Launch]:
         cfg = load_config(recipe, [*overrides, "--model.impl=fast", "--model.attn=sdpa"])
         with torch.device("meta"):
             model = model_from_config(cfg.model)
-        side, batch = cfg.model.img_size or 224, cfg.train.batch_size
+        side, batch = cfg.model.resolved_img_size, cfg.train.batch_size
         with catch_launches() as caught:
             if name_is_swin(cfg.model.name):
                 _launch_swin(model, batch, side)

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fastmim.config import DataConfig, choices
 from fastmim.data import packed
 from fastmim.data.beton import BetonSource
 from fastmim.data.packed import CropBatches, SharedRing, load_or_replace
@@ -55,7 +56,7 @@ _MASK63 = (1 << 63) - 1
 # torch.multiprocessing re-raises a worker's exception in the main process with this header in the message.
 _WORKER_ERROR_HEADER = "Caught FastmimError in DataLoader worker process"
 _ERROR_PREFIX = "fastmim.errors.FastmimError: "
-PLACEMENTS: tuple[str, ...] = ("cpu", "gpu")
+PLACEMENTS: tuple[str, ...] = choices(DataConfig, "augment")  # the values data.augment declares
 # Seconds a worker gets to exit after being asked to (an idle one takes milliseconds) before it is killed.
 _WORKER_GRACE_S = 2.0
 # DataLoader iterators whose workers may still run: shut down at exit if nothing else did (see the module docstring).

@@ -38,11 +38,12 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
+from fastmim.config import DataConfig, choices
 from fastmim.data.sources import ImageSource, UnreadableImageError
 from fastmim.data.transforms import PretrainTransform
 from fastmim.errors import FastmimError, one_line
 
-DECODES: tuple[str, ...] = ("cpu", "gpu")
+DECODES: tuple[str, ...] = choices(DataConfig, "decode")  # the values data.decode declares
 PREFETCH = 2  # the DataLoader's prefetch_factor: batches in flight per worker (the ring has one slot more in all)
 # Replacements for an unreadable image are drawn from (sample seed, this salt); after this many unreadable
 # replacements in a row the data is hopeless and the run stops.

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from fastmim.config import ModelConfig, choices
 from fastmim.masking import Masking, random_masking
 
-IMPLS = ("reference", "fast")
+IMPLS = choices(ModelConfig, "impl")  # the values model.impl declares
 
 
 class MaskedImageModel(nn.Module):

@@ -12,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from fastmim.config import ModelConfig
 from fastmim.errors import FastmimError
 from fastmim.models.localmim import LocalMIMViT
 from fastmim.models.mae import MAEViT
@@ -42,9 +43,9 @@ def create_model(name: str, impl: str = "reference", **overrides: Any) -> nn.Mod
         raise FastmimError(f"cannot build {name} with {overrides}: {e}.") from None
 
 
-def model_from_config(mcfg: Any) -> nn.Module:
+def model_from_config(mcfg: ModelConfig) -> nn.Module:
     """Build the model a ModelConfig describes (0 / "" / "default" fields keep the entrypoint's default)."""
-    overrides: dict[str, Any] = {"img_size": mcfg.img_size or 224, "mask_ratio": mcfg.mask_ratio}
+    overrides: dict[str, Any] = {"img_size": mcfg.resolved_img_size, "mask_ratio": mcfg.mask_ratio}
     if mcfg.decoder_dim:
         overrides["decoder_dim"] = mcfg.decoder_dim
     if name_is_localmim(mcfg.name):

@@ -43,6 +43,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from fastmim.config import ModelConfig, choices
 from fastmim.masking import scale_weights
 from fastmim.models.base import MaskedImageModel, MIMOutput, masked_mse, recon_loss_ops
 from fastmim.models.decoder import MaskedDecoder
@@ -52,7 +53,7 @@ from fastmim.models.swin_encoder import SparseSwinEncoder
 from fastmim.models.vit import LN_EPS, init_weights, sincos_pos_embed
 from fastmim.targets import make_target
 
-MASK_RULES = ("exact", "released")
+MASK_RULES = choices(ModelConfig, "mask_rule")  # the values model.mask_rule declares
 
 
 class UnitMasking(NamedTuple):

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastmim.config import ModelConfig, choices
 from fastmim.models.vit import LN_EPS, Mlp, init_weights
 
 
@@ -117,7 +118,7 @@ def window_layout(coords: Tensor, window: int, shift: int) -> WindowLayout:
     return WindowLayout(flat, scatter, allowed, bias_index, len(slots), capacity)
 
 
-COORD_RULES = ("true", "released")
+COORD_RULES = tuple(c for c in choices(ModelConfig, "swin_coords") if c != "default")  # model.swin_coords's rules
 
 
 def check_coord_rule(rule: str) -> str:

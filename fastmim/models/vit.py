@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fastmim.config import ModelConfig, choices
 from fastmim.masking import Masking
 from fastmim.models.base import masked_gather_ops
 
@@ -48,7 +49,7 @@ def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> Tensor:
 
 # model.attn: "sdpa" lets torch choose per call; the others force one SDPA backend or use xformers; "auto" is
 # resolved by measurement before training (fastmim.train.attn_choice) and acts as "sdpa" until then.
-ATTN_BACKENDS = ("auto", "sdpa", "flash", "cudnn", "efficient", "math", "xformers")
+ATTN_BACKENDS = choices(ModelConfig, "attn")  # the values model.attn declares
 _FORCED = {
     "flash": SDPBackend.FLASH_ATTENTION,
     "cudnn": SDPBackend.CUDNN_ATTENTION,
