@@ -1,7 +1,7 @@
-"""bench "hog": multi-scale HOG targets (SPEC 3.1), every scale of a ViT batch.
+"""bench "hog": multi-scale HOG targets (method 3.1), every scale of a ViT batch.
 
 Providers:
-- released: the released code's way, transcribed from SPEC: one pass per scale and colour (4 x 3 = 12), each
+- released: the released code's way, transcribed from docs/method.md: one pass per scale and colour (4 x 3 = 12), each
   reflect-padding, convolving, zero-filling a [B, nbins, H, W] fp32 tensor, scattering magnitudes into it, pooling
   and normalising;
 - eager: fastmim's reference (fastmim.targets.HOGTarget: one pass at the finest cell, pooled for coarser cells);

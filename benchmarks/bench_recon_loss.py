@@ -1,10 +1,10 @@
-"""bench "heads_loss": the four LocalMIM ViT prediction heads + the multi-scale masked MSE (SPEC 2.3 step 6, 2.4).
+"""bench "heads_loss": the four LocalMIM ViT prediction heads + the multi-scale masked MSE (method 2.3 step 6, 2.4).
 
 Inputs: the four decoders' output tokens [B, L, C] (fp32, as the decoders' final LayerNorm returns them under
 autocast), the full targets [B, N_k, 27] (fp32), the patch mask, and every head parameter (so that "full" times the
 weight gradients too, as a training step does).
 Providers:
-- eager: the SPEC-literal path: ScaleHead on full 14 x 14 maps (transposed convs, LN2d, GELU, 1x1 convs), masks
+- eager: the method-literal path: ScaleHead on full 14 x 14 maps (transposed convs, LN2d, GELU, 1x1 convs), masks
   upsampled by scale_weights, masked_mse per scale;
 - compile: torch.compile of eager;
 - triton: impl = "fast": per-token heads on masked cells only (fastmim.models.fast_heads) + the fused loss kernel

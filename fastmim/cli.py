@@ -7,7 +7,7 @@
     fastmim import-checkpoint SRC --model NAME --out DST           released LocalMIM/MAE weights -> fastmim
     fastmim export-released SRC --out DST                          fastmim weights -> the released layout
     fastmim consolidate CKPT --out DST                             ZeRO checkpoint -> plain fastmim checkpoint
-    fastmim finetune [--config RECIPE] [--section.key=value ...]   fine-tune an encoder (SPEC 6), top-1/top-5
+    fastmim finetune [--config RECIPE] [--section.key=value ...]   fine-tune an encoder (method 6), top-1/top-5
     fastmim linprobe [--config RECIPE] [--section.key=value ...]   linear probe of a frozen encoder
     fastmim export CKPT --format timm --out FILE                   encoder -> safetensors for timm's ViT
     fastmim visualize CKPT --out FILE.png [--images IMG ...]       input, mask, targets, predictions
@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="fastmim checkpoint or weights file")
     p.add_argument("--out", required=True, help="output .pth file ({'model': state_dict} with released names)")
     for name, text in (
-        ("finetune", "fine-tune a pre-trained encoder (SPEC 6; default: tiny recipe on digits)"),
+        ("finetune", "fine-tune a pre-trained encoder (method 6; default: tiny recipe on digits)"),
         ("linprobe", "linear-probe a frozen encoder (MAE protocol; default: tiny recipe on digits)"),
     ):
         p = sub.add_parser(name, help=text)

@@ -58,7 +58,7 @@ class ModelConfig:
     nbins: int = 0
     """HOG orientation bins; 0 = the model's default (9 for ViT-S/B, 18 for ViT-L and Swin)."""
     hog_bias: Literal["default", "on", "off"] = "default"
-    """"default", "on" or "off": the frozen random Sobel bias per scale (SPEC 3.3); default = on for ViT-L and Swin."""
+    """"default", "on" or "off": the frozen random Sobel bias per scale (method 3.3); default: on for ViT-L, Swin."""
     attn: Literal["auto", "sdpa", "flash", "cudnn", "efficient", "math", "xformers"] = "auto"
     """Attention backend: "auto" (on CUDA, the fastest backend at each attention shape, measured before training;
     "sdpa" on CPU), "sdpa" (torch picks per call), "flash", "cudnn", "efficient", "math" (SDPA forced to that
@@ -93,7 +93,7 @@ class DataConfig:
     num_images: int = 512
     """Number of images in the demo and synthetic datasets."""
     min_scale: float = 0.2
-    """Lower bound of RandomResizedCrop's area scale (SPEC 5: 0.2)."""
+    """Lower bound of RandomResizedCrop's area scale (method 5: 0.2)."""
     augment: Literal["cpu", "gpu"] = "cpu"
     """Where crops are resized, flipped and normalised: "cpu" (PIL, in the data workers) or "gpu" (workers only
     decode and crop; one fused op on the training device; same crops, same pixels up to Pillow's pass order)."""
@@ -118,13 +118,13 @@ class TrainConfig:
     warmup_steps: int = -1
     """Warm-up length in optimizer steps; -1 = derive it from warmup_epochs."""
     blr: float = 2e-4
-    """Base learning rate; the actual lr is blr * effective_batch / 256 (SPEC 5)."""
+    """Base learning rate; the actual lr is blr * effective_batch / 256 (method 5)."""
     lr: float = 0.0
     """Absolute peak learning rate; 0 = derive it from blr."""
     min_lr: float = 1e-6
     """Floor of the half-cycle cosine schedule."""
     weight_decay: float = 0.05
-    """AdamW weight decay, applied to every trainable tensor except 1-D ones and biases (SPEC 5)."""
+    """AdamW weight decay, applied to every trainable tensor except 1-D ones and biases (method 5)."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.95

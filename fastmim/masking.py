@@ -1,4 +1,4 @@
-"""Random patch masking (SPEC 2.1) and the per-scale loss weights derived from a patch mask (SPEC 2.4).
+"""Random patch masking (method 2.1) and the per-scale loss weights derived from a patch mask (method 2.4).
 
 Per sample: noise ~ U[0, 1) of shape [B, L]; ids_shuffle = argsort(noise); the first int(L * (1 - ratio)) indices
 are kept; ids_restore = argsort(ids_shuffle); mask = 1 for removed patches, 0 for kept, in original patch order.
@@ -21,12 +21,12 @@ class Masking(NamedTuple):
 
 
 def num_kept(num_patches: int, mask_ratio: float) -> int:
-    """Patches kept per image: int(L * (1 - ratio)) as SPEC 2.1 (49 of 196 at 0.75); at least one."""
+    """Patches kept per image: int(L * (1 - ratio)) as method 2.1 (49 of 196 at 0.75); at least one."""
     return max(1, int(num_patches * (1 - mask_ratio)))
 
 
 def random_masking(noise: Tensor, mask_ratio: float) -> Masking:
-    """Masking from noise [B, L] (SPEC 2.1)."""
+    """Masking from noise [B, L] (method 2.1)."""
     batch, length = noise.shape
     len_keep = num_kept(length, mask_ratio)
     ids_shuffle = torch.argsort(noise, dim=1)
@@ -39,7 +39,7 @@ def random_masking(noise: Tensor, mask_ratio: float) -> Masking:
 
 
 def scale_weights(mask: Tensor, grid: int, scale: float) -> Tensor:
-    """Loss weights M_k [B, N_k] of one scale from the patch mask [B, grid * grid] (SPEC 2.4).
+    """Loss weights M_k [B, N_k] of one scale from the patch mask [B, grid * grid] (method 2.4).
 
     scale >= 1: nearest upsampling (each patch's value copied to its s x s cells); scale = 1/2: the fraction of
     masked patches in each 2 x 2 group of patches.

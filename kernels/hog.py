@@ -1,4 +1,4 @@
-"""Multi-scale HOG targets (SPEC 3.1, 3.3): every scale and colour from one read of the image.
+"""Multi-scale HOG targets (method 3.1, 3.3): every scale and colour from one read of the image.
 
 Math. For each colour channel I of the normalised image [B, 3, H, W] (reflect padding by one pixel):
     G0 = I * [[1, 0, -1], [2, 0, -2], [1, 0, -1]] + b0,   G1 = I * [[1, 2, 1], [0, 0, 0], [-1, -2, -1]] + b1
@@ -18,7 +18,7 @@ copy of the batch exists, and without a bias the bins of uint8 input are exact.
 
 Bins without atan2 (Triton has none). Fold (G0, G1) into the half-plane that the unsigned bin sees:
 (y, x) = (G0, G1) if G0 > 0 or (G0 == 0 and G1 >= 0), else (-G0, -G1), so theta = atan2(y, x) lies in [0, pi) and
-bin = floor(theta / pi * nbins) is the SPEC's floor(atan2(G0, G1) / pi * nbins) mod nbins. x / (|G0| + |G1|)
+bin = floor(theta / pi * nbins) is the method's floor(atan2(G0, G1) / pi * nbins) mod nbins. x / (|G0| + |G1|)
 decreases strictly with theta, hence theta >= edge k (k pi / nbins)  <=>  x <= u_k (|G0| + |G1|), with
 u_k = cos(k pi / n) / (|cos| + sin) of that edge. This is exact on every edge a float direction can hit exactly:
 theta = 0 (G0 = +-0 with any G1, matching atan2's +-0 / +-pi conventions: bin 0), 90 degrees (u = 0) and 45 / 135
@@ -88,7 +88,7 @@ MAX_CELL_RATIO = 16  # largest / smallest cell: (16)^2 finest cells per program 
 
 
 def _sobel(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(G0, G1) of images [N, H, W] with reflect padding (SPEC 3.1 step 1: G0 = [[1, 0, -1], [2, 0, -2], [1, 0, -1]],
+    """(G0, G1) of images [N, H, W] with reflect padding (method 3.1 step 1: G0 = [[1, 0, -1], [2, 0, -2], [1, 0, -1]],
     G1 its transpose, cross-correlated), as explicit sums in the dtype of x.
 
     Written out rather than as conv2d: on Ampere and later GPUs cuDNN convolves in TF32 by default (10-bit
@@ -106,7 +106,7 @@ def _sobel(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def hog_histograms(img: Tensor, cell_size: int, nbins: int, bias: Tensor | None = None) -> Tensor:
     """Un-normalised cell histograms [B, 3, nbins, H / cell, W / cell] of a normalised image [B, 3, H, W]
-    (SPEC 3.1 steps 1-5, with atan2 and floor exactly as written), in fp32 (fp64 for fp64 input)."""
+    (method 3.1 steps 1-5, with atan2 and floor exactly as written), in fp32 (fp64 for fp64 input)."""
     b, c, h, w = img.shape
     dtype = torch.promote_types(img.dtype, torch.float32)
     g0, g1 = _sobel(img.to(dtype).reshape(b * c, h, w))
@@ -155,7 +155,7 @@ def hog_ref(img: Tensor, cell_sizes: Sequence[int], nbins: int = 9, bias: Tensor
     """HOG targets for every cell size (the specification): ``[[B, N_k, 3 * nbins]]``.
 
     img: the normalised image [B, 3, H, W], or uint8 pixels with ``mean``/``std`` (normalised here, as
-    ToTensor + Normalize do). bias: [K, 2] per-scale Sobel bias (SPEC 3.3) or None. Computed in fp32 (fp64 for
+    ToTensor + Normalize do). bias: [K, 2] per-scale Sobel bias (method 3.3) or None. Computed in fp32 (fp64 for
     fp64 input) with autocast off; ``out_dtype`` (default: that compute dtype) casts the results."""
     _check(img, cell_sizes, nbins, bias, mean, std)
     cells = [int(c) for c in cell_sizes]

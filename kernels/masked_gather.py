@@ -1,4 +1,4 @@
-"""Masked-token gather (encoder input) and decoder scatter (decoder input), forward and backward (SPEC 2.1, 2.3).
+"""Masked-token gather (encoder input) and decoder scatter (decoder input), forward and backward (method 2.1, 2.3).
 
 Encoder input. For images x [B, Cin, H, W] (patch p, g x g patches, L = g^2), kept patches ids_keep [B, K] (int64,
 any strides), patch-embed weight W [D, Cin*p*p] and bias b [D], frozen position embedding pos [1 + L, D] and cls [D]:

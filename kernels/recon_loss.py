@@ -1,4 +1,4 @@
-"""LocalMIM's multi-scale masked reconstruction loss, forward and backward, in one kernel each (SPEC 2.4).
+"""LocalMIM's multi-scale masked reconstruction loss, forward and backward, in one kernel each (method 2.4).
 
 Math. For the ViT scales s = 4, 2, 1, 1/2 on a patch grid of g x g patches (L = g^2) with patch mask m [B, L]
 (1 = masked), the per-scale loss is
@@ -16,7 +16,7 @@ Layout ("compact"): predictions exist only for the cells listed by ``idx`` (patc
 - ``preds[1]`` [B, n, 4, C1]: s = 2, sub-cell q = 2 di + dj is cell (2 i + di, 2 j + dj);
 - ``preds[2]`` [B, n, C2]: s = 1, cell (i, j);
 - ``preds[3]`` [B, n_grp, C3]: s = 1/2, cell gidx[b, t] of the (g/2) x (g/2) grid.
-``targets[k]`` are the full row-major targets [B, N_k, C_k]. The result equals the SPEC loss over full maps whenever
+``targets[k]`` are the full row-major targets [B, N_k, C_k]. The result equals the method's loss over full maps whenever
 ``idx`` lists every masked patch of a row and ``gidx`` every group holding one (each at most once; listed
 visible patches / empty groups get weight 0). With idx = all patches it is the full-map loss itself.
 
@@ -38,7 +38,7 @@ Other geometries (``subs``). The four scales are given by their cells per patch 
 ``SUBS`` = (4, 2, 1, 0) for the ViT scales; 0 marks the 2 x 2-group scale, at most one may use it, and it needs an
 even grid); any of 4, 2, 1, 0 may sit in any of the four slots. LocalMIM-Swin uses (4, 2, 1, 1) on its grid of
 32 px mask units (odd, e.g. 7 x 7 at 224 px): 8 / 16 / 32 / 32 px cells, each weight a unit's mask bit, nearest
-upsampled (SPEC 4); ``idx`` lists its masked units (the same row for every image: one mask per batch).
+upsampled (method 4); ``idx`` lists its masked units (the same row for every image: one mask per batch).
 
 Caveats: targets get no gradient (they are computed under no-grad); fp64 inputs and tensors a kernel cannot run
 on (CPU without TRITON_INTERPRET=1) use ``recon_loss_ref``. The per-program partial sums are reduced in a fixed

@@ -1,10 +1,10 @@
 """Independent, deliberately naive oracle for fastmim's tests.
 
-Every function and module here is a literal transcription of /work/shared/SPEC.md (section numbers are cited in
-the comments) so that a reviewer can check it line by line against the SPEC text. Nothing is optimised and nothing
+Every function and module here is a literal transcription of docs/method.md (section numbers are cited in
+the comments) so that a reviewer can check it line by line against that text. Nothing is optimised and nothing
 is shared with the fastmim package: only torch, torch.nn.functional and math are imported.
 
-Module names follow the released checkpoints (SPEC section 9), so ``state_dict()`` keys are exactly the released
+Module names follow the released checkpoints (method 9), so ``state_dict()`` keys are exactly the released
 ones and a released state dict (its "model" entry) loads with ``load_state_dict(..., strict=True)``.
 
 dtype: everything follows the dtype of the inputs / parameters; fp64 works. The fixed constants (sin-cos position
@@ -31,17 +31,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# SPEC 2.2: scale s (cells per patch side) of the four taps, in tap order.
+# method 2.2: scale s (cells per patch side) of the four taps, in tap order.
 LOCALMIM_SCALES = (4, 2, 1, 0.5)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Targets (SPEC 3)
+# Targets (method 3)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def sobel_weight(dtype=None):
-    """SPEC 3.1 step 1: the two 3x3 kernels as a conv2d weight [2, 1, 3, 3] (out 0 = G0, out 1 = G1)."""
+    """method 3.1 step 1: the two 3x3 kernels as a conv2d weight [2, 1, 3, 3] (out 0 = G0, out 1 = G1)."""
     if dtype is None:
         dtype = torch.get_default_dtype()
     k0 = torch.tensor([[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]], dtype=torch.float64)
@@ -51,9 +51,9 @@ def sobel_weight(dtype=None):
 
 @torch.no_grad()
 def literal_hog(img, cell_size, nbins, bias=None, weight=None):
-    """SPEC 3.1 for one scale. img: [B, 3, H, W] (the normalised image). Returns [B, N, 3 * nbins].
+    """method 3.1 for one scale. img: [B, 3, H, W] (the normalised image). Returns [B, N, 3 * nbins].
 
-    bias: optional [2] conv bias (SPEC 3.3). weight: optional [2, 1, 3, 3] conv weight (default: the Sobel kernels).
+    bias: optional [2] conv bias (method 3.3). weight: optional [2, 1, 3, 3] conv weight (default: the Sobel kernels).
     """
     # "in fp32 even under autocast": never compute below fp32; fp64 inputs stay fp64.
     dtype = torch.float64 if img.dtype == torch.float64 else torch.float32
@@ -95,7 +95,7 @@ def literal_hog(img, cell_size, nbins, bias=None, weight=None):
 
 @torch.no_grad()
 def literal_pixel_target(img, cell_size, norm_pix=True):
-    """SPEC 3.2. img: [B, 3, H, W]. Returns [B, N, p * p * 3], features ordered (row in cell, column in cell,
+    """method 3.2. img: [B, 3, H, W]. Returns [B, N, p * p * 3], features ordered (row in cell, column in cell,
     channel), cells flattened row-major."""
     B, C, H, W = img.shape
     p = cell_size
@@ -112,12 +112,12 @@ def literal_pixel_target(img, cell_size, norm_pix=True):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Masking and loss (SPEC 2.1, 2.4)
+# Masking and loss (method 2.1, 2.4)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 def literal_random_masking(noise, mask_ratio):
-    """SPEC 2.1. noise: [B, L]. Returns ids_keep [B, len_keep], ids_restore [B, L], mask [B, L] (1 = removed)."""
+    """method 2.1. noise: [B, L]. Returns ids_keep [B, len_keep], ids_restore [B, L], mask [B, L] (1 = removed)."""
     B, L = noise.shape
     len_keep = int(L * (1 - mask_ratio))
     ids_shuffle = torch.argsort(noise, dim=1)  # ascending
@@ -130,7 +130,7 @@ def literal_random_masking(noise, mask_ratio):
 
 
 def literal_mask_weights(mask, grid_size, scale):
-    """SPEC 2.4 per-scale weight M_k. mask: [B, L] with L = grid_size**2 (1 = masked). Returns [B, N_k]."""
+    """method 2.4 per-scale weight M_k. mask: [B, L] with L = grid_size**2 (1 = masked). Returns [B, N_k]."""
     B = mask.shape[0]
     m = mask.reshape(B, grid_size, grid_size)  # token t -> row t // g, column t % g
     if scale >= 1:
@@ -144,13 +144,13 @@ def literal_mask_weights(mask, grid_size, scale):
 
 
 def literal_masked_mse(pred, target, weight):
-    """SPEC 2.4: sum_{b,j} M[b,j] * mean_c (P - T)^2 [b,j,c] / sum_{b,j} M[b,j]."""
+    """method 2.4: sum_{b,j} M[b,j] * mean_c (P - T)^2 [b,j,c] / sum_{b,j} M[b,j]."""
     per_cell = ((pred - target) ** 2).mean(dim=-1)  # B x N
     return (per_cell * weight).sum() / weight.sum()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Position embedding (SPEC 2.1)
+# Position embedding (method 2.1)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -164,10 +164,10 @@ def _sincos_1d(dim, positions):
 
 
 def sincos_pos_embed_2d(dim, grid_size):
-    """SPEC 2.1: fixed 2-D sin-cos embedding [1 + g*g, dim]; row 0 (cls) is zero.
+    """method 2.1: fixed 2-D sin-cos embedding [1 + g*g, dim]; row 0 (cls) is zero.
 
     Token t (row t // g, column t % g). The first dim/2 channels encode the column index and the last dim/2 the
-    row index (the MAE construction; SPEC only says "half the row, half the column"), each half as [sin | cos]
+    row index (the MAE construction; the method only says "half the row, half the column"), each half as [sin | cos]
     with frequencies 1/10000^(2i/(dim/2)). Computed in float64, returned in the default dtype.
     """
     assert dim % 4 == 0
@@ -184,7 +184,7 @@ def sincos_pos_embed_2d(dim, grid_size):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Transformer block (SPEC 2.1): pre-norm, qkv bias, explicit softmax attention, exact GELU, LayerNorm eps 1e-6
+# Transformer block (method 2.1): pre-norm, qkv bias, explicit softmax attention, exact GELU, LayerNorm eps 1e-6
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -243,7 +243,7 @@ class PatchEmbed(nn.Module):
 
 
 def _init_linear_and_layernorm(module):
-    """SPEC 2.1: every Linear xavier-uniform with zero bias; every LayerNorm weight 1, bias 0."""
+    """method 2.1: every Linear xavier-uniform with zero bias; every LayerNorm weight 1, bias 0."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -259,12 +259,12 @@ def _frozen(tensor):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# LocalMIM ViT (SPEC 2, module names of SPEC 9)
+# LocalMIM ViT (method 2, module names of method 9)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 class LN2d(nn.Module):
-    """LayerNorm over channels at each position of a B x C x H x W map, eps 1e-6 (SPEC 2.3 step 6)."""
+    """LayerNorm over channels at each position of a B x C x H x W map, eps 1e-6 (method 2.3 step 6)."""
 
     def __init__(self, channels, eps=1e-6):
         super().__init__()
@@ -280,7 +280,7 @@ class LN2d(nn.Module):
 
 
 def _make_pred_head(scale, C, out):
-    """SPEC 2.3 step 6, indexed as SPEC 9."""
+    """method 2.3 step 6, indexed as method 9."""
     if scale == 4:
         return nn.Sequential(
             nn.ConvTranspose2d(C, C // 2, kernel_size=2, stride=2),  # 0
@@ -305,7 +305,7 @@ def _make_pred_head(scale, C, out):
 
 
 class LocalMIMDecoder(nn.Module):
-    """One decoder (SPEC 2.3): names embed, mask_token, pos_embed, blocks.0, norm, pred."""
+    """One decoder (method 2.3): names embed, mask_token, pos_embed, blocks.0, norm, pred."""
 
     def __init__(self, embed_dim, decoder_dim, decoder_heads, mlp_ratio, grid_size, scale, out):
         super().__init__()
@@ -347,7 +347,7 @@ class LocalMIMDecoder(nn.Module):
 
 
 class HOGLayer(nn.Module):
-    """hog_enc.{k}: frozen Sobel conv, optional frozen bias U(-1/3, 1/3) (SPEC 3.1 step 1, 3.3)."""
+    """hog_enc.{k}: frozen Sobel conv, optional frozen bias U(-1/3, 1/3) (method 3.1 step 1, 3.3)."""
 
     def __init__(self, hog_bias):
         super().__init__()
@@ -361,11 +361,11 @@ class HOGLayer(nn.Module):
 
 
 class ReleasedLocalMIMViT(nn.Module):
-    """The LocalMIM ViT of SPEC section 2 with the released checkpoint's module names (SPEC 9).
+    """The LocalMIM ViT of method 2 with the released checkpoint's module names (method 9).
 
     forward(imgs, noise=None) -> (loss, [L_0, L_1, L_2, L_3]); also stores self.last_mask [B, L],
     self.last_preds / self.last_targets / self.last_weights (lists over k of [B, N_k, F] / [B, N_k]).
-    target: "hog" (default, SPEC 3.1) or "pixel" (SPEC 3.2 with norm_pix; head out = cell^2 * 3; no hog_enc).
+    target: "hog" (default, method 3.1) or "pixel" (method 3.2 with norm_pix; head out = cell^2 * 3; no hog_enc).
     """
 
     def __init__(
@@ -392,7 +392,7 @@ class ReleasedLocalMIMViT(nn.Module):
         self.nbins = nbins
         self.mask_ratio = mask_ratio
         self.target = target
-        self.taps = [1, 3, depth - 3, depth - 1]  # SPEC 2.1, 0-based
+        self.taps = [1, 3, depth - 3, depth - 1]  # method 2.1, 0-based
         self.scales = list(LOCALMIM_SCALES)
         self.cell_sizes = []
         for s in self.scales:
@@ -428,7 +428,7 @@ class ReleasedLocalMIMViT(nn.Module):
         self._init_weights()
 
     def _init_weights(self):
-        # SPEC 2.1 / 2.3. Conv / ConvTranspose in heads keep PyTorch's default init; patch-embed bias too.
+        # method 2.1 / 2.3. Conv / ConvTranspose in heads keep PyTorch's default init; patch-embed bias too.
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         nn.init.normal_(self.cls_token, std=0.02)
@@ -437,7 +437,7 @@ class ReleasedLocalMIMViT(nn.Module):
         _init_linear_and_layernorm(self)
 
     def encode(self, imgs, noise):
-        """SPEC 2.1 order. Returns ([latent_k for k in 0..3], mask, ids_restore)."""
+        """method 2.1 order. Returns ([latent_k for k in 0..3], mask, ids_restore)."""
         x = self.patch_embed(imgs)  # B x L x D
         x = x + self.pos_embed[:, 1:, :]
         ids_keep, ids_restore, mask = literal_random_masking(noise, self.mask_ratio)
@@ -488,12 +488,12 @@ class ReleasedLocalMIMViT(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# MAE ViT (released MAE names, SPEC 9)
+# MAE ViT (released MAE names, method 9)
 # ----------------------------------------------------------------------------------------------------------------
 
 
 class ReleasedMAEViT(nn.Module):
-    """MAE with normalised-pixel target (SPEC 3.2, cell = patch). forward(imgs, noise=None) -> loss.
+    """MAE with normalised-pixel target (method 3.2, cell = patch). forward(imgs, noise=None) -> loss.
 
     Also stores self.last_mask [B, L], self.last_pred [B, L, p*p*3], self.last_target.
     """

@@ -1,4 +1,4 @@
-"""Sanity tests of the SPEC-literal oracle itself (tests/oracles.py). Fast, CPU, float64."""
+"""Sanity tests of the method-literal oracle itself (tests/oracles.py). Fast, CPU, float64."""
 
 import math
 
@@ -87,7 +87,7 @@ def test_localmim_state_dict_keys(hog_bias):
     sd = model.state_dict()
     assert set(sd) == expected_localmim_keys(TINY["depth"], hog_bias)
     C = TINY["decoder_dim"]
-    # ConvTranspose weights are in x out x 2 x 2, conv weights out x in x 1 x 1 (SPEC 9)
+    # ConvTranspose weights are in x out x 2 x 2, conv weights out x in x 1 x 1 (method 9)
     assert sd["decoder.0.pred.0.weight"].shape == (C, C // 2, 2, 2)
     assert sd["decoder.0.pred.1.weight"].shape == (C // 2,)
     assert sd["decoder.0.pred.3.weight"].shape == (C // 2, C // 4, 2, 2)

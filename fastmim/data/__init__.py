@@ -1,4 +1,4 @@
-"""Pre-training data: image sources (demo, folder, synthetic), the SPEC section 5 augmentation and a deterministic,
+"""Pre-training data: image sources (demo, folder, synthetic), the method 5 augmentation and a deterministic,
 resumable loader. The trainer needs only :func:`build_loader` and :class:`MIMLoader`."""
 
 from fastmim.data.loader import MIMLoader, build_loader

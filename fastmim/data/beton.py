@@ -17,7 +17,7 @@ not FFCV's loader: the header, field table, per-sample metadata and allocation t
 arrays, and each sample's bytes are read with one ``pread`` into a buffer the caller keeps (:mod:`fastmim.data.jpeg`
 decodes into another), so a data worker touches no fresh memory per image. FFCV's ``Loader`` is not used because
 its order and crops come from numba's global RNG (no ``(seed, epoch, index)`` determinism, no resume inside an
-epoch), its crop resize is OpenCV's INTER_AREA rather than SPEC 5's bicubic, and importing it JIT-compiles numba code
+epoch), its crop resize is OpenCV's INTER_AREA rather than method 5's bicubic, and importing it JIT-compiles numba code
 for ~10 CPU-seconds in every process. A ``.beton`` is read by the same :class:`~fastmim.data.loader.MIMLoader`
 as every other source, with the same sharding, seeding and resume.
 """
@@ -265,7 +265,7 @@ def prepare_image(path: str, max_side: int) -> tuple[np.ndarray, str]:
     img, mode, _ = decode_image(path, max_side)
     size = stored_size(img.width, img.height, max_side)
     if size != img.size:
-        # Bicubic with antialiasing, as SPEC 5's crops; reducing_gap first box-reduces by an integer factor, within
+        # Bicubic with antialiasing, as method 5's crops; reducing_gap first box-reduces by an integer factor, within
         # 1/255 of the exact result, 3-5x faster for large photos.
         img = img.resize(size, Image.BICUBIC, reducing_gap=3.0)
     return np.asarray(img), mode

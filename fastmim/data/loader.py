@@ -9,7 +9,7 @@ dataset seeds a fresh ``torch.Generator`` from it for that sample's transform. N
 ``k`` of epoch ``e`` is bit-identical whether iteration starts at batch 0 or at ``k`` (exact resume), and whatever
 ``num_workers`` is.
 
-Placement: with ``"cpu"`` the workers run the SPEC 5 transform (PIL) up to the uint8 pixels, and the batch is
+Placement: with ``"cpu"`` the workers run the method 5 transform (PIL) up to the uint8 pixels, and the batch is
 normalised where it is consumed (:meth:`MIMLoader.finish`: bit-identical to normalising per sample, a quarter of the
 bytes to copy); with ``"gpu"`` each worker builds a whole batch of crops, packed back to back in shared memory
 (:mod:`fastmim.data.packed`), and the main process resizes, flips and normalises it on the device in two kernel
@@ -423,8 +423,8 @@ def build_loader(
     """Build the pre-training loader from the ``data`` config section.
 
     Reads ``cfg.source``, ``cfg.path``, ``cfg.num_images``, ``cfg.num_workers``, ``cfg.min_scale``,
-    ``cfg.augment`` and ``cfg.decode``; crops use scale ``(cfg.min_scale, 1.0)`` and ratio ``(3/4, 4/3)`` as in SPEC
-    section 5. ``device`` is where ``"gpu"`` augmentation runs (default: the current CUDA device, else the CPU).
+    ``cfg.augment`` and ``cfg.decode``; crops use scale ``(cfg.min_scale, 1.0)`` and ratio ``(3/4, 4/3)`` as in
+    method 5. ``device`` is where ``"gpu"`` augmentation runs (default: the current CUDA device, else the CPU).
     """
     if batch_size < 1:
         raise FastmimError(f"train.batch_size is {batch_size}; set it to a positive integer.")

@@ -1,4 +1,4 @@
-"""Per-sample pre-training augmentation (SPEC section 5), driven by an explicit generator.
+"""Per-sample pre-training augmentation (method 5), driven by an explicit generator.
 
 The recipe is the MAE / LocalMIM one: RandomResizedCrop(img_size, scale=(0.2, 1.0), ratio=(3/4, 4/3), bicubic) ->
 horizontal flip with probability 0.5 -> ToTensor -> Normalize(ImageNet mean, std). HOG / pixel targets are computed

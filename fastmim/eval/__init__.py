@@ -1,4 +1,4 @@
-"""Evaluation and export: fine-tuning (SPEC 6), linear probing, timm export and reconstruction pictures.
+"""Evaluation and export: fine-tuning (method 6), linear probing, timm export and reconstruction pictures.
 
 Modules import timm / safetensors / scikit-learn lazily (the ``eval`` extra), so ``import fastmim`` needs none of
 them. Entry points: :func:`fastmim.eval.finetune.finetune`, :func:`fastmim.eval.linprobe.linprobe`,

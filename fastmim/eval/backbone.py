@@ -1,4 +1,4 @@
-"""From fastmim encoders to timm's VisionTransformer (SPEC 6): the one bridge used by finetune, linprobe and export.
+"""From fastmim encoders to timm's VisionTransformer (method 6): the one bridge used by finetune, linprobe and export.
 
 fastmim's encoder (``model.encoder``: ``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.{i}.{norm1,
 attn.qkv, attn.proj, norm2, mlp.fc1, mlp.fc2}``) already uses timm's ViT names and layout: pre-norm blocks, qkv
@@ -87,7 +87,7 @@ def backbone_from_model(model: nn.Module, model_name: str, source: str = "random
 
 def load_backbone(pretrained: str, name: str = "", img_size: int = 0, seed: int = 0) -> Backbone:
     """The encoder a run starts from: a fastmim checkpoint / weights file, a fine-tuned checkpoint, or (empty
-    ``pretrained``) model ``name`` freshly initialised with fastmim's SPEC 2.1 init, seeded by ``seed``."""
+    ``pretrained``) model ``name`` freshly initialised with fastmim's method 2.1 init, seeded by ``seed``."""
     if not pretrained:
         torch.manual_seed(seed)
         return backbone_from_model(create_model(name, img_size=img_size or 224), name)
@@ -145,7 +145,7 @@ def build_vit(backbone: Backbone, num_classes: int, drop_path: float = 0.0, img_
             f"unexpected {unexpected[:3]}); give a fastmim ViT checkpoint."
         )
     if "head.weight" in missing:
-        nn.init.trunc_normal_(model.head.weight, std=2e-5)  # SPEC 6
+        nn.init.trunc_normal_(model.head.weight, std=2e-5)  # method 6
         nn.init.zeros_(model.head.bias)
     return model
 

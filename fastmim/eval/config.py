@@ -35,7 +35,7 @@ class EvalModelConfig:
     img_size: int = 0
     """Evaluation resolution in pixels; 0 = the checkpoint's (224 for a random init); positions are resampled."""
     drop_path: float = 0.1
-    """Stochastic-depth rate of the fine-tuned ViT (SPEC 6: 0.1 for ViT-B, 0.2 for ViT-L)."""
+    """Stochastic-depth rate of the fine-tuned ViT (method 6: 0.1 for ViT-B, 0.2 for ViT-L)."""
 
 
 @dataclass
@@ -67,9 +67,9 @@ class FinetuneConfig:
     min_lr: float = 1e-6
     """Floor of the half-cycle cosine schedule."""
     weight_decay: float = 0.05
-    """AdamW weight decay; not applied to 1-D tensors, biases, pos_embed and cls_token (SPEC 6)."""
+    """AdamW weight decay; not applied to 1-D tensors, biases, pos_embed and cls_token (method 6)."""
     layer_decay: float = 0.75
-    """Layer-wise lr decay: a parameter with layer id i gets lr * layer_decay ** (depth + 1 - i) (SPEC 6)."""
+    """Layer-wise lr decay: a parameter with layer id i gets lr * layer_decay ** (depth + 1 - i) (method 6)."""
     beta1: float = 0.9
     """AdamW beta1."""
     beta2: float = 0.999

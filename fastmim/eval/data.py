@@ -1,4 +1,4 @@
-"""Labelled image sets for evaluation, and the SPEC 6 transforms (timm's).
+"""Labelled image sets for evaluation, and the method 6 transforms (timm's).
 
 Sources (each a train and a val split of ``(PIL RGB image, label)`` with ``classes``):
 
@@ -114,7 +114,7 @@ def _posterize(img: Image.Image, bits_to_keep: int, **_: Any) -> Image.Image:
 
 
 def train_transform(img_size: int, auto_augment: str, reprob: float) -> Callable:
-    """SPEC 6 training augmentation through timm."""
+    """method 6 training augmentation through timm."""
     from timm.data import create_transform
     from timm.data.auto_augment import RandAugment, posterize
 

@@ -1,4 +1,4 @@
-"""End-to-end fine-tuning of a pre-trained encoder (SPEC 6): ``finetune(cfg) -> summary``.
+"""End-to-end fine-tuning of a pre-trained encoder (method 6): ``finetune(cfg) -> summary``.
 
 The model is timm's VisionTransformer with a global-average-pool -> fc_norm -> head classifier (head trunc-normal
 std 2e-5), drop-path, started from the encoder (fastmim/eval/backbone.py). AdamW (0.9, 0.999) with layer-wise lr
@@ -46,7 +46,8 @@ NO_DECAY_NAMES = ("pos_embed", "cls_token")
 
 
 def layer_id(name: str, depth: int) -> int:
-    """SPEC 6 layer id of a timm ViT parameter: 0 patch_embed / cls_token / pos_embed, i + 1 blocks.i, else depth+1."""
+    """Layer id (method 6) of a timm ViT parameter: 0 patch_embed / cls_token / pos_embed, i + 1 blocks.i, else
+    depth + 1."""
     if name in NO_DECAY_NAMES or name.startswith("patch_embed."):
         return 0
     if name.startswith("blocks."):

@@ -1,4 +1,4 @@
-"""Linear probing of a frozen encoder (MAE's protocol, SPEC 6): ``linprobe(cfg) -> summary``.
+"""Linear probing of a frozen encoder (MAE's protocol, method 6): ``linprobe(cfg) -> summary``.
 
 Features are extracted once (evaluation transform: resize + centre crop, no augmentation) from the last block of the
 frozen encoder: the mean of its patch tokens (``pool = "avg"``) or its cls token (``"cls"``). The probe is

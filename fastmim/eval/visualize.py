@@ -6,7 +6,7 @@ drawn as orientation glyphs (one line per bin along the edge direction, brightne
 R, G, B; ``hog_style="glyphs"``) or as one map per bin (``"bins"``); pixel targets as images (per-cell normalised
 values shown at +-2 standard deviations when norm_pix is on).
 
-Orientation convention (SPEC 3.1): phi = atan2(G0, G1) with G0 the horizontal and G1 the vertical Sobel response, so
+Orientation convention (method 3.1): phi = atan2(G0, G1) with G0 the horizontal and G1 the vertical Sobel response, so
 the gradient points along (sin phi, cos phi) in (x right, y down) image coordinates and the edge along
 (cos phi, -sin phi); bin b is drawn at its centre angle (b + 1/2) * 180 / nbins degrees.
 """

@@ -59,7 +59,7 @@ def decoder_input(decoders: Sequence[MaskedDecoder], y: Tensor, ids_restore: Ten
 
 
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channels of a [B, C, H, W] map, at each position (SPEC 2.3 "LN2d", eps 1e-6)."""
+    """LayerNorm over the channels of a [B, C, H, W] map, at each position (method 2.3 "LN2d", eps 1e-6)."""
 
     def __init__(self, channels: int) -> None:
         super().__init__()
@@ -72,11 +72,11 @@ class LayerNorm2d(nn.Module):
 
 
 class ScaleHead(nn.Module):
-    """Prediction head of one scale s: tokens [B, L, C] -> predictions [B, N_k, out_dim] (SPEC 2.3 step 6).
+    """Prediction head of one scale s: tokens [B, L, C] -> predictions [B, N_k, out_dim] (method 2.3 step 6).
 
     s = 4: up1 (ConvTranspose C -> C/2, k2 s2) -> norm (LN2d) -> GELU -> up2 (ConvTranspose C/2 -> C/4) -> proj (1x1)
     s = 2: up1 (ConvTranspose C -> C/2) -> proj;  s = 1: proj;  s = 1/2: AvgPool(2) -> proj.
-    Conv layers keep PyTorch's default init (SPEC 2.3).
+    Conv layers keep PyTorch's default init (method 2.3).
     """
 
     def __init__(self, dim: int, out_dim: int, scale: float, grid: int) -> None:

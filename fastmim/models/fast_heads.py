@@ -1,7 +1,7 @@
 """LocalMIM ViT prediction heads evaluated only where they reach the loss, plus the fused loss (impl = "fast").
 
 Same parameters as ``ScaleHead`` (up1, norm, up2, proj: released checkpoints import unchanged), same mathematics as
-SPEC 2.3 step 6, far less work:
+method 2.3 step 6, far less work:
 - a kernel-2 stride-2 transposed convolution has no overlap, so it is a per-token matrix: weight [in, out, 2, 2]
   maps one token to its 2 x 2 sub-cells, x @ W.permute(0, 2, 3, 1).reshape(in, 4 * out);
 - the heads are therefore per-token MLPs and run on the masked patches' tokens only (visible cells have loss

@@ -1,7 +1,7 @@
 """Model registry: ``@register_model`` entrypoints, ``create_model(name, impl=..., **overrides)``, ``list_models()``.
 
 Entrypoint names follow the architecture (timm style). Sizes: ViT-Ti 192/12/3 (a CPU-friendly debug size),
-ViT-S 384/12/6, ViT-B 768/12/12, ViT-L 1024/24/16, all patch 16 (SPEC 2.1). The Swin entrypoints live in swin.py.
+ViT-S 384/12/6, ViT-B 768/12/12, ViT-L 1024/24/16, all patch 16 (method 2.1). The Swin entrypoints live in swin.py.
 """
 
 from __future__ import annotations
@@ -93,13 +93,13 @@ def localmim_vit_small_patch16(**kw: Any) -> LocalMIMViT:
 
 @register_model
 def localmim_vit_base_patch16(**kw: Any) -> LocalMIMViT:
-    """ViT-B/16 LocalMIM, HOG with 9 bins (SPEC 5)."""
+    """ViT-B/16 LocalMIM, HOG with 9 bins (method 5)."""
     return LocalMIMViT(**{**_vit(12, 768, 12), **kw})
 
 
 @register_model
 def localmim_vit_large_patch16(**kw: Any) -> LocalMIMViT:
-    """ViT-L/16 LocalMIM, HOG with 18 bins and the frozen Sobel bias (SPEC 5); taps 1, 3, 21, 23."""
+    """ViT-L/16 LocalMIM, HOG with 18 bins and the frozen Sobel bias (method 5); taps 1, 3, 21, 23."""
     return LocalMIMViT(**{**_vit(24, 1024, 16), "nbins": 18, "hog_bias": True, **kw})
 
 

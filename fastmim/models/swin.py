@@ -1,4 +1,4 @@
-"""LocalMIM for Swin (SPEC section 4): a sparse Swin encoder, four stage taps, light decoders, multi-scale targets.
+"""LocalMIM for Swin (method 4): a sparse Swin encoder, four stage taps, light decoders, multi-scale targets.
 
 Masking is per batch: the image is cut into 32 px mask units (7 x 7 at 224 px) and one set of units is removed from
 every image of the batch, so the encoder packs the same visible tokens for all images (see swin_encoder.py).
@@ -185,7 +185,7 @@ class LocalMIMSwin(MaskedImageModel):
         return self.encoder.coords
 
     def no_weight_decay(self) -> set[str]:
-        """Parameters that SPEC 5 exempts from weight decay for Swin beyond 1-D tensors and biases: the decoders'
+        """Parameters that method 5 exempts from weight decay for Swin beyond 1-D tensors and biases: the decoders'
         mask tokens and the relative-position bias tables."""
         return {n for n, _ in self.named_parameters() if n.endswith(("mask_token", "relative_position_bias_table"))}
 
@@ -240,12 +240,12 @@ def localmim_swin_tiny_patch4_window7(**kw: Any) -> LocalMIMSwin:
 
 @register_model
 def localmim_swin_base_patch4_window7(**kw: Any) -> LocalMIMSwin:
-    """Swin-B (128 wide, depths 2, 2, 18, 2), window 7, HOG with 18 bins and the frozen Sobel bias (SPEC 4, 5)."""
+    """Swin-B (128 wide, depths 2, 2, 18, 2), window 7, HOG with 18 bins and the frozen Sobel bias (method 4, 5)."""
     return LocalMIMSwin(**{**SWIN_BASE, "window_size": 7, **kw})
 
 
 @register_model
 def localmim_swin_large_patch4_window14(**kw: Any) -> LocalMIMSwin:
-    """Swin-L (192 wide, depths 2, 2, 18, 2), window 14, HOG with 18 bins and the frozen Sobel bias (SPEC 4, 5)."""
+    """Swin-L (192 wide, depths 2, 2, 18, 2), window 14, HOG with 18 bins and the frozen Sobel bias (method 4, 5)."""
     return LocalMIMSwin(**{"embed_dim": 192, "depths": (2, 2, 18, 2), "num_heads": (6, 12, 24, 48),
                            "window_size": 14, **kw})  # fmt: skip

@@ -1,8 +1,8 @@
-"""The sparse Swin encoder of LocalMIM-Swin (SPEC 4): a Swin Transformer that computes the visible tokens only.
+"""The sparse Swin encoder of LocalMIM-Swin (method 4): a Swin Transformer that computes the visible tokens only.
 
 Geometry (Swin-B at 224 px): patch 4 gives 56 x 56 tokens; the four stages run at 56, 28, 14 and 7 tokens per side.
 The mask unit is 32 px, the footprint of one last-stage token, so an image has (H / 32)^2 units (7 x 7) and a unit
-holds 8 x 8, 4 x 4, 2 x 2, 1 x 1 tokens in stages 1-4. The mask is shared by the batch (SPEC 4): every image has the
+holds 8 x 8, 4 x 4, 2 x 2, 1 x 1 tokens in stages 1-4. The mask is shared by the batch (method 4): every image has the
 same visible tokens, so the token layout is computed once per step, on the host, from the list of visible units.
 
 Token layout: a stage holds its visible tokens as [B, V, r, r, C]: the V visible units in raster order, r x r tokens

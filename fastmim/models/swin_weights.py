@@ -1,6 +1,6 @@
 """LocalMIM-Swin weights: import of the authors' released checkpoints, export of the encoder as a timm Swin.
 
-Released names (SPEC 9 does not list them). They are derived from the module structure of the authors' Swin
+Released names (method 9 does not list them). They are derived from the module structure of the authors' Swin
 pre-training model (``MaskedAutoencoderSwin``, built on GreenMIM), read from its public definition; no released Swin
 checkpoint file could be inspected, so they remain an assumption until one is loaded:
     encoder.patch_embed.{proj,norm}.*                     patch embedding (conv 4 x 4) and its LayerNorm

@@ -1,4 +1,4 @@
-"""The ViT building blocks and the masked encoder shared by LocalMIM and MAE (SPEC 2.1).
+"""The ViT building blocks and the masked encoder shared by LocalMIM and MAE (method 2.1).
 
 Pre-norm blocks (qkv bias, MLP ratio 4, LayerNorm eps 1e-6, exact GELU), a fixed 2-D sin-cos position embedding,
 and an encoder that embeds patches, adds positions, drops the masked patches, prepends cls and returns the
@@ -25,7 +25,7 @@ LN_EPS = 1e-6
 
 
 def sincos_pos_embed(dim: int, grid: int, cls_token: bool = True) -> Tensor:
-    """Fixed 2-D sin-cos position embedding [(1 +) grid * grid, dim] (the MAE construction, SPEC 2.1).
+    """Fixed 2-D sin-cos position embedding [(1 +) grid * grid, dim] (the MAE construction, method 2.1).
 
     Token t sits at row t // grid, column t % grid. The first dim / 2 channels encode the column and the second
     half the row (the MAE code's meshgrid order), each as [sin | cos] with frequencies 1 / 10000^(2i / (dim / 2)).
@@ -167,7 +167,7 @@ class PatchEmbed(nn.Module):
 
 
 def init_weights(module: nn.Module) -> None:
-    """SPEC 2.1 init for Linear and LayerNorm (xavier-uniform weights, zero bias; LN weight 1, bias 0)."""
+    """method 2.1 init for Linear and LayerNorm (xavier-uniform weights, zero bias; LN weight 1, bias 0)."""
     for m in module.modules():
         if isinstance(m, nn.Linear):
             nn.init.xavier_uniform_(m.weight)
@@ -196,7 +196,7 @@ class MaskedViTEncoder(nn.Module):
         self.embed_dim = embed_dim
         self.patch_embed = PatchEmbed(img_size, patch_size, embed_dim)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
-        # Frozen (SPEC 2.1): a persistent buffer, so it is never trained but travels with checkpoints.
+        # Frozen (method 2.1): a persistent buffer, so it is never trained but travels with checkpoints.
         self.register_buffer("pos_embed", sincos_pos_embed(embed_dim, self.patch_embed.grid).unsqueeze(0))
         self.blocks = nn.ModuleList(Block(embed_dim, num_heads, mlp_ratio) for _ in range(depth))
         init_weights(self)

@@ -1,4 +1,4 @@
-"""Multi-scale HOG targets (SPEC 3.1 and 3.3): ``HOGTarget``, the module a model owns.
+"""Multi-scale HOG targets (method 3.1 and 3.3): ``HOGTarget``, the module a model owns.
 
 The math lives in fastmim.kernels.hog: ``hog_ref`` (plain PyTorch, the specification: reflect-padded Sobel
 gradients, magnitude, atan2 bin, cell means, L2 normalisation, R, G, B) and ``hog`` (the Triton kernel: every scale
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-# G0 and its transpose G1 (SPEC 3.1 step 1) as a conv2d weight [2, 1, 3, 3]: the layout of the released checkpoints'
+# G0 and its transpose G1 (method 3.1 step 1) as a conv2d weight [2, 1, 3, 3]: the layout of the released checkpoints'
 # frozen `hog_enc.{k}.conv.weight` (fastmim.kernels.hog applies the same operator as explicit fp32 sums).
 SOBEL = torch.tensor([[[1.0, 0.0, -1.0], [2.0, 0.0, -2.0], [1.0, 0.0, -1.0]]])
 SOBEL_WEIGHT = torch.stack([SOBEL, SOBEL.transpose(1, 2)])
@@ -34,7 +34,7 @@ def hog_histograms(img: Tensor, cell_size: int, nbins: int, bias: Tensor | None 
 class HOGTarget(nn.Module):
     """HOG targets for several cell sizes: ``forward(img [B, 3, H, W] normalised) -> [[B, N_k, 3 * nbins]] (fp32)``.
 
-    ``bias`` (SPEC 3.3): one frozen 2-vector per scale drawn from U(-1/3, 1/3), stored as the buffer ``bias`` [K, 2]
+    ``bias`` (method 3.3): one frozen 2-vector per scale drawn from U(-1/3, 1/3), stored as the buffer ``bias`` [K, 2]
     so it travels with the model's state dict. ``impl``: "reference" computes ``hog_ref``; "fast" uses the Triton
     kernel where one can run (CUDA, or CPU under TRITON_INTERPRET=1; fastmim.kernels.can_run_on) and ``hog_ref``
     elsewhere. A model sets it with its own (fastmim.models.base); the argument is for the module on its own.

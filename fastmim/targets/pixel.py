@@ -1,4 +1,4 @@
-"""Multi-scale (normalised) pixel targets (SPEC 3.2).
+"""Multi-scale (normalised) pixel targets (method 3.2).
 
 Each p x p cell of the normalised image becomes a vector of p * p * 3 values ordered (row in cell, column in cell,
 channel); with norm_pix each vector is standardised by its own mean and unbiased variance: (x - mean) /

@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the per-iteration learning-rate schedule (SPEC 5)."""
+"""AdamW parameter groups and the per-iteration learning-rate schedule (method 5)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from torch import nn
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Two AdamW groups: decayed (>= 2-D weights; for ViT the cls and mask tokens too) and not decayed (1-D tensors,
     biases, and whatever the model lists in ``no_weight_decay()``: Swin's mask tokens and relative-position
-    tables). Frozen parameters are left out (SPEC 5)."""
+    tables). Frozen parameters are left out (method 5)."""
     exempt = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else set()
     decay, no_decay = [], []
     for name, p in model.named_parameters():

@@ -1,4 +1,4 @@
-"""fastmim finetune: a few CPU steps with the whole SPEC 6 recipe, top-1/top-5 each epoch, best/last, resume."""
+"""fastmim finetune: a few CPU steps with the whole method 6 recipe, top-1/top-5 each epoch, best/last, resume."""
 
 import json
 
@@ -32,7 +32,7 @@ def test_finetune_runs_writes_best_last_curves_and_resumes(tiny_weights, digits_
         assert (out / name).is_file(), name
     last = safe_load(out / "checkpoint-last.pt")
     assert last["format"] == "fastmim-finetune" and last["classes"] == ["digit0", "digit1", "digit2"]
-    # The layer-wise decay reached the optimizer: every group ran at peak-schedule lr x its SPEC 6 scale.
+    # The layer-wise decay reached the optimizer: every group ran at peak-schedule lr x its method 6 scale.
     groups = last["optimizer"]["param_groups"]
     ratio = {round(g["lr"] / g["lr_scale"], 12) for g in groups}
     assert len(ratio) == 1 and {round(g["lr_scale"], 12) for g in groups} == {round(0.65**k, 12) for k in range(14)}

@@ -1,4 +1,4 @@
-"""Layer-wise lr decay and weight-decay groups follow SPEC 6 exactly."""
+"""Layer-wise lr decay and weight-decay groups follow method 6 exactly."""
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ def vit():
 
 
 def _spec_id(name: str, depth: int) -> int:
-    """SPEC 6 written out independently: patch embed / cls / pos -> 0, block i -> i + 1, rest -> depth + 1."""
+    """method 6 written out independently: patch embed / cls / pos -> 0, block i -> i + 1, rest -> depth + 1."""
     for i in range(depth):
         if name.startswith(f"blocks.{i}."):
             return i + 1

@@ -1,4 +1,4 @@
-"""fastmim.kernels.hog: the fused multi-scale HOG kernel against hog_ref (SPEC 3.1, 3.3), bins at exact bin edges
+"""fastmim.kernels.hog: the fused multi-scale HOG kernel against hog_ref (method 3.1, 3.3), bins at exact bin edges
 against exact arithmetic, the dispatch in hog() / HOGTarget / LocalMIM, and the benchmark's correctness gate.
 
 Runs on CUDA when there is one, else on CPU through Triton's interpreter (tests/kernels/conftest.py sets

@@ -1,4 +1,4 @@
-"""fastmim.kernels.recon_loss: the fused multi-scale masked MSE against its reference and against the SPEC-literal
+"""fastmim.kernels.recon_loss: the fused multi-scale masked MSE against its reference and against the method-literal
 heads + loss (ScaleHead on full maps, scale_weights, masked_mse), values and every gradient.
 
 Runs on CUDA when there is one, else on CPU through Triton's interpreter (tests/kernels/conftest.py sets
@@ -81,7 +81,7 @@ def test_kernel_matches_reference(dtype, batch, grid, ratio):
 def test_swin_geometry_matches_reference_and_full_map_masked_mse(dtype, batch, units, masked):
     """LocalMIM-Swin's scales (SWIN_SUBS: 4 x 4, 2 x 2, 1, 1 cells per 32 px mask unit) on an odd or even unit grid,
     one mask row for the whole batch: kernel = reference (values and gradients), and the reference on the compact
-    layout = masked_mse over full maps with the unit mask upsampled x4, x2, x1, x1 (SPEC 4)."""
+    layout = masked_mse over full maps with the unit mask upsampled x4, x2, x1, x1 (method 4)."""
     g = torch.Generator().manual_seed(units)
     picked = torch.randperm(units * units, generator=g)[:masked].sort().values
     row = torch.zeros(units * units).index_fill(0, picked, 1.0)
@@ -122,7 +122,7 @@ def test_kernel_channel_loop_and_weight_zero_rows():
 
 
 def test_full_layout_equals_spec_masked_mse():
-    """With idx = every patch the kernel is the SPEC loss over full maps (scale_weights + masked_mse)."""
+    """With idx = every patch the kernel is the method's loss over full maps (scale_weights + masked_mse)."""
     batch, grid = 3, 4
     mask = make_mask(batch, grid, 0.75)
     full = [torch.randn(batch, int(grid * s) ** 2, 27, device=DEV, requires_grad=True) for s in SCALES]
@@ -153,7 +153,7 @@ def make_heads(dim, out, grid, dtype=torch.float32, seed=0):
 
 
 def spec_heads_and_loss(heads, tokens, targets, mask, grid):
-    """SPEC 2.3 step 6 + 2.4, literally: full-map heads, upsampled/averaged weights, masked MSE."""
+    """method 2.3 step 6 + 2.4, literally: full-map heads, upsampled/averaged weights, masked MSE."""
     preds = [head(x) for head, x in zip(heads, tokens)]
     return torch.stack([masked_mse(p, t, scale_weights(mask, grid, s)) for p, t, s in zip(preds, targets, SCALES)])
 
@@ -186,7 +186,7 @@ def test_fast_heads_and_kernel_equal_spec_fp32(batch, grid, ratio):
 
 
 def test_fast_heads_and_kernel_fp16_within_twice_torch_error():
-    """fp16 heads + loss: the fast path's error against fp32 is at most twice the SPEC path's own fp16 error."""
+    """fp16 heads + loss: the fast path's error against fp32 is at most twice the reference path's own fp16 error."""
     batch, grid, ratio = 3, 4, 0.75
     heads, tokens, targets, mask = heads_case(batch, grid, ratio)
     inputs32 = [*tokens, *heads.parameters()]
@@ -226,7 +226,7 @@ def test_loss_is_bitwise_reproducible_and_nan_without_masked_patches():
     empty = [p[:, :0].detach() for p in preds]
     no_mask = torch.zeros_like(mask)
     got = rl.recon_loss(empty, targets, no_mask, sel.idx[:, :0], sel.gidx[:, :0], 4)
-    assert torch.isnan(got).all()  # 0 / 0, as the SPEC masked mean over an all-visible batch
+    assert torch.isnan(got).all()  # 0 / 0, as the method's masked mean over an all-visible batch
     spec_targets = [torch.randn(3, n, 3, device=DEV) for n in (256, 64, 16, 4)]
     spec = spec_heads_and_loss(make_heads(8, 3, 4), [torch.randn(3, 16, 8, device=DEV)] * 4, spec_targets, no_mask, 4)
     assert torch.isnan(spec).all()

@@ -1,4 +1,4 @@
-"""Released-checkpoint import/export against the independent SPEC-literal oracle (tests/oracles.py), which uses the
+"""Released-checkpoint import/export against the independent method-literal oracle (tests/oracles.py), which uses the
 authors' module names: a model imported from the oracle's state dict must give the same loss and gradients."""
 
 import pytest

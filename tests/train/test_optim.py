@@ -16,7 +16,7 @@ def test_decay_groups_follow_spec():
     decayed = {names[id(p)] for p in decay["params"]}
     not_decayed = {names[id(p)] for p in no_decay["params"]}
     assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
-    assert "encoder.cls_token" in decayed and "decoders.0.mask_token" in decayed  # SPEC 5: tokens are decayed
+    assert "encoder.cls_token" in decayed and "decoders.0.mask_token" in decayed  # method 5: tokens are decayed
     assert "encoder.blocks.0.attn.qkv.weight" in decayed and "decoders.0.head.up1.weight" in decayed
     assert "encoder.blocks.0.attn.qkv.bias" in not_decayed and "tap_norms.0.weight" in not_decayed
     assert "decoders.0.head.norm.weight" in not_decayed
