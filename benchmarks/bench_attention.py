@@ -41,8 +41,16 @@ def make_bench(device: torch.device, quick: bool) -> KernelBench:
         flops = 4 * batch * heads * tokens * tokens * dim
         cases.append(Case(shape, dtype, make, bytes=4 * elem * dtype.itemsize, flops=flops))
     tol = (2e-2, 2e-2) if dtype == torch.bfloat16 else (1e-4, 1e-4)
-    return KernelBench("attention", providers, cases, modes=("fwd", "full"), reference="eager", atol=tol[0],
-                       rtol=tol[1], cuda_only=("flash", "cudnn", "efficient", "xformers"))  # fmt: skip
+    return KernelBench(
+        "attention",
+        providers,
+        cases,
+        modes=("fwd", "full"),
+        reference="eager",
+        atol=tol[0],
+        rtol=tol[1],
+        cuda_only=("flash", "cudnn", "efficient", "xformers"),
+    )
 
 
 if __name__ == "__main__":

@@ -67,8 +67,11 @@ def make_bench(device: torch.device, quick: bool) -> KernelBench:
     batch, grid, in_dim, dim, heads = (2, 4, 64, 32, 2) if quick else (256, 14, 768, 256, 8)
     torch.manual_seed(0)
     module = TapDecoders(in_dim, dim, heads, grid).to(device)
-    providers = {f"{kind}{suffix}": _provider(module, kind == "grouped", amp, bool(suffix))
-                 for suffix in ("", "_compile") for kind in ("separate", "grouped")}  # fmt: skip
+    providers = {
+        f"{kind}{suffix}": _provider(module, kind == "grouped", amp, bool(suffix))
+        for suffix in ("", "_compile")
+        for kind in ("separate", "grouped")
+    }
     length = grid * grid
     keep = int(length * 0.25)
 
@@ -84,15 +87,20 @@ def make_bench(device: torch.device, quick: bool) -> KernelBench:
     # MACs per kept token; 2 FLOPs per MAC.
     macs = tokens * (12 * dim * dim + 2 * (1 + length) * dim) + batch * (1 + keep) * in_dim * dim
     flops = 4 * 2 * macs
-    case = Case({"B": batch, "taps": 4, "keep": keep, "L": length, "D": in_dim, "C": dim}, amp or torch.float32,
-                make, flops=flops)  # fmt: skip
+    case = Case(
+        {"B": batch, "taps": 4, "keep": keep, "L": length, "D": in_dim, "C": dim},
+        amp or torch.float32,
+        make,
+        flops=flops,
+    )
     # bf16: the weight gradients are sums over B * 197 tokens (|g| up to a few hundred at B = 256) and the two
     # providers round differently (folded LayerNorm affine), so their elementwise gap reaches ~0.5 % of a tensor's
     # largest value; the atol covers that. A real defect (a wrong decoder's weights, a wrong token order) gives
     # errors of the order of the values themselves, far above it. tests/models/test_grouped.py checks to 1e-5.
     tol = (4.0, 5e-2) if amp else (1e-4, 1e-4)
-    return KernelBench("decoders", providers, [case], modes=("full",), reference="separate", atol=tol[0],
-                       rtol=tol[1], cuda_only=())  # fmt: skip
+    return KernelBench(
+        "decoders", providers, [case], modes=("full",), reference="separate", atol=tol[0], rtol=tol[1], cuda_only=()
+    )
 
 
 if __name__ == "__main__":

@@ -72,12 +72,20 @@ def make_bench(device: torch.device, quick: bool) -> KernelBench:
 
     y_bytes = 2 if amp else 4
     cases = [
-        Case({"op": "encoder", "B": batch, "img": grid * patch, "keep": keep, "D": dim}, amp or torch.float32,
-             make_encoder, bytes=batch * keep * 3 * patch * patch * 4 + batch * (1 + keep) * dim * 4,
-             flops=2 * batch * keep * 3 * patch * patch * dim),
-        Case({"op": "decoder", "G": 4, "B": batch, "keep": keep, "L": length, "C": dec_dim}, amp or torch.float32,
-             make_decoder, bytes=4 * batch * ((1 + keep) * dec_dim * y_bytes + (1 + length) * dec_dim * 4)),
-    ]  # fmt: skip
+        Case(
+            {"op": "encoder", "B": batch, "img": grid * patch, "keep": keep, "D": dim},
+            amp or torch.float32,
+            make_encoder,
+            bytes=batch * keep * 3 * patch * patch * 4 + batch * (1 + keep) * dim * 4,
+            flops=2 * batch * keep * 3 * patch * patch * dim,
+        ),
+        Case(
+            {"op": "decoder", "G": 4, "B": batch, "keep": keep, "L": length, "C": dec_dim},
+            amp or torch.float32,
+            make_decoder,
+            bytes=4 * batch * ((1 + keep) * dec_dim * y_bytes + (1 + length) * dec_dim * 4),
+        ),
+    ]
     tol = (5e-2, 5e-2) if amp else (1e-4, 1e-4)
     return KernelBench("gather", providers, cases, modes=("fwd", "full"), reference="eager", atol=tol[0], rtol=tol[1])
 

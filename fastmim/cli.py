@@ -46,11 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--keys", action="store_true", help="print every config key, its type, default and meaning")
     sub.add_parser("list-models", help="list registered model names")
-    p = sub.add_parser("bench", help="benchmarks: `bench step` (training-step throughput), `bench data` (loaders), "
-                       "`bench kernels --static` (registers, spills, occupancy for sm_80 / sm_90; no GPU)")  # fmt: skip
+    p = sub.add_parser(
+        "bench",
+        help="benchmarks: `bench step` (training-step throughput), `bench data` (loaders), "
+        "`bench kernels --static` (registers, spills, occupancy for sm_80 / sm_90; no GPU)",
+    )
     which = p.add_subparsers(dest="bench", metavar="WHAT", required=True)
-    for name, text in (("step", "reference vs fast training-step throughput, one process, one device"),
-                       ("data", "loader throughput of each available data source")):  # fmt: skip
+    for name, text in (
+        ("step", "reference vs fast training-step throughput, one process, one device"),
+        ("data", "loader throughput of each available data source"),
+    ):
         q = which.add_parser(name, help=text)
         _add_config_args(q)
         q.add_argument("--out", help="directory for the JSON record (default benchmarks/results)")
@@ -374,8 +379,13 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
 
         if overrides:
             raise FastmimError(f"unexpected arguments {' '.join(overrides)}; see `fastmim bench kernels --help`.")
-        options = {"--arch": args.arch, "--recipes": args.recipes, "--kernels": args.kernels, "--out": args.out,
-                   "--cache": args.cache}  # fmt: skip
+        options = {
+            "--arch": args.arch,
+            "--recipes": args.recipes,
+            "--kernels": args.kernels,
+            "--out": args.out,
+            "--cache": args.cache,
+        }
         return run_in_subprocess([f"{k}={v}" for k, v in options.items() if v])
     import torch
 
@@ -397,8 +407,17 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
 
         lists = [value.split(",") if value else None for value in (args.sources, args.augment, args.decode)]
         sources, augments, decodes = lists
-        rows = run_data_bench(cfg, sources, steps, warmup, augments, args.max_side, decodes=decodes,
-                              storages=args.storage.split(","), deviation_images=args.deviation_images)  # fmt: skip
+        rows = run_data_bench(
+            cfg,
+            sources,
+            steps,
+            warmup,
+            augments,
+            args.max_side,
+            decodes=decodes,
+            storages=args.storage.split(","),
+            deviation_images=args.deviation_images,
+        )
         device, columns, plot = bench_device(cfg), DATA_COLUMNS, None
     print(format_table(rows, columns))
     argv = ["fastmim", *sys.argv[1:]]

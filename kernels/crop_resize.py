@@ -158,8 +158,9 @@ def _prepare(images: Tensor, boxes: Tensor, size: int, mean, std):
 # ----------------------------------------------------------------------------------------------- reference
 
 
-def crop_resize_ref(images: Tensor, boxes: Tensor, flips: Tensor, size: int, mean: tuple[float, ...],
-                    std: tuple[float, ...]) -> Tensor:  # fmt: skip
+def crop_resize_ref(
+    images: Tensor, boxes: Tensor, flips: Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Tensor:
     """The module docstring's math in plain torch (int64 gathers, one per tap): float32 [B, 3, size, size]."""
     _check(images, boxes, flips, size)
     b, h_img, w_img, c = images.shape
@@ -246,8 +247,9 @@ def _resize_cols_kernel(t_ptr, y0_ptr, ky_ptr, flip_ptr, lut_ptr, out_ptr, S, RO
     tl.store(out_ptr + b * 3 * S * S + offs, val, mask=mask)
 
 
-def crop_resize_fwd(images: Tensor, boxes: Tensor, flips: Tensor, size: int, mean: tuple[float, ...],
-                    std: tuple[float, ...]) -> Tensor:  # fmt: skip
+def crop_resize_fwd(
+    images: Tensor, boxes: Tensor, flips: Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Tensor:
     """Launch the two passes on a padded batch (arguments as :func:`crop_resize`)."""
     _check(images, boxes, flips, size)
     b, _, w_img, _ = images.shape
@@ -259,8 +261,16 @@ def crop_resize_fwd(images: Tensor, boxes: Tensor, flips: Tensor, size: int, mea
     return _launch(images, layout, 3, boxes, flips, size, mean, std)
 
 
-def _launch(data: Tensor, layout: Tensor, col_stride: int, boxes: Tensor, flips: Tensor, size: int,
-            mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:  # fmt: skip
+def _launch(
+    data: Tensor,
+    layout: Tensor,
+    col_stride: int,
+    boxes: Tensor,
+    flips: Tensor,
+    size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+) -> Tensor:
     """The two passes over the images ``layout`` (host int64 [B, 4], see the rows kernel) places in ``data``."""
     b = layout.shape[0]
     out = torch.empty(b, 3, size, size, dtype=torch.float32, device=data.device)
@@ -301,8 +311,9 @@ def _launch(data: Tensor, layout: Tensor, col_stride: int, boxes: Tensor, flips:
 
 
 @torch.no_grad()
-def crop_resize(images: Tensor, boxes: Tensor, flips: Tensor, size: int, mean: tuple[float, ...],
-                std: tuple[float, ...]) -> Tensor:  # fmt: skip
+def crop_resize(
+    images: Tensor, boxes: Tensor, flips: Tensor, size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Tensor:
     """Crop each image to its box, resize it to ``size`` x ``size`` (antialiased bicubic, Pillow's arithmetic),
     flip it horizontally where ``flips`` is set and normalise it (module docstring).
 
@@ -342,9 +353,17 @@ def unpack(pixels: Tensor, offsets: Tensor, shapes: Tensor, channels_last: bool 
 
 
 @torch.no_grad()
-def crop_resize_packed(pixels: Tensor, offsets: Tensor, shapes: Tensor, boxes: Tensor, flips: Tensor, size: int,
-                       mean: tuple[float, ...], std: tuple[float, ...],
-                       channels_last: bool = True) -> Tensor:  # fmt: skip
+def crop_resize_packed(
+    pixels: Tensor,
+    offsets: Tensor,
+    shapes: Tensor,
+    boxes: Tensor,
+    flips: Tensor,
+    size: int,
+    mean: tuple[float, ...],
+    std: tuple[float, ...],
+    channels_last: bool = True,
+) -> Tensor:
     """:func:`crop_resize` for images of different sizes packed back to back in one buffer, with no padding: the
     loader's batches (only the bytes of each crop cross from the data workers, or only each JPEG's bytes for
     device decoding). The result equals :func:`crop_resize` of the same images padded into one batch.

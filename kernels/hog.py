@@ -149,9 +149,15 @@ def _check(img: Tensor, cell_sizes: Sequence[int], nbins: int, bias: Tensor | No
 
 
 @torch.no_grad()
-def hog_ref(img: Tensor, cell_sizes: Sequence[int], nbins: int = 9, bias: Tensor | None = None,
-            mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-            out_dtype: torch.dtype | None = None) -> list[Tensor]:  # fmt: skip
+def hog_ref(
+    img: Tensor,
+    cell_sizes: Sequence[int],
+    nbins: int = 9,
+    bias: Tensor | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> list[Tensor]:
     """HOG targets for every cell size (the specification): ``[[B, N_k, 3 * nbins]]``.
 
     img: the normalised image [B, 3, H, W], or uint8 pixels with ``mean``/``std`` (normalised here, as
@@ -290,8 +296,22 @@ def _hog_fwd_kernel(
     b0 = tl.load(bias_ptr + 2 * grp) if HAS_BIAS else 0.0
     b1 = tl.load(bias_ptr + 2 * grp + 1) if HAS_BIAS else 0.0
     for c in range(3):  # a runtime loop: unrolled, the compiler hoists every channel's loads (200+ registers)
-        sums = _channel_histogram(x_ptr + (b * 3 + c) * (H * W), y, x, tl.load(scale_ptr + c), b0, b1, edge_ptr, H, W,
-                                  CELLS, PIX, NBINS, NB_PAD, HAS_BIAS)  # fmt: skip
+        sums = _channel_histogram(
+            x_ptr + (b * 3 + c) * (H * W),
+            y,
+            x,
+            tl.load(scale_ptr + c),
+            b0,
+            b1,
+            edge_ptr,
+            H,
+            W,
+            CELLS,
+            PIX,
+            NBINS,
+            NB_PAD,
+            HAS_BIAS,
+        )
         for s in tl.static_range(NUM_SCALES):
             out_ptr = out0_ptr if s == 0 else (out1_ptr if s == 1 else (out2_ptr if s == 2 else out3_ptr))
             if HAS_BIAS:
@@ -300,8 +320,12 @@ def _hog_fwd_kernel(
                     _store_scale(pooled, out_ptr, b, c, ty, tx, H, W, CELLS_K[s], TILE, NBINS, NB_PAD)
             else:
                 # the previous scale's cells (the finest cells before the first scale) pooled up to this one's
-                sums = _pool(sums, TILE // (CELLS_K[s - 1] if s > 0 else MIN_CELL),
-                             CELLS_K[s] // (CELLS_K[s - 1] if s > 0 else MIN_CELL), NB_PAD)  # fmt: skip
+                sums = _pool(
+                    sums,
+                    TILE // (CELLS_K[s - 1] if s > 0 else MIN_CELL),
+                    CELLS_K[s] // (CELLS_K[s - 1] if s > 0 else MIN_CELL),
+                    NB_PAD,
+                )
                 _store_scale(sums, out_ptr, b, c, ty, tx, H, W, CELLS_K[s], TILE, NBINS, NB_PAD)
 
 
@@ -338,8 +362,9 @@ def _cached_constant(values: tuple[float, ...], device: torch.device) -> Tensor:
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
-def kernel_supports(img: Tensor, cell_sizes: Sequence[int], bias: Tensor | None = None,
-                    out_dtype: torch.dtype | None = None) -> bool:  # fmt: skip
+def kernel_supports(
+    img: Tensor, cell_sizes: Sequence[int], bias: Tensor | None = None, out_dtype: torch.dtype | None = None
+) -> bool:
     """Whether hog_fwd handles this configuration (else hog() uses hog_ref): power-of-two cells, at most 4 scales,
     the largest cell <= 64 px and <= 16 x the smallest, kernel dtypes in and out, the bias on the image's device."""
     cells = [int(c) for c in cell_sizes]
@@ -354,8 +379,14 @@ def kernel_supports(img: Tensor, cell_sizes: Sequence[int], bias: Tensor | None 
     )
 
 
-def hog_fwd(img: Tensor, cell_sizes: Sequence[int], nbins: int = 9, bias: Tensor | None = None,
-            std: Sequence[float] | None = None, out_dtype: torch.dtype | None = None) -> list[Tensor]:  # fmt: skip
+def hog_fwd(
+    img: Tensor,
+    cell_sizes: Sequence[int],
+    nbins: int = 9,
+    bias: Tensor | None = None,
+    std: Sequence[float] | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> list[Tensor]:
     """Launch the kernel: targets ``[[B, N_k, 3 * nbins]]`` in ``out_dtype`` (default fp32). ``std`` only with
     uint8 pixels (the mean cancels; see the module docstring)."""
     _check(img, cell_sizes, nbins, bias, None if std is None else (0.0,) * 3, std)  # the mean is not needed
@@ -415,9 +446,15 @@ def _hog_launch(
 _hog_op = kernel_op("fastmim::hog", _hog_launch)
 
 
-def hog(img: Tensor, cell_sizes: Sequence[int], nbins: int = 9, bias: Tensor | None = None,
-        mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
-        out_dtype: torch.dtype | None = None) -> list[Tensor]:  # fmt: skip
+def hog(
+    img: Tensor,
+    cell_sizes: Sequence[int],
+    nbins: int = 9,
+    bias: Tensor | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> list[Tensor]:
     """HOG targets ``[[B, N_k, 3 * nbins]]`` (arguments as ``hog_ref``): the Triton kernel where one can run (CUDA,
     or CPU under TRITON_INTERPRET=1) and the configuration is supported (``kernel_supports``), else ``hog_ref``.
     Never differentiable: targets are constants."""

@@ -56,8 +56,9 @@ from ._common import use_kernel as _use_kernel  # a module global, so that tests
 # ----------------------------------------------------------------------------------------------- references
 
 
-def encoder_input_ref(imgs: Tensor, ids_keep: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor,
-                      cls_token: Tensor) -> Tensor:  # fmt: skip
+def encoder_input_ref(
+    imgs: Tensor, ids_keep: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor, cls_token: Tensor
+) -> Tensor:
     """The reference encoder input: patch-embed every patch (a stride-p convolution with ``weight`` [D, Cin, p, p]
     and ``bias`` [D]), add ``pos_embed`` [1, 1 + L, D], keep ``ids_keep`` [B, K], prepend ``cls_token`` [1, 1, D]
     + pos[0]. Returns [B, 1 + K, D]."""
@@ -235,15 +236,18 @@ def _decoder_input_bwd_kernel(g_ptr, ids_ptr, dy_ptr, part_ptr, B, KEEP, L, C, s
 # ----------------------------------------------------------------------------------------------- launchers
 
 
-def _check_encoder(imgs: Tensor, ids_keep: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor, cls: Tensor,
-                   patch_size: int) -> None:  # fmt: skip
+def _check_encoder(
+    imgs: Tensor, ids_keep: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor, cls: Tensor, patch_size: int
+) -> None:
     b, cin, h, w = imgs.shape
     if h % patch_size or w % patch_size or h != w:
         raise ValueError(f"images must be square multiples of the patch size {patch_size}, got {h} x {w}")
     num_patches, d = (h // patch_size) ** 2, weight.shape[0]
     if weight.shape != (d, cin * patch_size**2) or bias.shape != (d,) or cls.shape != (d,):
-        raise ValueError(f"weight must be [D, Cin*p*p] = {[d, cin * patch_size**2]}, bias and cls [D]; got "
-                         f"{list(weight.shape)}, {list(bias.shape)}, {list(cls.shape)}")  # fmt: skip
+        raise ValueError(
+            f"weight must be [D, Cin*p*p] = {[d, cin * patch_size**2]}, bias and cls [D]; got "
+            f"{list(weight.shape)}, {list(bias.shape)}, {list(cls.shape)}"
+        )
     if pos_embed.shape != (1 + num_patches, d):
         raise ValueError(f"pos_embed must be [1 + L, D] = {[1 + num_patches, d]}, got {list(pos_embed.shape)}")
     if ids_keep.dim() != 2 or ids_keep.shape[0] != b or ids_keep.dtype != torch.int64:
@@ -252,8 +256,9 @@ def _check_encoder(imgs: Tensor, ids_keep: Tensor, weight: Tensor, bias: Tensor,
         raise ValueError("all encoder-input tensors must be on one device")
 
 
-def encoder_input_fwd(imgs: Tensor, ids_keep: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor, cls: Tensor,
-                      patch_size: int) -> tuple[Tensor, Tensor]:  # fmt: skip
+def encoder_input_fwd(
+    imgs: Tensor, ids_keep: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor, cls: Tensor, patch_size: int
+) -> tuple[Tensor, Tensor]:
     """Launch the forward: (out [B, 1 + K, D], A [B*K, Cin*p*p] the kept pixels in weight's dtype, saved for the
     weight gradient). weight [D, Cin*p*p] in the matmul dtype; bias, cls [D]; pos_embed [1 + L, D]."""
     _check_encoder(imgs, ids_keep, weight, bias, pos_embed, cls, patch_size)
@@ -319,14 +324,17 @@ def _check_decoder(y: Tensor, ids_restore: Tensor, mask_token: Tensor, pos_embed
         raise ValueError(f"y must be [G, B, 1 + K, C], got {list(y.shape)}")
     g, b, n, c = y.shape
     if ids_restore.dim() != 2 or ids_restore.shape[0] != b or ids_restore.dtype != torch.int64:
-        raise ValueError(f"ids_restore must be int64 [B, L] with B = {b}, got {ids_restore.dtype} "
-                         f"{list(ids_restore.shape)}")  # fmt: skip
+        raise ValueError(
+            f"ids_restore must be int64 [B, L] with B = {b}, got {ids_restore.dtype} {list(ids_restore.shape)}"
+        )
     length = ids_restore.shape[1]
     if not 1 <= n <= length + 1:
         raise ValueError(f"y holds {n} tokens: cls plus 0 to L = {length} visible ones expected")
     if mask_token.shape != (g, c) or pos_embed.shape != (g, length + 1, c):
-        raise ValueError(f"mask_token must be [G, C] = {[g, c]} and pos_embed [G, 1 + L, C] = {[g, length + 1, c]}; "
-                         f"got {list(mask_token.shape)} and {list(pos_embed.shape)}")  # fmt: skip
+        raise ValueError(
+            f"mask_token must be [G, C] = {[g, c]} and pos_embed [G, 1 + L, C] = {[g, length + 1, c]}; "
+            f"got {list(mask_token.shape)} and {list(pos_embed.shape)}"
+        )
     if len({t.device for t in (y, ids_restore, mask_token, pos_embed)}) != 1:
         raise ValueError("all decoder-input tensors must be on one device")
 
@@ -436,8 +444,9 @@ def _encoder_input_bwd_flops(grad_shape, patches_shape, *args, **kwargs) -> int:
 # ----------------------------------------------------------------------------------------------- public API
 
 
-def encoder_input(imgs: Tensor, ids_keep: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor,
-                  cls_token: Tensor) -> Tensor:  # fmt: skip
+def encoder_input(
+    imgs: Tensor, ids_keep: Tensor, weight: Tensor, bias: Tensor, pos_embed: Tensor, cls_token: Tensor
+) -> Tensor:
     """The encoder's input tokens [B, 1 + K, D] (module docstring; same arguments as ``encoder_input_ref``):
     only the kept patches are embedded. Under autocast the patch-embed matmul runs in the autocast dtype, as the
     reference's convolution does. Gradients reach weight, bias and cls_token; pos_embed is frozen."""

@@ -228,9 +228,22 @@ class ReleasedLocalMIMSwin(nn.Module):
     2, 4, 8, 8 patches (8 / 16 / 32 / 32 px at patch 4); loss weights = the unit mask upsampled nearest x4, x2, x1, x1.
     """
 
-    def __init__(self, img_size=224, patch_size=4, embed_dim=128, depths=(2, 2, 18, 2), num_heads=(4, 8, 16, 32),
-                 window_size=7, decoder_dim=128, decoder_heads=4, mlp_ratio=4.0, nbins=18, hog_bias=True,
-                 target="hog", coords="released"):  # fmt: skip
+    def __init__(
+        self,
+        img_size=224,
+        patch_size=4,
+        embed_dim=128,
+        depths=(2, 2, 18, 2),
+        num_heads=(4, 8, 16, 32),
+        window_size=7,
+        decoder_dim=128,
+        decoder_heads=4,
+        mlp_ratio=4.0,
+        nbins=18,
+        hog_bias=True,
+        target="hog",
+        coords="released",
+    ):
         super().__init__()
         self.units_per_side = img_size // (patch_size * 8)
         assert self.units_per_side * patch_size * 8 == img_size

@@ -54,8 +54,9 @@ def test_unreadable_image_and_empty_class_folder(tmp_path, capsys):
 
 def test_import_and_export_released_checkpoint(tmp_path, capsys):
     torch.manual_seed(0)
-    released = ReleasedLocalMIMViT(img_size=64, embed_dim=384, depth=12, num_heads=6, decoder_dim=32,
-                                   decoder_heads=2, nbins=18, hog_bias=True).state_dict()  # fmt: skip
+    released = ReleasedLocalMIMViT(
+        img_size=64, embed_dim=384, depth=12, num_heads=6, decoder_dim=32, decoder_heads=2, nbins=18, hog_bias=True
+    ).state_dict()
     src = tmp_path / "released.pth"
     torch.save({"model": released, "epoch": 799}, src)
     out = tmp_path / "weights.pt"
@@ -100,10 +101,24 @@ def test_the_printed_resume_command_uses_the_run_launcher(monkeypatch, capsys, p
     """A run of several processes is continued the way it was started (torchrun), not as one process."""
     import fastmim.train
 
-    summary = {"model": "m", "steps": 2, "total_steps": 2, "steps_this_run": 2, "img_per_s": 1.0, "final_loss": 0.5,
-               "skipped_steps": 0, "skipped_images": 3, "stopped_by": None, "device": "cpu", "processes": processes,
-               "processes_per_node": per_node, "checkpoint": "c.pt", "metrics": "m.jsonl", "plot": None,
-               "config": "runs/x/config.toml"}  # fmt: skip
+    summary = {
+        "model": "m",
+        "steps": 2,
+        "total_steps": 2,
+        "steps_this_run": 2,
+        "img_per_s": 1.0,
+        "final_loss": 0.5,
+        "skipped_steps": 0,
+        "skipped_images": 3,
+        "stopped_by": None,
+        "device": "cpu",
+        "processes": processes,
+        "processes_per_node": per_node,
+        "checkpoint": "c.pt",
+        "metrics": "m.jsonl",
+        "plot": None,
+        "config": "runs/x/config.toml",
+    }
     monkeypatch.setattr(fastmim.train, "train", lambda cfg: summary)
     assert main(["pretrain"]) == 0
     out = capsys.readouterr().out

@@ -88,9 +88,23 @@ def test_every_key_is_documented():
     for section, values in vars(Config()).items():
         for key in vars(values):
             assert f"`{section}.{key}`" in table
-    required = ["model.name", "model.impl", "data.source", "data.path", "train.batch_size", "train.steps",
-                "train.epochs", "train.precision", "train.seed", "train.out_dir", "train.log_every",
-                "train.save_every", "train.resume", "train.dist", "train.zero_stage"]  # fmt: skip
+    required = [
+        "model.name",
+        "model.impl",
+        "data.source",
+        "data.path",
+        "train.batch_size",
+        "train.steps",
+        "train.epochs",
+        "train.precision",
+        "train.seed",
+        "train.out_dir",
+        "train.log_every",
+        "train.save_every",
+        "train.resume",
+        "train.dist",
+        "train.zero_stage",
+    ]
     assert all(f"`{k}`" in table for k in required)
 
 

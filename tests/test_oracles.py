@@ -108,9 +108,15 @@ def test_localmim_state_dict_keys(hog_bias):
 def test_mae_state_dict_keys():
     depth, ddepth = 4, 2
     model = ReleasedMAEViT(
-        img_size=32, patch_size=8, embed_dim=32, depth=depth, num_heads=4, decoder_dim=16, decoder_depth=ddepth,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=depth,
+        num_heads=4,
+        decoder_dim=16,
+        decoder_depth=ddepth,
         decoder_heads=2,
-    )  # fmt: skip
+    )
     keys = {"patch_embed.proj.weight", "patch_embed.proj.bias", "cls_token", "pos_embed", "norm.weight", "norm.bias"}
     for i in range(depth):
         keys |= {f"blocks.{i}.{k}" for k in BLOCK_KEYS}
@@ -409,8 +415,9 @@ def test_localmim_backward_fp64(hog_bias):
 def test_localmim_small_patch_fp32():
     # img 32 / patch 8: cells 2, 4, 8, 16 px; float32 params and inputs
     torch.set_default_dtype(torch.float32)
-    model = ReleasedLocalMIMViT(img_size=32, patch_size=8, embed_dim=32, depth=5, num_heads=2, decoder_dim=16,
-                                decoder_heads=2)  # fmt: skip
+    model = ReleasedLocalMIMViT(
+        img_size=32, patch_size=8, embed_dim=32, depth=5, num_heads=2, decoder_dim=16, decoder_heads=2
+    )
     assert model.taps == [1, 3, 2, 4]
     loss, _ = model(torch.randn(2, 3, 32, 32), torch.rand(2, 16))
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
@@ -420,9 +427,15 @@ def test_localmim_small_patch_fp32():
 
 def test_mae_backward_fp64():
     model = ReleasedMAEViT(
-        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=4, decoder_dim=16, decoder_depth=2,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=4,
+        decoder_dim=16,
+        decoder_depth=2,
         decoder_heads=2,
-    ).double()  # fmt: skip
+    ).double()
     imgs = torch.randn(2, 3, 32, 32, dtype=torch.float64)
     noise = torch.rand(2, 16, dtype=torch.float64)
     loss = model(imgs, noise)

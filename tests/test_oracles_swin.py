@@ -14,8 +14,14 @@ from tests.oracles_swin import (
     swin_window_ids,
 )
 
-ARCH = {"img_size": 64, "embed_dim": 16, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 2, 4), "decoder_dim": 32,
-        "decoder_heads": 2}  # fmt: skip
+ARCH = {
+    "img_size": 64,
+    "embed_dim": 16,
+    "depths": (2, 2, 2, 2),
+    "num_heads": (1, 2, 2, 4),
+    "decoder_dim": 32,
+    "decoder_heads": 2,
+}
 
 
 @pytest.fixture(autouse=True)

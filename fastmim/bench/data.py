@@ -44,9 +44,22 @@ from fastmim.data.beton import BetonSource, convert_folder, ffcv_installed
 from fastmim.data.sources import FolderSource
 from fastmim.errors import FastmimError
 
-DATA_COLUMNS = ("source", "storage", "decode", "augment", "num_workers", "batch", "img_size", "cpu_s_per_1k_img",
-                "img_per_s_per_core", "cores_per_8gpu_node", "img_per_s", "bytes_per_image", "pixel_diff_mean",
-                "pixel_diff_max")  # fmt: skip
+DATA_COLUMNS = (
+    "source",
+    "storage",
+    "decode",
+    "augment",
+    "num_workers",
+    "batch",
+    "img_size",
+    "cpu_s_per_1k_img",
+    "img_per_s_per_core",
+    "cores_per_8gpu_node",
+    "img_per_s",
+    "bytes_per_image",
+    "pixel_diff_mean",
+    "pixel_diff_max",
+)
 NODE_GPUS, GPU_IMG_PER_S = 8, 13_000  # the node PERFORMANCE.md plans for: 8 GPUs at the step-rate goal
 
 
@@ -132,14 +145,24 @@ def bench_row(cfg: Config, batches: int, warmup: int, reference: Config, deviati
     cpu_per_1k = 1e3 * cpu / images
     where = "cpu" if cfg.data.augment == "cpu" else str(device) + ("" if device.type == "cuda" else " (not timed)")
     return {
-        "source": cfg.data.source, "decode": cfg.data.decode, "augment": cfg.data.augment, "augment_device": where,
-        "img_size": img_size, "batch": t.batch_size, "num_workers": cfg.data.num_workers, "batches": batches,
-        "img_per_s": images / elapsed, "img_per_s_per_worker": images / elapsed / max(1, cfg.data.num_workers),
-        "cpu_s_per_1k_img": cpu_per_1k, "img_per_s_per_core": images / cpu if cpu > 0 else None,
+        "source": cfg.data.source,
+        "decode": cfg.data.decode,
+        "augment": cfg.data.augment,
+        "augment_device": where,
+        "img_size": img_size,
+        "batch": t.batch_size,
+        "num_workers": cfg.data.num_workers,
+        "batches": batches,
+        "img_per_s": images / elapsed,
+        "img_per_s_per_worker": images / elapsed / max(1, cfg.data.num_workers),
+        "cpu_s_per_1k_img": cpu_per_1k,
+        "img_per_s_per_core": images / cpu if cpu > 0 else None,
         "cores_per_8gpu_node": cpu_per_1k * NODE_GPUS * GPU_IMG_PER_S / 1e3,
-        "pixel_diff_mean": float(diff.mean()), "pixel_diff_max": float(diff.max()),
-        "deviation_images": len(diff), "cpu_count": os.cpu_count(),
-    }  # fmt: skip
+        "pixel_diff_mean": float(diff.mean()),
+        "pixel_diff_max": float(diff.max()),
+        "deviation_images": len(diff),
+        "cpu_count": os.cpu_count(),
+    }
 
 
 def _sync(device: torch.device) -> None:
@@ -168,10 +191,16 @@ def _betons(cfg: Config, storages: list[str], max_side: int, log) -> Iterator[li
         for storage in storages:
             dst = str(Path(tmp) / f"{storage}.beton")
             log(f"bench data: converting {path} to a temporary .beton ({storage}, max side {max_side}) ...")
-            summary = convert_folder(str(path), dst, max_side=max_side, raw=storage == "raw", progress=False,
-                                     log=lambda _: None)  # fmt: skip
-            info = {"max_side": max_side, "images": summary.written, "bytes": summary.bytes,
-                    "skipped": summary.num_skipped, "resized": summary.resized}  # fmt: skip
+            summary = convert_folder(
+                str(path), dst, max_side=max_side, raw=storage == "raw", progress=False, log=lambda _: None
+            )
+            info = {
+                "max_side": max_side,
+                "images": summary.written,
+                "bytes": summary.bytes,
+                "skipped": summary.num_skipped,
+                "resized": summary.resized,
+            }
             out.append((storage, dst, info))
         yield out
 
@@ -207,25 +236,38 @@ def _skip_reason(source: str, storage: str, augment: str, decode: str) -> str | 
     return None
 
 
-def run_data_bench(cfg: Config, sources: list[str] | None, batches: int, warmup: int,
-                   augments: list[str] | None = None, max_side: int = 512, log=print, decodes: list[str] | None = None,
-                   storages: list[str] | None = None, deviation_images: int = 64) -> list[dict]:  # fmt: skip
+def run_data_bench(
+    cfg: Config,
+    sources: list[str] | None,
+    batches: int,
+    warmup: int,
+    augments: list[str] | None = None,
+    max_side: int = 512,
+    log=print,
+    decodes: list[str] | None = None,
+    storages: list[str] | None = None,
+    deviation_images: int = 64,
+) -> list[dict]:
     """One row per (source, storage, placement, decode): sources default to :func:`available_sources`, placements
     and decode modes to ``data.augment`` / ``data.decode``, storages (for a folder converted to ffcv) to jpeg."""
     rows = []
     with contextlib.ExitStack() as stack:
         for source in sources or available_sources(cfg):
-            for run, reference, storage, stored, extra in _cases(cfg, source, stack, storages or ["jpeg"], max_side,
-                                                                 log):  # fmt: skip
+            for run, reference, storage, stored, extra in _cases(
+                cfg, source, stack, storages or ["jpeg"], max_side, log
+            ):
                 for augment, decode in itertools.product(augments or [cfg.data.augment], decodes or [cfg.data.decode]):
                     why = _skip_reason(source, storage, augment, decode)
                     if why:
                         log(f"bench data: skipping {source} ({storage}), augment {augment}, decode {decode}: {why}")
                         continue
-                    log(f"bench data: {source} ({storage}), augment {augment}, decode {decode}, batch "
-                        f"{cfg.train.batch_size}, {cfg.data.num_workers} workers ...")  # fmt: skip
+                    log(
+                        f"bench data: {source} ({storage}), augment {augment}, decode {decode}, batch "
+                        f"{cfg.train.batch_size}, {cfg.data.num_workers} workers ..."
+                    )
                     reference_cfg = _with(reference, augment="cpu", decode="cpu")
-                    row = bench_row(_with(run, augment=augment, decode=decode), batches, warmup, reference_cfg,
-                                    deviation_images)  # fmt: skip
+                    row = bench_row(
+                        _with(run, augment=augment, decode=decode), batches, warmup, reference_cfg, deviation_images
+                    )
                     rows.append({**row, "storage": storage, "bytes_per_image": stored, **extra})
     return rows

@@ -64,8 +64,13 @@ def git_sha() -> str | None:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10)
         if sha.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
-                               capture_output=True, text=True, timeout=10)  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -102,8 +107,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], Any], device: torch.device, warmup_ms: float = 25, rep_ms: float = 100,
-            min_reps: int = 5) -> tuple[float, float, float]:  # fmt: skip
+def measure(
+    fn: Callable[[], Any], device: torch.device, warmup_ms: float = 25, rep_ms: float = 100, min_reps: int = 5
+) -> tuple[float, float, float]:
     """(median, p20, p80) milliseconds of ``fn()``; warm-up runs are outside the measurement."""
     if device.type == "cuda":
         from triton.testing import do_bench
@@ -236,17 +242,27 @@ def refusal(provider: str, device: torch.device, cuda_only: Sequence[str] = ("tr
     return None
 
 
-def run_kernel_bench(bench: KernelBench, device: torch.device, providers: Sequence[str] | None = None,
-                     modes: Sequence[str] | None = None, warmup_ms: float = 25, rep_ms: float = 100,
-                     log: Callable[[str], None] = print) -> list[dict[str, Any]]:  # fmt: skip
+def run_kernel_bench(
+    bench: KernelBench,
+    device: torch.device,
+    providers: Sequence[str] | None = None,
+    modes: Sequence[str] | None = None,
+    warmup_ms: float = 25,
+    rep_ms: float = 100,
+    log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
     """Gate then time every (case, mode, provider); returns result rows. Wrong providers are rows with
     ``"ok": False`` and no timing; refused ones carry ``"skipped"``."""
     rows = []
     for case in bench.cases:
         for mode in modes or bench.modes:
             for provider in providers or list(bench.providers):
-                row: dict[str, Any] = {"provider": provider, "mode": mode, "shape": case.shape,
-                                       "dtype": str(case.dtype).removeprefix("torch.")}  # fmt: skip
+                row: dict[str, Any] = {
+                    "provider": provider,
+                    "mode": mode,
+                    "shape": case.shape,
+                    "dtype": str(case.dtype).removeprefix("torch."),
+                }
                 reason = refusal(provider, device, bench.cuda_only)
                 if reason:
                     rows.append({**row, "skipped": reason})
@@ -260,9 +276,17 @@ def run_kernel_bench(bench: KernelBench, device: torch.device, providers: Sequen
                 fn = _timed_fn(bench.providers[provider], case.make(), mode)
                 p50, p20, p80 = measure(fn, device, warmup_ms, rep_ms)
                 factor = {"fwd": 1.0, "bwd": case.bwd_factor, "full": 1.0 + case.bwd_factor}[mode]
-                rows.append({**row, "ok": True, "ms_p50": p50, "ms_p20": p20, "ms_p80": p80,
-                             "gbps": case.bytes * factor / p50 / 1e6 if case.bytes else None,
-                             "tflops": case.flops * factor / p50 / 1e9 if case.flops else None})  # fmt: skip
+                rows.append(
+                    {
+                        **row,
+                        "ok": True,
+                        "ms_p50": p50,
+                        "ms_p20": p20,
+                        "ms_p80": p80,
+                        "gbps": case.bytes * factor / p50 / 1e6 if case.bytes else None,
+                        "tflops": case.flops * factor / p50 / 1e9 if case.flops else None,
+                    }
+                )
     return rows
 
 
@@ -298,8 +322,14 @@ def result_path(out_dir: Path, bench: str, gpu: str, when: _dt.datetime) -> Path
     return path
 
 
-def write_record(bench: str, rows: list[dict[str, Any]], device: torch.device, out_dir: str | Path | None = None,
-                 argv: Sequence[str] | None = None, extra: dict[str, Any] | None = None) -> Path:  # fmt: skip
+def write_record(
+    bench: str,
+    rows: list[dict[str, Any]],
+    device: torch.device,
+    out_dir: str | Path | None = None,
+    argv: Sequence[str] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
     """Write the JSON record and return its path."""
     when = _dt.datetime.now(_dt.UTC)
     env = environment(device)

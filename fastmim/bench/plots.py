@@ -24,8 +24,9 @@ def plot_kernel_speedups(record_path: Path) -> Path:
     providers = sorted({r["provider"] for r in rows})
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups)), 4), dpi=100)
     width = 0.8 / max(1, len(providers))
-    speedup = {(r["provider"], json.dumps(r["shape"], sort_keys=True), r["mode"], r["dtype"]): r["speedup"]
-               for r in rows}  # fmt: skip
+    speedup = {
+        (r["provider"], json.dumps(r["shape"], sort_keys=True), r["mode"], r["dtype"]): r["speedup"] for r in rows
+    }
     for i, provider in enumerate(providers):
         values = [speedup.get((provider, *g), 0.0) for g in groups]
         ax.bar([x + i * width for x in range(len(groups))], values, width, label=provider)

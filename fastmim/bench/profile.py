@@ -148,10 +148,16 @@ def stage_table(events, use_device: bool) -> list[dict[str, Any]]:
         totals[stage][kind] += time_of(e)
     total = sum(sum(v.values()) for v in totals.values()) or 1.0
     rows = [
-        {"stage": s, "fwd_ms": v["fwd"] / 1e3, "bwd_ms": v["bwd"] / 1e3, "other_ms": v["other"] / 1e3,
-         "total_ms": sum(v.values()) / 1e3, "share": sum(v.values()) / total}
+        {
+            "stage": s,
+            "fwd_ms": v["fwd"] / 1e3,
+            "bwd_ms": v["bwd"] / 1e3,
+            "other_ms": v["other"] / 1e3,
+            "total_ms": sum(v.values()) / 1e3,
+            "share": sum(v.values()) / total,
+        }
         for s, v in totals.items()
-    ]  # fmt: skip
+    ]
     return sorted(rows, key=lambda r: -r["total_ms"])
 
 

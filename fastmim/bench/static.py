@@ -52,8 +52,17 @@ import torch
 
 ARCHS = (80, 90)
 EXTRA_MODELS = {"vit_small": ("vit_base_1600", ["--model.name=localmim_vit_small_patch16"])}  # no recipe of its own
-STATIC_COLUMNS = ("kernel", "config", "arch", "registers", "spill_bytes", "shared_bytes", "warps_per_sm",
-                  "compile_s", "recipes")  # fmt: skip
+STATIC_COLUMNS = (
+    "kernel",
+    "config",
+    "arch",
+    "registers",
+    "spill_bytes",
+    "shared_bytes",
+    "warps_per_sm",
+    "compile_s",
+    "recipes",
+)
 
 
 # ----------------------------------------------------------------------------------------------- occupancy
@@ -73,8 +82,10 @@ class SMLimits:
     block_reserve: int = 1024  # shared memory the system reserves per block
 
 
-SM_LIMITS = {80: SMLimits(shared=164 * 1024, shared_per_block=163 * 1024),
-             90: SMLimits(shared=228 * 1024, shared_per_block=227 * 1024)}  # fmt: skip
+SM_LIMITS = {
+    80: SMLimits(shared=164 * 1024, shared_per_block=163 * 1024),
+    90: SMLimits(shared=228 * 1024, shared_per_block=227 * 1024),
+}
 
 
 def resident_warps(arch: int, registers: int, shared_bytes: int, num_warps: int) -> int:
@@ -84,8 +95,12 @@ def resident_warps(arch: int, registers: int, shared_bytes: int, num_warps: int)
         return 0
     per_warp = math.ceil(32 * max(registers, 1) / sm.register_unit) * sm.register_unit
     warps_by_regs = sm.registers // per_warp // sm.warp_granularity * sm.warp_granularity
-    blocks = min(warps_by_regs // num_warps, sm.shared // (shared_bytes + sm.block_reserve),
-                 sm.max_warps // num_warps, sm.max_blocks)  # fmt: skip
+    blocks = min(
+        warps_by_regs // num_warps,
+        sm.shared // (shared_bytes + sm.block_reserve),
+        sm.max_warps // num_warps,
+        sm.max_blocks,
+    )
     return blocks * num_warps
 
 
@@ -162,12 +177,14 @@ def _launch_vit(model, b: int, side: int) -> None:
     weight = model.encoder.patch_embed.proj.weight
     d, kp, p = weight.shape[0], weight[0].numel(), weight.shape[-1]
     imgs = _meta(b, 3, side, side)
-    _, patches = masked_gather.encoder_input_fwd(imgs, _index(b, keep), _meta(d, kp, dtype=MATMUL), _meta(d),
-                                                 _meta(1 + length, d), _meta(d), p)  # fmt: skip
+    _, patches = masked_gather.encoder_input_fwd(
+        imgs, _index(b, keep), _meta(d, kp, dtype=MATMUL), _meta(d), _meta(1 + length, d), _meta(d), p
+    )
     masked_gather.encoder_input_bwd(_meta(b, 1 + keep, d), patches)
     g, c = len(model.decoders), model.decoders[0].mask_token.shape[-1]
-    masked_gather.decoder_input_fwd(_meta(g, b, 1 + keep, c, dtype=MATMUL), _index(b, length), _meta(g, c),
-                                    _meta(g, 1 + length, c))  # fmt: skip
+    masked_gather.decoder_input_fwd(
+        _meta(g, b, 1 + keep, c, dtype=MATMUL), _index(b, length), _meta(g, c), _meta(g, 1 + length, c)
+    )
     masked_gather.decoder_input_bwd(_meta(g, b, 1 + length, c), _index(b, length), keep, MATMUL)
     n, n_grp = length - keep, min((grid // 2) ** 2, length - keep)  # fastmim.models.fast_heads.select_cells
     _launch_loss(recon_loss.SUBS, model.target.out_dims, b, grid, n, n_grp)
@@ -213,8 +230,9 @@ def recipe_targets() -> dict[str, tuple[str, list[str]]]:
     from fastmim.config import _recipe_dir, list_recipes
 
     evaluation = {"finetune", "linprobe"}  # sections of the evaluation recipes, which train no MIM model
-    pretrain = [n for n in list_recipes() if not evaluation & tomllib.loads((_recipe_dir() / f"{n}.toml").read_text())
-                .keys()]  # fmt: skip
+    pretrain = [
+        n for n in list_recipes() if not evaluation & tomllib.loads((_recipe_dir() / f"{n}.toml").read_text()).keys()
+    ]
     return {**{n: (n, []) for n in pretrain}, **EXTRA_MODELS}
 
 
@@ -267,8 +285,9 @@ def _specialise(launch: Launch, config: dict[str, Any], arch: int):
 def specialisation_key(launch: Launch) -> str:
     """What decides the compiled code of a launch (any arch, every config): one compilation per distinct key."""
     _, signature, constexprs, attrs, _ = _specialise(launch, launch.configs[0], ARCHS[0])
-    return repr((launch.fn.fn.__qualname__, signature, sorted(constexprs.items()), sorted(attrs.items()),
-                 launch.configs))  # fmt: skip
+    return repr(
+        (launch.fn.fn.__qualname__, signature, sorted(constexprs.items()), sorted(attrs.items()), launch.configs)
+    )
 
 
 def config_label(launch: Launch, config: dict[str, Any], num_warps: int) -> str:
@@ -284,8 +303,12 @@ def resource_usage(cubin: bytes) -> dict[str, int]:
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
-                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        out = subprocess.run(
+            [triton.knobs.nvidia.cuobjdump.path, "--dump-resource-usage", f.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
     found = dict(re.findall(r"\b(REG|STACK|SHARED):(\d+)", out))
     if len(found) != 3:
         raise RuntimeError(f"cannot read the resource usage from cuobjdump's output:\n{out}")
@@ -304,17 +327,26 @@ def compile_row(launch: Launch, config: dict[str, Any], arch: int) -> dict[str, 
     usage = resource_usage(kernel.asm["cubin"])
     shared = usage["SHARED"] + kernel.metadata.shared
     warps = kernel.metadata.num_warps
-    return {"kernel": launch.fn.fn.__qualname__, "module": launch.fn.fn.__module__.rsplit(".", 1)[-1],
-            "config": config_label(launch, config, warps), "arch": f"sm_{arch}", "registers": usage["REG"],
-            "spill_bytes": usage["STACK"], "shared_bytes": shared, "num_warps": warps,
-            "num_stages": kernel.metadata.num_stages,
-            "warps_per_sm": resident_warps(arch, usage["REG"], shared, warps), "compile_s": round(seconds, 2),
-            "recipes": ",".join(launch.recipes),
-            "constexprs": {str(k): repr(v) for k, v in constexprs.items()}}  # fmt: skip
+    return {
+        "kernel": launch.fn.fn.__qualname__,
+        "module": launch.fn.fn.__module__.rsplit(".", 1)[-1],
+        "config": config_label(launch, config, warps),
+        "arch": f"sm_{arch}",
+        "registers": usage["REG"],
+        "spill_bytes": usage["STACK"],
+        "shared_bytes": shared,
+        "num_warps": warps,
+        "num_stages": kernel.metadata.num_stages,
+        "warps_per_sm": resident_warps(arch, usage["REG"], shared, warps),
+        "compile_s": round(seconds, 2),
+        "recipes": ",".join(launch.recipes),
+        "constexprs": {str(k): repr(v) for k, v in constexprs.items()},
+    }
 
 
-def run_static_report(labels: Sequence[str], archs: Sequence[int], kernels: Sequence[str] = (),
-                      log: Callable[[str], None] = print) -> list[dict]:  # fmt: skip
+def run_static_report(
+    labels: Sequence[str], archs: Sequence[int], kernels: Sequence[str] = (), log: Callable[[str], None] = print
+) -> list[dict]:
     """Compile every distinct launch of the recipe targets in every config for every arch (only kernels whose name
     contains one of ``kernels``, when given); the report rows."""
     rows = []
@@ -324,8 +356,10 @@ def run_static_report(labels: Sequence[str], archs: Sequence[int], kernels: Sequ
         for config in launch.configs:
             for arch in archs:
                 row = compile_row(launch, config, arch)
-                log(f"  {row['kernel']} [{row['config']}] {row['arch']}: {row['registers']} registers, "
-                    f"{row['spill_bytes']} spill bytes, {row['compile_s']} s")  # fmt: skip
+                log(
+                    f"  {row['kernel']} [{row['config']}] {row['arch']}: {row['registers']} registers, "
+                    f"{row['spill_bytes']} spill bytes, {row['compile_s']} s"
+                )
                 rows.append(row)
     return rows
 
@@ -366,8 +400,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"wrote {write_record('kernels_static', rows, torch.device('cpu'), args.out, command, extra)}")
     flagged = [r for r in rows if r["spill_bytes"] or r["registers"] >= 255 or not r["warps_per_sm"]]
     for r in flagged:
-        print(f"flagged: {r['kernel']} [{r['config']}] {r['arch']}: {r['registers']} registers, {r['spill_bytes']} "
-              f"spill bytes, {r['warps_per_sm']} resident warps per SM ({r['recipes']})")  # fmt: skip
+        print(
+            f"flagged: {r['kernel']} [{r['config']}] {r['arch']}: {r['registers']} registers, {r['spill_bytes']} "
+            f"spill bytes, {r['warps_per_sm']} resident warps per SM ({r['recipes']})"
+        )
     return 1 if flagged else 0
 
 

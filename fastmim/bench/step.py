@@ -145,9 +145,15 @@ def _timed_steps(run: Run, batches: Iterator[torch.Tensor], steps: int) -> float
 
 
 def run_step_bench(
-    cfg: Config, impls: list[str], steps: int, warmup: int, breakdown_steps: int, fixed_batch: bool = False,
-    rounds: int = 4, log=print,
-) -> tuple[list[dict[str, Any]], torch.device]:  # fmt: skip
+    cfg: Config,
+    impls: list[str],
+    steps: int,
+    warmup: int,
+    breakdown_steps: int,
+    fixed_batch: bool = False,
+    rounds: int = 4,
+    log=print,
+) -> tuple[list[dict[str, Any]], torch.device]:
     """Time every impl in ``rounds`` alternating rounds (A B, B A, ...) so that drift (thermal, caches, other
     processes) does not favour whichever runs first; ms_per_step is the median round, p20/p80 the spread."""
     device = resolve_device(cfg.train.device)
@@ -207,8 +213,9 @@ def _own_memory(run: Run, base: int, device: torch.device) -> dict[str, float]:
     return {"state_gib": state_gib, "step_peak_gib": step_gib, "peak_mem_gib": state_gib + step_gib}
 
 
-def _row(cfg: Config, impl: str, run: Run, timing: dict[str, Any], device: torch.device, steps: int,
-         fixed_batch: bool) -> dict[str, Any]:  # fmt: skip
+def _row(
+    cfg: Config, impl: str, run: Run, timing: dict[str, Any], device: torch.device, steps: int, fixed_batch: bool
+) -> dict[str, Any]:
     ms, p20, p80 = quantiles(timing["round_ms"])
     batch = cfg.train.batch_size * cfg.train.accum_steps
     flops = timing["flops_per_step"]
@@ -241,5 +248,19 @@ def _row(cfg: Config, impl: str, run: Run, timing: dict[str, Any], device: torch
     }
 
 
-STEP_COLUMNS = ("impl", "compile_s", "model", "batch", "dtype", "img_per_s", "ms_per_step", "speedup_vs_reference",
-                "mfu", "peak_mem_gib", "data_ms", "forward_ms", "backward_ms", "optimizer_ms")  # fmt: skip
+STEP_COLUMNS = (
+    "impl",
+    "compile_s",
+    "model",
+    "batch",
+    "dtype",
+    "img_per_s",
+    "ms_per_step",
+    "speedup_vs_reference",
+    "mfu",
+    "peak_mem_gib",
+    "data_ms",
+    "forward_ms",
+    "backward_ms",
+    "optimizer_ms",
+)

@@ -23,8 +23,21 @@ def _fmt(value, spec: str = ".3g") -> str:
 
 
 def step_table(records: list[dict]) -> list[str]:
-    head = ("model", "impl", "batch", "dtype", "img/s", "ms/step", "x reference", "MFU", "peak GiB", "compile s",
-            "GPU", "torch", "file")  # fmt: skip
+    head = (
+        "model",
+        "impl",
+        "batch",
+        "dtype",
+        "img/s",
+        "ms/step",
+        "x reference",
+        "MFU",
+        "peak GiB",
+        "compile s",
+        "GPU",
+        "torch",
+        "file",
+    )
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
     choices = []
     for rec in records:
@@ -46,8 +59,10 @@ def step_table(records: list[dict]) -> list[str]:
 
 
 def kernel_table(records: list[dict]) -> list[str]:
-    lines = ["| bench | provider | mode | shape | dtype | ms (p50) | GB/s | x reference | GPU | torch | file |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| bench | provider | mode | shape | dtype | ms (p50) | GB/s | x reference | GPU | torch | file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for rec in records:
         if rec.get("bench") in ("step", "data"):
             continue
@@ -64,9 +79,11 @@ def kernel_table(records: list[dict]) -> list[str]:
 
 
 def data_table(records: list[dict]) -> list[str]:
-    lines = ["| source | storage | decode | augment | CPU s / 1,000 img | img/s per core | cores per 8-GPU node | "
-             "bytes / image | pixel diff mean / max | device | file |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = [
+        "| source | storage | decode | augment | CPU s / 1,000 img | img/s per core | cores per 8-GPU node | "
+        "bytes / image | pixel diff mean / max | device | file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for rec in records:
         if rec.get("bench") != "data":
             continue

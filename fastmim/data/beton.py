@@ -52,8 +52,15 @@ INSTALL_HINT = (
 # On-disk layout of FFCV's format version 2 (ffcv/types.py, ffcv/fields/*.py: metadata_type).
 _VERSION = 2
 _HEADER = np.dtype(
-    [("version", "<u2"), ("num_fields", "<u2"), ("page_size", "<u4"), ("num_samples", "<u8"),
-     ("alloc_table_ptr", "<u8")], align=True)  # fmt: skip
+    [
+        ("version", "<u2"),
+        ("num_fields", "<u2"),
+        ("page_size", "<u4"),
+        ("num_samples", "<u8"),
+        ("alloc_table_ptr", "<u8"),
+    ],
+    align=True,
+)
 _FIELD = np.dtype([("type_id", "<u1"), ("name", ("<u1", 16)), ("arguments", ("<u1", (1024,)))], align=True)
 _ALLOC = np.dtype([("sample_id", "<u8"), ("ptr", "<u8"), ("size", "<u8")])
 _IMAGE_META = np.dtype([("mode", "<u1"), ("width", "<u2"), ("height", "<u2"), ("data_ptr", "<u8")])
@@ -182,8 +189,13 @@ class BetonSource:
                 raise self._unreadable(index, "JPEG size differs from the stored size")
         return data
 
-    def read_pixels(self, index: int, out: np.ndarray | None = None, rows: tuple[int, int] | None = None,
-                    scratch: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
+    def read_pixels(
+        self,
+        index: int,
+        out: np.ndarray | None = None,
+        rows: tuple[int, int] | None = None,
+        scratch: np.ndarray | None = None,
+    ) -> np.ndarray:
         """Image ``index`` (or its rows ``rows[0]:rows[1]``) as uint8 ``[h, W, 3]``, a view into ``out`` (uint8,
         C-contiguous, at least ``max_pixel_bytes``; default a fresh array). A JPEG is read into ``scratch``
         (at least ``max_encoded_bytes``) and decoded whole into ``out``; a raw image reads only those rows."""
@@ -213,10 +225,26 @@ class BetonSource:
 # ----------------------------------------------------------------------------------------------- writing
 
 # Modes PIL opens that need a conversion to RGB, grouped as the summary reports them.
-_CONVERSIONS = {"L": "grayscale", "1": "grayscale", "LA": "alpha", "La": "alpha", "RGBA": "alpha", "RGBa": "alpha",
-                "PA": "alpha", "P": "palette", "CMYK": "CMYK", "I;16": "16-bit", "I;16B": "16-bit",
-                "I;16L": "16-bit", "I;16N": "16-bit", "I": "32-bit integer", "F": "float", "YCbCr": "YCbCr",
-                "LAB": "LAB", "HSV": "HSV"}  # fmt: skip
+_CONVERSIONS = {
+    "L": "grayscale",
+    "1": "grayscale",
+    "LA": "alpha",
+    "La": "alpha",
+    "RGBA": "alpha",
+    "RGBa": "alpha",
+    "PA": "alpha",
+    "P": "palette",
+    "CMYK": "CMYK",
+    "I;16": "16-bit",
+    "I;16B": "16-bit",
+    "I;16L": "16-bit",
+    "I;16N": "16-bit",
+    "I": "32-bit integer",
+    "F": "float",
+    "YCbCr": "YCbCr",
+    "LAB": "LAB",
+    "HSV": "HSV",
+}
 
 
 @dataclass
@@ -358,8 +386,16 @@ class _InProcess:
     join = close
 
 
-def convert_folder(src: str, dst: str, max_side: int = 512, quality: int = 90, raw: bool = False, workers: int = 0,
-                   progress: bool = True, log: Callable[[str], None] = print) -> ConvertSummary:  # fmt: skip
+def convert_folder(
+    src: str,
+    dst: str,
+    max_side: int = 512,
+    quality: int = 90,
+    raw: bool = False,
+    workers: int = 0,
+    progress: bool = True,
+    log: Callable[[str], None] = print,
+) -> ConvertSummary:
     """Write the images under ``src`` (ImageFolder tree or flat folder) to the FFCV dataset ``dst``.
 
     Args:
@@ -401,8 +437,19 @@ def convert_folder(src: str, dst: str, max_side: int = 512, quality: int = 90, r
     return summary
 
 
-def _write(out: Path, src: str, source: FolderSource, keep: list[int], sizes: list[tuple[int, int]], max_side: int,
-           quality: int, raw: bool, workers: int, progress: bool, log: Callable[[str], None]) -> None:  # fmt: skip
+def _write(
+    out: Path,
+    src: str,
+    source: FolderSource,
+    keep: list[int],
+    sizes: list[tuple[int, int]],
+    max_side: int,
+    quality: int,
+    raw: bool,
+    workers: int,
+    progress: bool,
+    log: Callable[[str], None],
+) -> None:
     """FFCV-write the kept images to a temporary file next to ``out``, then give it its final name."""
     import ffcv.writer
     from ffcv.fields import IntField, RGBImageField

@@ -77,7 +77,11 @@ class Decoder:
         if width * height * 3 > out.size:
             raise JpegError(f"{width} x {height} image does not fit the {out.size}-byte buffer")
         lib, handle = self._lib_handle()
-        if lib.tjDecompress2(handle, data.ctypes.data, data.size, out.ctypes.data, width, width * 3, height,
-                             _TJPF_RGB, 0) != 0:  # fmt: skip
+        if (
+            lib.tjDecompress2(
+                handle, data.ctypes.data, data.size, out.ctypes.data, width, width * 3, height, _TJPF_RGB, 0
+            )
+            != 0
+        ):
             raise JpegError(lib.tjGetErrorStr2(handle).decode(errors="replace"))
         return out[: width * height * 3].reshape(height, width, 3)

@@ -250,13 +250,22 @@ class MIMLoader:
         """The raw batches of ``key_batches``, read by one DataLoader."""
         # The DataLoader draws its worker base seed from this generator; without one it would draw from the global
         # RNG and shift the trainer's random stream by one draw per iteration.
-        common = {"num_workers": self.num_workers, "persistent_workers": False,
-                  "generator": torch.Generator().manual_seed(int(mix_seed(self.seed, epoch))),
-                  "worker_init_fn": _ignore_stop_signals if self.num_workers else None}  # fmt: skip
+        common = {
+            "num_workers": self.num_workers,
+            "persistent_workers": False,
+            "generator": torch.Generator().manual_seed(int(mix_seed(self.seed, epoch))),
+            "worker_init_fn": _ignore_stop_signals if self.num_workers else None,
+        }
         if self.placement == "cpu":
             # pinned: the copy to the GPU can run asynchronously
-            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=_KeySampler(key_batches),
-                                drop_last=True, pin_memory=self.device.type == "cuda", **common)  # fmt: skip
+            loader = DataLoader(
+                self.dataset,
+                batch_size=self.batch_size,
+                sampler=_KeySampler(key_batches),
+                drop_last=True,
+                pin_memory=self.device.type == "cuda",
+                **common,
+            )
             yield from self._deliver(loader, packed.identity)
             return
         slots = self.num_workers * packed.PREFETCH + 1 if self.num_workers else 1
@@ -264,9 +273,14 @@ class MIMLoader:
         ring = self._take_ring(slots, capacity) if capacity else None
         dataset = copy.copy(self.dataset)  # its own ring: another iteration may be alive (an abandoned generator)
         dataset.ring = ring
-        loader = DataLoader(dataset, batch_size=None, sampler=packed.BatchTasks(key_batches, slots),
-                            collate_fn=packed.identity, prefetch_factor=packed.PREFETCH if self.num_workers else None,
-                            **common)  # fmt: skip
+        loader = DataLoader(
+            dataset,
+            batch_size=None,
+            sampler=packed.BatchTasks(key_batches, slots),
+            collate_fn=packed.identity,
+            prefetch_factor=packed.PREFETCH if self.num_workers else None,
+            **common,
+        )
         try:
             yield from self._deliver(loader, functools.partial(self._stage, ring=ring, staging=staging))
         finally:
@@ -436,5 +450,4 @@ def build_loader(
     _check_choices(placement, decode, None)  # the source-dependent check follows in MIMLoader, once it is built
     source = build_source(cfg, img_size)
     transform = PretrainTransform(img_size, scale=(cfg.min_scale, 1.0))
-    return MIMLoader(source, transform, batch_size, seed, cfg.num_workers, rank, world_size, placement, device,
-                     decode)  # fmt: skip
+    return MIMLoader(source, transform, batch_size, seed, cfg.num_workers, rank, world_size, placement, device, decode)

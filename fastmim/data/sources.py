@@ -170,9 +170,11 @@ def _images_under(directory: str) -> list[str]:
                 continue
             (found if entry.is_file() else irregular).append(entry.path)
         pending.extend(reversed([e.path for e in entries if e.is_dir()]))
-    for paths, what in ((repeated, "links to a folder listed already (e.g. a loop), skipped"),
-                        (irregular, "image names that are not regular files (FIFOs, devices, broken links), skipped"),
-                        (unlistable, "folders that cannot be read, skipped")):  # fmt: skip
+    for paths, what in (
+        (repeated, "links to a folder listed already (e.g. a loop), skipped"),
+        (irregular, "image names that are not regular files (FIFOs, devices, broken links), skipped"),
+        (unlistable, "folders that cannot be read, skipped"),
+    ):
         if paths:
             warnings.warn(f"{len(paths)} {what} under {one_line(directory)}, e.g. {one_line(paths[0])}", stacklevel=3)
     return found

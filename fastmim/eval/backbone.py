@@ -129,9 +129,14 @@ def build_vit(backbone: Backbone, num_classes: int, drop_path: float = 0.0, img_
     # weight_init="skip": every tensor but the new head is loaded below (LayerNorms init themselves), and timm's
     # trunc-normal init of a whole ViT-B would cost seconds on CPU for nothing.
     model = timm.create_model(
-        backbone.timm_name, pretrained=False, num_classes=num_classes, global_pool="avg", drop_path_rate=drop_path,
-        weight_init="skip", **kwargs,
-    )  # fmt: skip
+        backbone.timm_name,
+        pretrained=False,
+        num_classes=num_classes,
+        global_pool="avg",
+        drop_path_rate=drop_path,
+        weight_init="skip",
+        **kwargs,
+    )
     sd = dict(backbone.state_dict)
     grid = kwargs["img_size"] // kwargs["patch_size"]
     if sd["pos_embed"].shape != model.pos_embed.shape:

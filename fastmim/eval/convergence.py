@@ -51,8 +51,13 @@ def _git_commit() -> str:
     here = Path(__file__).resolve().parent
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=here)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
-                               text=True, check=True, cwd=here)  # fmt: skip
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=here,
+        )
         return sha.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -65,9 +70,15 @@ def run_check(work: Path, steps: int, pretrain_overrides: list[str], probe_overr
     commit = _git_commit()  # the code that runs, not whatever HEAD is when the run ends
     data = work / "digits_train"
     num_images = write_digits_tree(data, 64)
-    overrides = ["--data.source=folder", f"--data.path={data}", f"--train.steps={steps}",
-                 f"--train.warmup_steps={max(1, steps // 10)}", f"--train.out_dir={work / 'pretrain'}",
-                 "--train.log_every=50", *pretrain_overrides]  # fmt: skip
+    overrides = [
+        "--data.source=folder",
+        f"--data.path={data}",
+        f"--train.steps={steps}",
+        f"--train.warmup_steps={max(1, steps // 10)}",
+        f"--train.out_dir={work / 'pretrain'}",
+        "--train.log_every=50",
+        *pretrain_overrides,
+    ]
     cfg = load_config("tiny_cpu", overrides)
     from fastmim.train import train
 
@@ -77,10 +88,16 @@ def run_check(work: Path, steps: int, pretrain_overrides: list[str], probe_overr
     probes: dict[str, Any] = {}
     for init in ("pretrained", "random"):
         for pool in ("avg", "cls"):
-            ecfg = load_eval_config("eval_tiny_cpu", [f"--model.name={cfg.model.name}", f"--linprobe.pool={pool}",
-                                                      f"--model.img_size={cfg.model.resolved_img_size}",
-                                                      f"--linprobe.out_dir={work / f'probe_{init}_{pool}'}",
-                                                      *probe_overrides])  # fmt: skip
+            ecfg = load_eval_config(
+                "eval_tiny_cpu",
+                [
+                    f"--model.name={cfg.model.name}",
+                    f"--linprobe.pool={pool}",
+                    f"--model.img_size={cfg.model.resolved_img_size}",
+                    f"--linprobe.out_dir={work / f'probe_{init}_{pool}'}",
+                    *probe_overrides,
+                ],
+            )
             pretrained = summary["checkpoint"] if init == "pretrained" else ""
             backbone = load_backbone(pretrained, cfg.model.name, cfg.model.img_size, cfg.train.seed)
             out_dir = Path(ecfg.linprobe.out_dir)
@@ -141,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="runs/convergence", help="working directory (must be new or empty)")
     parser.add_argument("--json", help="also write the record here (e.g. benchmarks/results/...json)")
     parser.add_argument(
-        "--probe", action="append", default=[], metavar="OVERRIDE",
+        "--probe",
+        action="append",
+        default=[],
+        metavar="OVERRIDE",
         help="eval override for the probes, e.g. --probe=--linprobe.epochs=100 (repeatable)",
-    )  # fmt: skip
+    )
     args, pretrain_overrides = parser.parse_known_args(argv)
     try:
         record = run_check(Path(args.work), args.steps, [a for a in pretrain_overrides if a != "--"], args.probe)
@@ -160,8 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     r = record["probe"]["results"]
     print(f"pre-trained {record['pretrain']['steps']} steps in {record['pretrain']['seconds']:.0f} s")
     for pool in ("avg", "cls"):
-        print(f"  {pool} features: pre-trained {r[f'pretrained_{pool}']['acc1']:.2f}%  "
-              f"random init {r[f'random_{pool}']['acc1']:.2f}%")  # fmt: skip
+        print(
+            f"  {pool} features: pre-trained {r[f'pretrained_{pool}']['acc1']:.2f}%  "
+            f"random init {r[f'random_{pool}']['acc1']:.2f}%"
+        )
     return 0
 
 

@@ -119,9 +119,16 @@ def train_transform(img_size: int, auto_augment: str, reprob: float) -> Callable
     from timm.data.auto_augment import RandAugment, posterize
 
     transform = create_transform(
-        img_size, is_training=True, auto_augment=auto_augment or None, interpolation="bicubic", re_prob=reprob,
-        re_mode="pixel", re_count=1, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-    )  # fmt: skip
+        img_size,
+        is_training=True,
+        auto_augment=auto_augment or None,
+        interpolation="bicubic",
+        re_prob=reprob,
+        re_mode="pixel",
+        re_count=1,
+        mean=IMAGENET_MEAN,
+        std=IMAGENET_STD,
+    )
     for t in transform.transforms:
         for op in t.ops if isinstance(t, RandAugment) else []:
             if op.aug_fn is posterize:

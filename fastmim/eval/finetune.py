@@ -110,9 +110,14 @@ def _criterion_and_mixup(f: Any, num_classes: int) -> tuple[nn.Module, Any]:
 
     if f.mixup > 0 or f.cutmix > 0:
         mixup = Mixup(
-            mixup_alpha=f.mixup, cutmix_alpha=f.cutmix, prob=f.mixup_prob, switch_prob=f.mixup_switch_prob,
-            mode="batch", label_smoothing=f.smoothing, num_classes=num_classes,
-        )  # fmt: skip
+            mixup_alpha=f.mixup,
+            cutmix_alpha=f.cutmix,
+            prob=f.mixup_prob,
+            switch_prob=f.mixup_switch_prob,
+            mode="batch",
+            label_smoothing=f.smoothing,
+            num_classes=num_classes,
+        )
         return SoftTargetCrossEntropy(), mixup
     if f.smoothing > 0:
         return LabelSmoothingCrossEntropy(smoothing=f.smoothing), None
@@ -148,11 +153,24 @@ def build_finetune(cfg: EvalConfig) -> FinetuneRun:
     criterion, mixup = _criterion_and_mixup(f, len(splits.classes))
     scaler = torch.amp.GradScaler(device.type, enabled=dtype is torch.float16)
     run = FinetuneRun(
-        cfg=cfg, device=device, backbone=backbone, classes=splits.classes, model=model, optimizer=optimizer,
-        scaler=scaler, amp_dtype=dtype, train_set=train_set, val_loader=val_loader, mixup=mixup, criterion=criterion,
-        out_dir=out_dir, steps_per_epoch=steps_per_epoch, total_steps=total,
-        warmup_steps=round(f.warmup_epochs * steps_per_epoch), peak_lr=peak,
-    )  # fmt: skip
+        cfg=cfg,
+        device=device,
+        backbone=backbone,
+        classes=splits.classes,
+        model=model,
+        optimizer=optimizer,
+        scaler=scaler,
+        amp_dtype=dtype,
+        train_set=train_set,
+        val_loader=val_loader,
+        mixup=mixup,
+        criterion=criterion,
+        out_dir=out_dir,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total,
+        warmup_steps=round(f.warmup_epochs * steps_per_epoch),
+        peak_lr=peak,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     if f.resume == "auto" and resume.is_file():
         _restore(run, resume)
@@ -184,9 +202,13 @@ def train_one_epoch(run: FinetuneRun, bar: tqdm) -> float:
     """Optimizer steps of epoch ``run.epoch`` (stopping early at total_steps); returns the mean training loss."""
     f, model = run.cfg.finetune, run.model
     loader = DataLoader(
-        run.train_set, batch_size=f.batch_size, shuffle=True, drop_last=True, num_workers=run.cfg.data.num_workers,
+        run.train_set,
+        batch_size=f.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=run.cfg.data.num_workers,
         generator=_seed_epoch(f.seed, run.epoch),
-    )  # fmt: skip
+    )
     model.train()
     batches, loss_sum, count = iter(loader), torch.zeros((), device=run.device), 0
     for _ in range(run.steps_per_epoch):
@@ -238,13 +260,22 @@ def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, dtype: 
 
 
 def _save(run: FinetuneRun, row: dict[str, Any]) -> None:
-    extra = {"epoch": run.epoch, "step": run.step, "acc1": row["acc1"], "acc5": row["acc5"],
-             "config": dump_toml(run.cfg)}  # fmt: skip
+    extra = {
+        "epoch": run.epoch,
+        "step": run.step,
+        "acc1": row["acc1"],
+        "acc5": row["acc5"],
+        "config": dump_toml(run.cfg),
+    }
     if row["acc1"] > run.best_acc1:
         run.best_acc1 = row["acc1"]
         atomic_save(finetune_state(run.backbone, run.model, run.classes, extra), run.out_dir / "checkpoint-best.pt")
-    state = {**extra, "optimizer": run.optimizer.state_dict(), "scaler": run.scaler.state_dict(),
-             "best_acc1": run.best_acc1}  # fmt: skip
+    state = {
+        **extra,
+        "optimizer": run.optimizer.state_dict(),
+        "scaler": run.scaler.state_dict(),
+        "best_acc1": run.best_acc1,
+    }
     atomic_save(finetune_state(run.backbone, run.model, run.classes, state), run.out_dir / "checkpoint-last.pt")
 
 
@@ -275,8 +306,10 @@ def finetune(cfg: EvalConfig) -> dict[str, Any]:
             }
             log.write(row)
             _save(run, row)
-            line = (f"epoch {run.epoch}  step {run.step}/{run.total_steps}  train loss {train_loss:.4f}  "
-                    f"val loss {row['val_loss']:.4f}  top-1 {row['acc1']:.2f}  top-5 {row['acc5']:.2f}")  # fmt: skip
+            line = (
+                f"epoch {run.epoch}  step {run.step}/{run.total_steps}  train loss {train_loss:.4f}  "
+                f"val loss {row['val_loss']:.4f}  top-1 {row['acc1']:.2f}  top-5 {row['acc5']:.2f}"
+            )
             if interactive:
                 bar.write(line)
             else:

@@ -129,10 +129,12 @@ def probe_backbone(cfg: EvalConfig, backbone: Backbone, log: MetricsLog) -> dict
     encoder = build_vit(backbone, 0, 0.0, img_size).to(device)
     transform = eval_transform(img_size, cfg.finetune.crop_pct)
     start = time.perf_counter()
-    train = extract_features(encoder, LabelledImages(splits.train, transform), p.pool, p.extract_batch_size, device,
-                             cfg.data.num_workers)  # fmt: skip
-    val = extract_features(encoder, LabelledImages(splits.val, transform), p.pool, p.extract_batch_size, device,
-                           cfg.data.num_workers)  # fmt: skip
+    train = extract_features(
+        encoder, LabelledImages(splits.train, transform), p.pool, p.extract_batch_size, device, cfg.data.num_workers
+    )
+    val = extract_features(
+        encoder, LabelledImages(splits.val, transform), p.pool, p.extract_batch_size, device, cfg.data.num_workers
+    )
     extract_s = time.perf_counter() - start
     start = time.perf_counter()
     _, rows = train_probe(cfg, train, val, len(splits.classes), log, device)

@@ -153,8 +153,10 @@ def visualize(
         panels = [picture, picture * (1 - pixel_mask) + 0.5 * pixel_mask]
         for k, s in enumerate(scales):
             weight = scale_weights(result.mask[i : i + 1], encoder.grid, s)[0].unsqueeze(-1)
-            panels += [_render(model, result.targets[k][i], k, hog_style),
-                       _render(model, result.preds[k][i] * (weight > 0), k, hog_style)]  # fmt: skip
+            panels += [
+                _render(model, result.targets[k][i], k, hog_style),
+                _render(model, result.preds[k][i] * (weight > 0), k, hog_style),
+            ]
         rows.append(panels)
     return _save_grid(rows, titles, Path(out), f"{name} ({Path(src).name})")
 

@@ -138,8 +138,14 @@ class ScatteredPredictions(Sequence[Tensor]):
         return self._full[k]
 
 
-def heads_and_loss(heads: Sequence[ScaleHead], tokens: Sequence[Tensor], targets: Sequence[Tensor], mask: Tensor,
-                   grid: int, num_masked: int) -> tuple[ScatteredPredictions, list[Tensor]]:  # fmt: skip
+def heads_and_loss(
+    heads: Sequence[ScaleHead],
+    tokens: Sequence[Tensor],
+    targets: Sequence[Tensor],
+    mask: Tensor,
+    grid: int,
+    num_masked: int,
+) -> tuple[ScatteredPredictions, list[Tensor]]:
     """The four heads at the cells that reach the loss and the fused masked MSE (``fastmim.kernels.recon_loss``,
     its reference where no kernel can run): (predictions, per-scale losses), equal to ScaleHead + masked_mse with
     scale_weights up to float rounding. tokens[k] [B, L, C]; targets[k] [B, N_k, out_k]; mask [B, L]."""

@@ -163,7 +163,10 @@ def check_fits(own: dict[str, Tensor], state_dict: dict[str, Tensor], name: str)
     wrong = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
     if missing or unexpected or wrong:
         detail = (
-            f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}" if unexpected
+            f"missing {missing[:3]}"
+            if missing
+            else f"unexpected {unexpected[:3]}"
+            if unexpected
             else f"{wrong[0]} has shape {list(state_dict[wrong[0]].shape)}, {name} needs {list(own[wrong[0]].shape)}"
-        )  # fmt: skip
+        )
         raise FastmimError(f"the weights do not fit {name} ({detail}); pick the model the checkpoint was made for.")

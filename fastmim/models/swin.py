@@ -154,8 +154,9 @@ class LocalMIMSwin(MaskedImageModel):
         num_masked_units(1, mask_ratio, mask_rule)  # validates the rule
         self.mask_ratio, self.mask_rule = mask_ratio, mask_rule
         coords = swin_coords or ("released" if mask_rule == "released" else "true")
-        self.encoder = SparseSwinEncoder(img_size, patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio,
-                                         coords)  # fmt: skip
+        self.encoder = SparseSwinEncoder(
+            img_size, patch_size, embed_dim, depths, num_heads, window_size, mlp_ratio, coords
+        )
         # Tap k: 2^(k+1) times coarser than the patch grid, except the last stage, which has no merging.
         levels = [min(k + 1, 3) for k in range(4)]
         self.tokens_per_unit = [8 // 2**lv for lv in levels]  # r: 4, 2, 1, 1 tokens per unit side
@@ -247,5 +248,6 @@ def localmim_swin_base_patch4_window7(**kw: Any) -> LocalMIMSwin:
 @register_model
 def localmim_swin_large_patch4_window14(**kw: Any) -> LocalMIMSwin:
     """Swin-L (192 wide, depths 2, 2, 18, 2), window 14, HOG with 18 bins and the frozen Sobel bias (method 4, 5)."""
-    return LocalMIMSwin(**{"embed_dim": 192, "depths": (2, 2, 18, 2), "num_heads": (6, 12, 24, 48),
-                           "window_size": 14, **kw})  # fmt: skip
+    return LocalMIMSwin(
+        **{"embed_dim": 192, "depths": (2, 2, 18, 2), "num_heads": (6, 12, 24, 48), "window_size": 14, **kw}
+    )

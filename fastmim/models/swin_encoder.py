@@ -63,8 +63,14 @@ class WindowLayout:
     group_size: int
 
     def to(self, device: torch.device) -> WindowLayout:
-        return WindowLayout(self.gather.to(device), self.scatter.to(device), self.allowed.to(device),
-                            self.bias_index.to(device), self.num_groups, self.group_size)  # fmt: skip
+        return WindowLayout(
+            self.gather.to(device),
+            self.scatter.to(device),
+            self.allowed.to(device),
+            self.bias_index.to(device),
+            self.num_groups,
+            self.group_size,
+        )
 
 
 def pack_windows(counts: Sequence[int], capacity: int) -> list[list[int]]:
@@ -208,8 +214,16 @@ class SwinStage(nn.Module):
     """``blocks`` (alternating plain and shifted windows), then ``downsample`` (PatchMerging) unless last.
     ``forward(x [B, V, r, r, C], coords [V * r * r, 2]) -> [B, V, r', r', C']``."""
 
-    def __init__(self, dim: int, depth: int, num_heads: int, window: int, resolution: int, downsample: bool,
-                 mlp_ratio: float = 4.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        window: int,
+        resolution: int,
+        downsample: bool,
+        mlp_ratio: float = 4.0,
+    ) -> None:
         super().__init__()
         # Swin: a map no larger than the window is one window, never shifted.
         self.window = min(window, resolution)
@@ -250,9 +264,17 @@ class SparseSwinEncoder(nn.Module):
     a plain attribute, not part of the state dict, so weights move freely between the rules.
     """
 
-    def __init__(self, img_size: int = 224, patch_size: int = 4, embed_dim: int = 128,
-                 depths: Sequence[int] = (2, 2, 18, 2), num_heads: Sequence[int] = (4, 8, 16, 32),
-                 window_size: int = 7, mlp_ratio: float = 4.0, coords: str = "true") -> None:  # fmt: skip
+    def __init__(
+        self,
+        img_size: int = 224,
+        patch_size: int = 4,
+        embed_dim: int = 128,
+        depths: Sequence[int] = (2, 2, 18, 2),
+        num_heads: Sequence[int] = (4, 8, 16, 32),
+        window_size: int = 7,
+        mlp_ratio: float = 4.0,
+        coords: str = "true",
+    ) -> None:
         super().__init__()
         if len(depths) != len(num_heads):
             raise ValueError(f"depths {list(depths)} and num_heads {list(num_heads)} must have the same length")

@@ -189,8 +189,9 @@ class MaskedViTEncoder(nn.Module):
 
     impl = "reference"
 
-    def __init__(self, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int,
-                 mlp_ratio: float = 4.0) -> None:  # fmt: skip
+    def __init__(
+        self, img_size: int, patch_size: int, embed_dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0
+    ) -> None:
         super().__init__()
         self.patch_size = patch_size
         self.embed_dim = embed_dim

@@ -22,8 +22,9 @@ from fastmim.models.vit import Attention, _xformers_ops, attention
 CUDA_CANDIDATES = ("sdpa", "flash", "cudnn", "efficient", "xformers")
 
 
-def attention_shapes(model: nn.Module, images: torch.Tensor, noise: torch.Tensor | None,
-                     dtype: torch.dtype | None) -> dict[Attention, tuple[int, int, int, int]]:  # fmt: skip
+def attention_shapes(
+    model: nn.Module, images: torch.Tensor, noise: torch.Tensor | None, dtype: torch.dtype | None
+) -> dict[Attention, tuple[int, int, int, int]]:
     """{module: (batch, heads, tokens, head width)} of every Attention module met in one forward of ``model``."""
     shapes: dict[Attention, tuple[int, int, int, int]] = {}
 
@@ -65,8 +66,14 @@ def _cpu_timer(fn: Callable[[], None], calls: int) -> float:
     return statistics.median(times)
 
 
-def time_backends(shape: tuple[int, int, int, int], dtype: torch.dtype, device: torch.device,
-                  candidates: Sequence[str], calls: int = 10, timer=None) -> dict[str, float]:  # fmt: skip
+def time_backends(
+    shape: tuple[int, int, int, int],
+    dtype: torch.dtype,
+    device: torch.device,
+    candidates: Sequence[str],
+    calls: int = 10,
+    timer=None,
+) -> dict[str, float]:
     """ms of forward + backward of attention at ``shape`` (B, H, N, d) for each candidate that runs it."""
     timer = timer or (_cuda_timer if device.type == "cuda" else _cpu_timer)
     q, k, v = (torch.randn(shape, dtype=dtype, device=device, requires_grad=True) for _ in range(3))
@@ -85,9 +92,15 @@ def time_backends(shape: tuple[int, int, int, int], dtype: torch.dtype, device: 
     return results
 
 
-def choose_attention(model: nn.Module, batch: int, img_size: int, dtype: torch.dtype | None,
-                     device: torch.device, candidates: Sequence[str] | None = None,
-                     timer=None) -> list[dict]:  # fmt: skip
+def choose_attention(
+    model: nn.Module,
+    batch: int,
+    img_size: int,
+    dtype: torch.dtype | None,
+    device: torch.device,
+    candidates: Sequence[str] | None = None,
+    timer=None,
+) -> list[dict]:
     """Set every Attention module of ``model`` whose backend is "auto" to the fastest candidate at its shape;
     returns one row per distinct shape: {"shape", "choice", "ms": {backend: ms}}. On the CPU without explicit
     candidates, "auto" simply becomes "sdpa" (nothing is measured)."""
@@ -106,8 +119,10 @@ def choose_attention(model: nn.Module, batch: int, img_size: int, dtype: torch.d
         if noise is not None and not getattr(model, "masks_on_host", False):
             noise = noise.to(device)
         shapes = attention_shapes(model, images, noise, dtype)
-        timings = {s: time_backends(s, dtype or torch.float32, device, candidates, timer=timer)
-                   for s in sorted(set(shapes.values()))}  # fmt: skip
+        timings = {
+            s: time_backends(s, dtype or torch.float32, device, candidates, timer=timer)
+            for s in sorted(set(shapes.values()))
+        }
     rows = []
     for shape, ms in timings.items():
         choice = min(ms, key=ms.get) if ms else "sdpa"

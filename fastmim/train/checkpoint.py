@@ -268,8 +268,16 @@ def _check_format(ckpt: Any, path: Path) -> None:
             f"'{path}' has checkpoint version {ckpt.get('version')!r}; this fastmim reads version {VERSION}: "
             "resume it with the fastmim release that wrote it."
         )
-    expected = {"model_name": str, "model": dict, "optimizer": dict, "scaler": dict, "step": int, "data": dict,
-                "rng": dict, "config": str}  # fmt: skip
+    expected = {
+        "model_name": str,
+        "model": dict,
+        "optimizer": dict,
+        "scaler": dict,
+        "step": int,
+        "data": dict,
+        "rng": dict,
+        "config": str,
+    }
     for key, typ in expected.items():
         if not isinstance(ckpt.get(key), typ) or isinstance(ckpt.get(key), bool):
             raise FastmimError(f"'{path}' lacks a valid '{key}' entry; give a checkpoint written by fastmim.")

@@ -24,8 +24,9 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                    fused: bool = False) -> torch.optim.AdamW:  # fmt: skip
+def build_optimizer(
+    model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float], fused: bool = False
+) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`; ``fused`` (CUDA) runs the whole update as one kernel per dtype group
     instead of a for-each loop of small kernels."""
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, fused=fused or None)

@@ -25,8 +25,20 @@ def test_bench_step_rows_side_by_side(tmp_path, capsys):
     impls = [r["impl"] for r in record["rows"]]
     assert impls == ["reference", "fast"]
     for row in record["rows"]:
-        for key in ("model", "batch", "dtype", "img_per_s", "ms_per_step", "mfu", "peak_mem_gib", "data_ms",
-                    "forward_ms", "backward_ms", "optimizer_ms", "flops_per_step"):  # fmt: skip
+        for key in (
+            "model",
+            "batch",
+            "dtype",
+            "img_per_s",
+            "ms_per_step",
+            "mfu",
+            "peak_mem_gib",
+            "data_ms",
+            "forward_ms",
+            "backward_ms",
+            "optimizer_ms",
+            "flops_per_step",
+        ):
             assert key in row
         assert row["batch"] == 4 and row["dtype"] == "fp32" and row["img_per_s"] > 0 and row["flops_per_step"] > 0
         assert row["mfu"] is None  # no peak is claimed for a CPU
@@ -51,14 +63,24 @@ def test_bench_step_swin_reference_and_fast(monkeypatch):
     for module, fn in ((hk, "hog_fwd"), (rl, "recon_loss_fwd")):
         original = getattr(module, fn)
         monkeypatch.setattr(module, fn, lambda *a, _f=original, _n=fn, **k: calls.append(_n) or _f(*a, **k))
-    cfg = load_config(None, ["--model.name=localmim_swin_nano_patch4_window4", "--model.img_size=64",
-                             "--model.hog_bias=off", "--data.num_images=4", "--train.batch_size=2",
-                             "--train.precision=fp32"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "--model.name=localmim_swin_nano_patch4_window4",
+            "--model.img_size=64",
+            "--model.hog_bias=off",
+            "--data.num_images=4",
+            "--train.batch_size=2",
+            "--train.precision=fp32",
+        ],
+    )
     rows, _ = run_step_bench(
         cfg, ["reference", "fast"], steps=1, warmup=0, breakdown_steps=1, rounds=1, log=lambda *_: None
     )
-    assert [(r["impl"], r["model"]) for r in rows] == [("reference", "localmim_swin_nano_patch4_window4"),
-                                                       ("fast", "localmim_swin_nano_patch4_window4")]  # fmt: skip
+    assert [(r["impl"], r["model"]) for r in rows] == [
+        ("reference", "localmim_swin_nano_patch4_window4"),
+        ("fast", "localmim_swin_nano_patch4_window4"),
+    ]
     for row in rows:
         assert row["batch"] == 2 and row["img_size"] == 64 and row["img_per_s"] > 0 and row["steps"] == 1
         assert all(row[f"{s}_ms"] > 0 for s in ("data", "forward", "backward", "optimizer"))
@@ -99,8 +121,9 @@ def test_wrong_provider_fails_the_kernel_command(tmp_path, monkeypatch):
         return bench
 
     monkeypatch.setattr(bench_hog, "make_bench", broken)
-    code = bench_hog.kernel_main(bench_hog.make_bench, ["--quick", "--providers", "eager,compile", "--out",
-                                                        str(tmp_path)])  # fmt: skip
+    code = bench_hog.kernel_main(
+        bench_hog.make_bench, ["--quick", "--providers", "eager,compile", "--out", str(tmp_path)]
+    )
     rows = _record(tmp_path, "hog")["rows"]
     assert code == 1 and [r.get("ok") for r in rows] == [True, False]
 
@@ -109,15 +132,46 @@ def test_summary_tables(tmp_path):
     from fastmim.bench.harness import write_record
     from fastmim.bench.summary import summarize
 
-    step = {"impl": "fast", "model": "m", "batch": 8, "dtype": "bf16", "img_per_s": 1234.4, "ms_per_step": 6.48,
-            "speedup_vs_reference": 2.5, "mfu": 0.41, "peak_mem_gib": 3.21}  # fmt: skip
-    kernel = {"provider": "triton", "mode": "fwd", "shape": {"B": 2}, "dtype": "float32", "ms_p50": 0.1234,
-              "gbps": 2500.0, "speedup": 51.0}  # fmt: skip
-    compiled = {**step, "impl": "fast+compile:reduce-overhead", "compile_mode": "reduce-overhead", "compile_s": 41.7,
-                "attn": "auto: B8 x 12 heads x 50 tokens x 64: flash 0.1 ms (sdpa 0.2)"}  # fmt: skip
-    data = {"source": "ffcv", "storage": "raw", "decode": "cpu", "augment": "gpu", "cpu_s_per_1k_img": 0.1234,
-            "img_per_s_per_core": 8103.7, "cores_per_8gpu_node": 12.83, "bytes_per_image": 704536.0,
-            "pixel_diff_mean": 0.049, "pixel_diff_max": 13.0, "augment_device": "cpu (not timed)"}  # fmt: skip
+    step = {
+        "impl": "fast",
+        "model": "m",
+        "batch": 8,
+        "dtype": "bf16",
+        "img_per_s": 1234.4,
+        "ms_per_step": 6.48,
+        "speedup_vs_reference": 2.5,
+        "mfu": 0.41,
+        "peak_mem_gib": 3.21,
+    }
+    kernel = {
+        "provider": "triton",
+        "mode": "fwd",
+        "shape": {"B": 2},
+        "dtype": "float32",
+        "ms_p50": 0.1234,
+        "gbps": 2500.0,
+        "speedup": 51.0,
+    }
+    compiled = {
+        **step,
+        "impl": "fast+compile:reduce-overhead",
+        "compile_mode": "reduce-overhead",
+        "compile_s": 41.7,
+        "attn": "auto: B8 x 12 heads x 50 tokens x 64: flash 0.1 ms (sdpa 0.2)",
+    }
+    data = {
+        "source": "ffcv",
+        "storage": "raw",
+        "decode": "cpu",
+        "augment": "gpu",
+        "cpu_s_per_1k_img": 0.1234,
+        "img_per_s_per_core": 8103.7,
+        "cores_per_8gpu_node": 12.83,
+        "bytes_per_image": 704536.0,
+        "pixel_diff_mean": 0.049,
+        "pixel_diff_max": 13.0,
+        "augment_device": "cpu (not timed)",
+    }
     write_record("step", [step, compiled], torch.device("cpu"), tmp_path)
     write_record("hog", [kernel], torch.device("cpu"), tmp_path)
     write_record("data", [data, {"source": "demo"}], torch.device("cpu"), tmp_path)  # the second: an older record

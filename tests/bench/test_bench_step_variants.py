@@ -28,8 +28,18 @@ def test_variant_names():
 
 def test_compiled_and_eager_reference_side_by_side(tmp_path):
     """The compiled variant reports its compile time; the speedup baseline is the eager reference."""
-    args = ["--impls", "reference+compile,reference+eager", "--steps", "2", "--warmup", "0", "--breakdown-steps",
-            "1", "--out", str(tmp_path)]  # fmt: skip
+    args = [
+        "--impls",
+        "reference+compile,reference+eager",
+        "--steps",
+        "2",
+        "--warmup",
+        "0",
+        "--breakdown-steps",
+        "1",
+        "--out",
+        str(tmp_path),
+    ]
     assert main(["bench", "step", *TINY, *args]) == 0
     (path,) = tmp_path.glob("step-cpu-*.json")
     compiled, eager = json.loads(path.read_text())["rows"]

@@ -22,17 +22,42 @@ def test_rows_per_source_storage_placement_and_decode(tmp_path, capsys, monkeypa
     demo = DemoSource(12, 40)
     for i in range(12):
         demo.load(i)[0].save(folder / f"{i}.jpg", quality=90)
-    argv = ["bench", "data", *TINY, f"--data.path={folder.parent}", "--sources", "folder,ffcv", "--augment",
-            "cpu,gpu", "--decode", "cpu,gpu", "--storage", "jpeg,raw", "--steps", "2", "--warmup", "1",
-            "--max-side", "0", "--deviation-images", "8", "--out", str(tmp_path / "out")]  # fmt: skip
+    argv = [
+        "bench",
+        "data",
+        *TINY,
+        f"--data.path={folder.parent}",
+        "--sources",
+        "folder,ffcv",
+        "--augment",
+        "cpu,gpu",
+        "--decode",
+        "cpu,gpu",
+        "--storage",
+        "jpeg,raw",
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--max-side",
+        "0",
+        "--deviation-images",
+        "8",
+        "--out",
+        str(tmp_path / "out"),
+    ]
     assert main(argv) == 0
     (path,) = (tmp_path / "out").glob("data-cpu-*.json")
     rows = json.loads(path.read_text())["rows"]
     assert [(r["source"], r["storage"], r["augment"], r["decode"]) for r in rows] == [
-        ("folder", "files", "cpu", "cpu"), ("folder", "files", "gpu", "cpu"),
-        ("ffcv", "jpeg", "cpu", "cpu"), ("ffcv", "jpeg", "gpu", "cpu"), ("ffcv", "jpeg", "gpu", "gpu"),
-        ("ffcv", "raw", "cpu", "cpu"), ("ffcv", "raw", "gpu", "cpu"),
-    ]  # fmt: skip
+        ("folder", "files", "cpu", "cpu"),
+        ("folder", "files", "gpu", "cpu"),
+        ("ffcv", "jpeg", "cpu", "cpu"),
+        ("ffcv", "jpeg", "gpu", "cpu"),
+        ("ffcv", "jpeg", "gpu", "gpu"),
+        ("ffcv", "raw", "cpu", "cpu"),
+        ("ffcv", "raw", "gpu", "cpu"),
+    ]
     out = capsys.readouterr().out
     assert "skipping folder (files), augment gpu, decode gpu" in out and "cpu_s_per_1k_img" in out
     for row in rows:

@@ -36,8 +36,12 @@ def test_every_stage_runs_and_leaves_its_records(tmp_path):
     records = _records(tmp_path)
     # stage 1 and 3: bench step for ViT-B, MAE, Swin-B, ViT-L (the smoke run's tiny stand-ins)
     models = sorted(r["rows"][0]["model"] for r in records["step"])
-    assert models == ["localmim_swin_nano_patch4_window4", "localmim_vit_tiny_patch16", "localmim_vit_tiny_patch16",
-                      "mae_vit_tiny_patch16"]  # fmt: skip
+    assert models == [
+        "localmim_swin_nano_patch4_window4",
+        "localmim_vit_tiny_patch16",
+        "localmim_vit_tiny_patch16",
+        "mae_vit_tiny_patch16",
+    ]
     # stage 2: every kernel benchmark; stage 3: the data loader
     assert {"hog", "heads_loss", "gather", "decoders", "attention", "data"} <= set(records)
     summary = (tmp_path / "summary.md").read_text()

@@ -17,8 +17,17 @@ from fastmim.cli import main
 
 # The 224 px pre-training recipes (vit_base_100 / swin_large_800 compile to the same launches as vit_base_1600 /
 # swin_base_hog_400 and cost nothing extra); the CPU debug recipe and ViT-S (no recipe of its own) are slow.
-RECIPES = ",".join(("vit_base_100", "vit_base_1600", "vit_large_800", "mae_vit_base_1600", "swin_base_hog_400",
-                    "swin_base_pixel_400", "swin_large_800"))  # fmt: skip
+RECIPES = ",".join(
+    (
+        "vit_base_100",
+        "vit_base_1600",
+        "vit_large_800",
+        "mae_vit_base_1600",
+        "swin_base_hog_400",
+        "swin_base_pixel_400",
+        "swin_large_800",
+    )
+)
 RARE = "tiny_cpu,vit_small"
 KERNELS = Path(__file__).resolve().parents[2] / "kernels"
 

@@ -40,8 +40,9 @@ def _cfg(path: str, **overrides: object) -> SimpleNamespace:
 @pytest.fixture(scope="module")
 def converted(hostile_folder, tmp_path_factory):
     dst = tmp_path_factory.mktemp("beton") / "hostile.beton"
-    summary = bt.convert_folder(str(hostile_folder), str(dst), max_side=MAX_SIDE, quality=95, workers=2,
-                                progress=False, log=lambda _: None)  # fmt: skip
+    summary = bt.convert_folder(
+        str(hostile_folder), str(dst), max_side=MAX_SIDE, quality=95, workers=2, progress=False, log=lambda _: None
+    )
     return summary, dst
 
 

@@ -280,8 +280,9 @@ def test_workers_end_when_the_batches_are_closed_and_at_exit() -> None:
 # (ids: a test whose keywords include a bare "gpu" is taken for a CUDA test and skipped without one)
 @pytest.mark.parametrize("augment", ["cpu", "gpu"], ids=["cpu-placement", "device-placement"])
 def test_stream_runs_epoch_after_epoch_through_one_set_of_workers(augment, reference_crop_resize) -> None:
-    loader = build_loader(_cfg(num_images=12, num_workers=2, augment=augment), img_size=16, batch_size=4, seed=3,
-                          device="cpu")  # fmt: skip
+    loader = build_loader(
+        _cfg(num_images=12, num_workers=2, augment=augment), img_size=16, batch_size=4, seed=3, device="cpu"
+    )
     expected = [(1, 3, b) for b in loader.raw_batches(1, start_batch=2)] + [
         (e, k + 1, b) for e in (2, 3) for k, b in enumerate(loader.raw_batches(e))
     ]
@@ -291,7 +292,10 @@ def test_stream_runs_epoch_after_epoch_through_one_set_of_workers(augment, refer
     got += [next(stream) for _ in range(len(expected) - 1)]
     assert {p.pid for p in multiprocessing.active_children()} == workers and len(workers) == 2
     stream.close()
-    assert [(e, k) for e, k, _ in got] == [(e, k) for e, k, _ in expected] == [(1, 3), (2, 1), (2, 2), (2, 3),
-                                                                               (3, 1), (3, 2), (3, 3)]  # fmt: skip
+    assert (
+        [(e, k) for e, k, _ in got]
+        == [(e, k) for e, k, _ in expected]
+        == [(1, 3), (2, 1), (2, 2), (2, 3), (3, 1), (3, 2), (3, 3)]
+    )
     for (_, _, a), (_, _, b) in zip(got, expected, strict=True):
         assert torch.equal(loader.finish(a)[0], loader.finish(b)[0]) and torch.equal(a[-2], b[-2])

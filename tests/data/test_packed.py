@@ -18,8 +18,15 @@ from fastmim.errors import FastmimError
 
 
 def _cfg(path, **overrides) -> SimpleNamespace:
-    base = {"source": "ffcv", "path": str(path), "num_workers": 0, "num_images": 0, "min_scale": 0.2,
-            "augment": "gpu", "decode": "cpu"}  # fmt: skip
+    base = {
+        "source": "ffcv",
+        "path": str(path),
+        "num_workers": 0,
+        "num_images": 0,
+        "min_scale": 0.2,
+        "augment": "gpu",
+        "decode": "cpu",
+    }
     return SimpleNamespace(**{**base, **overrides})
 
 
@@ -36,8 +43,7 @@ def betons(tmp_path_factory):
     out = {}
     for kind in ("jpeg", "raw"):
         out[kind] = root / f"{kind}.beton"
-        bt.convert_folder(str(folder), str(out[kind]), raw=kind == "raw", workers=1, progress=False,
-                          log=lambda _: None)  # fmt: skip
+        bt.convert_folder(str(folder), str(out[kind]), raw=kind == "raw", workers=1, progress=False, log=lambda _: None)
     return out
 
 
@@ -53,8 +59,9 @@ def test_beton_batches_hold_each_samples_crop_or_jpeg(betons, kind, decode):
     data = batches.ring.data[1, :nbytes].numpy()
     for b, (index, seed) in enumerate(keys):
         image, label = source.load_array(int(index))
-        (top, left, h, w), flip = transform.sample_params(image.shape[1], image.shape[0],
-                                                          torch.Generator().manual_seed(int(seed)))  # fmt: skip
+        (top, left, h, w), flip = transform.sample_params(
+            image.shape[1], image.shape[0], torch.Generator().manual_seed(int(seed))
+        )
         assert flips[b] == flip and labels[b] == label and notes[b] == ""
         stored = data[offsets[b] : offsets[b + 1]]
         if decode == "gpu":
@@ -78,8 +85,9 @@ def test_beton_on_the_device_placement_matches_the_cpu_placement(betons, kind, r
 def test_decoding_on_the_device_equals_decoding_in_the_workers(betons, reference_crop_resize):
     # On a CPU "device" the JPEGs are decoded by torchvision's libjpeg-turbo: the same pixels as the workers'.
     workers = build_loader(_cfg(betons["jpeg"]), img_size=24, batch_size=4, seed=4, device="cpu")
-    device = build_loader(_cfg(betons["jpeg"], decode="gpu", num_workers=2), img_size=24, batch_size=4, seed=4,
-                          device="cpu")  # fmt: skip
+    device = build_loader(
+        _cfg(betons["jpeg"], decode="gpu", num_workers=2), img_size=24, batch_size=4, seed=4, device="cpu"
+    )
     pairs = list(zip(workers.iterate(0), device.iterate(0), strict=True))
     assert len(pairs) == 4
     assert all(torch.equal(a, b) and torch.equal(la, lb) for (a, la), (b, lb) in pairs)

@@ -135,8 +135,12 @@ def test_crop_distribution_matches_torchvision_random_resized_crop() -> None:
 
     def features(crops: np.ndarray) -> dict[str, np.ndarray]:
         top, left, h, w = crops.T
-        return {"area": h * w / (width * height), "log_ratio": np.log(w / h), "cy": (top + h / 2) / height,
-                "cx": (left + w / 2) / width}  # fmt: skip
+        return {
+            "area": h * w / (width * height),
+            "log_ratio": np.log(w / h),
+            "cy": (top + h / 2) / height,
+            "cx": (left + w / 2) / width,
+        }
 
     def ks(a: np.ndarray, b: np.ndarray) -> float:
         grid = np.sort(np.concatenate([a, b]))

@@ -23,8 +23,18 @@ def test_convergence_check_smoke(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(eval_data, "DigitsSource", _FewDigits)
     monkeypatch.setattr(convergence, "DigitsSource", _FewDigits)
     work = tmp_path / "conv"
-    args = ["--steps", "2", "--work", str(work), "--json", str(tmp_path / "r.json"), "--probe=--linprobe.epochs=2",
-            "--", "--model.img_size=32", "--train.batch_size=8"]  # fmt: skip
+    args = [
+        "--steps",
+        "2",
+        "--work",
+        str(work),
+        "--json",
+        str(tmp_path / "r.json"),
+        "--probe=--linprobe.epochs=2",
+        "--",
+        "--model.img_size=32",
+        "--train.batch_size=8",
+    ]
     assert convergence.main(args) == 0
     record = json.loads((tmp_path / "r.json").read_text())
     assert record == json.loads((work / "convergence.json").read_text())

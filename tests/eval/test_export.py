@@ -46,8 +46,14 @@ def test_pretrained_cfg_overlay_file_route(tiny_weights, tmp_path):
     """timm's own pretrained-file loading (no network) accepts the export too."""
     out = tmp_path / "enc.safetensors"
     export_timm(str(tiny_weights), out)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay={"file": str(out)},
-                              global_pool="avg", num_classes=0, img_size=32)  # fmt: skip
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=True,
+        pretrained_cfg_overlay={"file": str(out)},
+        global_pool="avg",
+        num_classes=0,
+        img_size=32,
+    )
     torch.testing.assert_close(model.blocks[1].mlp.fc1.weight, load_file(str(out))["blocks.1.mlp.fc1.weight"])
 
 

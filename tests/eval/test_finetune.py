@@ -13,12 +13,24 @@ from fastmim.weights import safe_load
 
 
 def _cfg(tiny_weights, digits_tree, out_dir, *extra):
-    return load_eval_config(None, [
-        f"--model.pretrained={tiny_weights}", "--model.img_size=0", "--model.drop_path=0.1",
-        "--data.source=folder", f"--data.path={digits_tree}", "--finetune.batch_size=8", "--finetune.epochs=1",
-        "--finetune.warmup_epochs=0.5", "--finetune.layer_decay=0.65", "--finetune.blr=1e-3",
-        "--finetune.log_every=1", f"--finetune.out_dir={out_dir}", *extra,
-    ])  # fmt: skip
+    return load_eval_config(
+        None,
+        [
+            f"--model.pretrained={tiny_weights}",
+            "--model.img_size=0",
+            "--model.drop_path=0.1",
+            "--data.source=folder",
+            f"--data.path={digits_tree}",
+            "--finetune.batch_size=8",
+            "--finetune.epochs=1",
+            "--finetune.warmup_epochs=0.5",
+            "--finetune.layer_decay=0.65",
+            "--finetune.blr=1e-3",
+            "--finetune.log_every=1",
+            f"--finetune.out_dir={out_dir}",
+            *extra,
+        ],
+    )
 
 
 def test_finetune_runs_writes_best_last_curves_and_resumes(tiny_weights, digits_tree, tmp_path):
@@ -52,9 +64,18 @@ def test_finetune_runs_writes_best_last_curves_and_resumes(tiny_weights, digits_
 
 def test_cli_finetune_from_scratch(digits_tree, tmp_path, capsys):
     out = tmp_path / "ft"
-    code = main(["finetune", "--model.name=localmim_vit_tiny_patch16", "--model.img_size=32", "--data.source=folder",
-                 f"--data.path={digits_tree}", "--finetune.steps=2", "--finetune.batch_size=8",
-                 f"--finetune.out_dir={out}"])  # fmt: skip
+    code = main(
+        [
+            "finetune",
+            "--model.name=localmim_vit_tiny_patch16",
+            "--model.img_size=32",
+            "--data.source=folder",
+            f"--data.path={digits_tree}",
+            "--finetune.steps=2",
+            "--finetune.batch_size=8",
+            f"--finetune.out_dir={out}",
+        ]
+    )
     text = capsys.readouterr().out
     assert code == 0 and "best top-1" in text and "[finetune]" in text
     row = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
@@ -83,15 +104,25 @@ def test_keys_reference(capsys):
 
 
 def test_eval_recipes_load():
-    for recipe in ("eval_tiny_cpu", "finetune_vit_base_1600", "finetune_vit_base_100", "finetune_vit_large_800",
-                   "linprobe_vit_base"):  # fmt: skip
+    for recipe in (
+        "eval_tiny_cpu",
+        "finetune_vit_base_1600",
+        "finetune_vit_base_100",
+        "finetune_vit_large_800",
+        "linprobe_vit_base",
+    ):
         cfg = load_eval_config(recipe, ["--model.pretrained=x.pt"])
         assert cfg.finetune.auto_augment == "rand-m9-mstd0.5-inc1"
     b1600 = load_eval_config("finetune_vit_base_1600", ["--model.pretrained=x.pt"])
     f = b1600.finetune
     assert (f.epochs, f.warmup_epochs, f.batch_size * f.accum_steps, f.lr, f.min_lr, f.layer_decay) == (
-        100, 20, 1024, 2e-3, 1e-5, 0.65
-    )  # fmt: skip
+        100,
+        20,
+        1024,
+        2e-3,
+        1e-5,
+        0.65,
+    )
     assert b1600.model.drop_path == 0.1 and (f.smoothing, f.mixup, f.cutmix, f.reprob) == (0.1, 0.8, 1.0, 0.25)
     large = load_eval_config("finetune_vit_large_800", ["--model.pretrained=x.pt"])
     assert (large.finetune.epochs, large.finetune.warmup_epochs, large.finetune.lr) == (50, 5, 3e-3)

@@ -26,8 +26,13 @@ def test_features_extracted_once_and_digits_learned(monkeypatch, tmp_path):
     monkeypatch.setattr(
         VisionTransformer, "forward_features", lambda self, x: calls.append(len(x)) or original(self, x)
     )
-    overrides = ["--model.img_size=32", "--linprobe.epochs=8", "--linprobe.warmup_epochs=1",
-                 "--linprobe.extract_batch_size=512", f"--linprobe.out_dir={tmp_path / 'lp'}"]  # fmt: skip
+    overrides = [
+        "--model.img_size=32",
+        "--linprobe.epochs=8",
+        "--linprobe.warmup_epochs=1",
+        "--linprobe.extract_batch_size=512",
+        f"--linprobe.out_dir={tmp_path / 'lp'}",
+    ]
     cfg = load_eval_config(None, overrides)
     summary = linprobe(cfg)
     assert calls == [512, 512, 413, 360]  # 1437 train + 360 val digits: each image through the encoder once
@@ -42,8 +47,16 @@ def test_features_extracted_once_and_digits_learned(monkeypatch, tmp_path):
 @pytest.mark.parametrize("extra", [["--linprobe.optimizer=lars", "--linprobe.lr=2.0"], ["--linprobe.pool=cls"]])
 def test_cli_linprobe_variants(tiny_weights, digits_tree, tmp_path, capsys, extra):
     out = tmp_path / "lp"
-    args = ["linprobe", f"--model.pretrained={tiny_weights}", "--data.source=folder", f"--data.path={digits_tree}",
-            "--linprobe.epochs=3", "--linprobe.batch_size=8", f"--linprobe.out_dir={out}", *extra]  # fmt: skip
+    args = [
+        "linprobe",
+        f"--model.pretrained={tiny_weights}",
+        "--data.source=folder",
+        f"--data.path={digits_tree}",
+        "--linprobe.epochs=3",
+        "--linprobe.batch_size=8",
+        f"--linprobe.out_dir={out}",
+        *extra,
+    ]
     assert main(args) == 0
     assert "top-1" in capsys.readouterr().out
     result = json.loads((out / "result.json").read_text())

@@ -186,11 +186,13 @@ def test_invalid_packed_inputs_are_rejected():
     pixels = torch.zeros(100, dtype=torch.uint8)
     flips = torch.zeros(1, dtype=torch.bool)
     with pytest.raises(ValueError, match="lie inside the 100 bytes"):
-        cr.crop_resize_packed(pixels, torch.tensor([50]), torch.tensor([[4, 5]]), torch.tensor([[0, 0, 4, 5]]),
-                              flips, 4, MEAN, STD)  # fmt: skip
+        cr.crop_resize_packed(
+            pixels, torch.tensor([50]), torch.tensor([[4, 5]]), torch.tensor([[0, 0, 4, 5]]), flips, 4, MEAN, STD
+        )
     with pytest.raises(ValueError, match="inside its image"):
-        cr.crop_resize_packed(pixels, torch.tensor([0]), torch.tensor([[4, 5]]), torch.tensor([[1, 0, 4, 5]]),
-                              flips, 4, MEAN, STD)  # fmt: skip
+        cr.crop_resize_packed(
+            pixels, torch.tensor([0]), torch.tensor([[4, 5]]), torch.tensor([[1, 0, 4, 5]]), flips, 4, MEAN, STD
+        )
 
 
 @pytest.mark.gpu

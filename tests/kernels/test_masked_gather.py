@@ -56,8 +56,9 @@ def test_encoder_input_matches_reference(batch, grid, patch, dim, ratio):
     assert out.shape == ref.shape == (batch, 1 + ids_keep.shape[1], dim) and out.dtype == ref.dtype
     assert_rel_close(out, ref, 1e-5)
     up = upstream(out)
-    for got, want in zip(torch.autograd.grad(out, [weight, bias, cls], up),
-                         torch.autograd.grad(ref, [weight, bias, cls], up)):  # fmt: skip
+    for got, want in zip(
+        torch.autograd.grad(out, [weight, bias, cls], up), torch.autograd.grad(ref, [weight, bias, cls], up)
+    ):
         assert got.shape == want.shape and got.dtype == want.dtype
         assert_rel_close(got, want, 1e-5)
 
@@ -69,8 +70,9 @@ def test_encoder_input_fp16_weights_and_launchers():
     ref = mg.encoder_input_ref(imgs.half().float(), ids_keep, weight.float(), bias.float(), pos, cls.float())
     assert out.dtype == torch.float32
     assert_rel_close(out, ref, 2e-3)
-    _, patches = mg.encoder_input_fwd(imgs, ids_keep, weight.detach().reshape(24, -1), bias.detach(), pos[0],
-                                      cls.detach().reshape(-1), 4)  # fmt: skip
+    _, patches = mg.encoder_input_fwd(
+        imgs, ids_keep, weight.detach().reshape(24, -1), bias.detach(), pos[0], cls.detach().reshape(-1), 4
+    )
     b, j = 1, 2
     row, col = divmod(int(ids_keep[b, j]), 4)
     expected = imgs[b, :, row * 4 : row * 4 + 4, col * 4 : col * 4 + 4].reshape(-1).half()
@@ -194,8 +196,11 @@ def test_gpu_bf16_vit_base_shapes():
         out = mg.encoder_input(imgs, ids_keep, weight, bias, pos, cls)
         ref = mg.encoder_input_ref(imgs, ids_keep, weight, bias, pos, cls)
     assert (out - truth).abs().max() <= 2 * (ref - truth).abs().max() + 1e-3
-    for got, want, exact in zip(torch.autograd.grad(out, [weight, bias, cls], up),
-                                torch.autograd.grad(ref, [weight, bias, cls], up), truth_grads):  # fmt: skip
+    for got, want, exact in zip(
+        torch.autograd.grad(out, [weight, bias, cls], up),
+        torch.autograd.grad(ref, [weight, bias, cls], up),
+        truth_grads,
+    ):
         assert (got - exact).abs().max() <= 2 * (want - exact).abs().max() + 1e-3 * exact.abs().max()
     y, ids_restore, mask_token, dpos = (t.to(dev) for t in decoder_inputs(4, 64, 196, 256, 0.75, torch.bfloat16))
     y, mask_token = y.detach().requires_grad_(), mask_token.detach().requires_grad_()

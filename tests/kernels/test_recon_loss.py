@@ -62,9 +62,15 @@ def grads(losses, inputs, seed=1):
 
 @pytest.mark.parametrize(
     "dtype,batch,grid,ratio",
-    [(torch.float32, 3, 4, 0.75), (torch.float32, 1, 4, 0.9), (torch.float32, 5, 6, 0.5), (torch.float32, 2, 4, 0.1),
-     (torch.float16, 3, 4, 0.75), (torch.float16, 5, 6, 0.5)],
-)  # fmt: skip
+    [
+        (torch.float32, 3, 4, 0.75),
+        (torch.float32, 1, 4, 0.9),
+        (torch.float32, 5, 6, 0.5),
+        (torch.float32, 2, 4, 0.1),
+        (torch.float16, 3, 4, 0.75),
+        (torch.float16, 5, 6, 0.5),
+    ],
+)
 def test_kernel_matches_reference(dtype, batch, grid, ratio):
     preds, targets, mask, sel = compact_inputs(batch, grid, ratio, dtype=dtype)
     got = rl.recon_loss(preds, targets, mask, sel.idx, sel.gidx, grid)
@@ -99,8 +105,10 @@ def test_swin_geometry_matches_reference_and_full_map_masked_mse(dtype, batch, u
         assert_rel_close(a, b, 1e-6 if dtype == torch.float32 else 2e-3)
     sel = CellSelection(idx, gidx)
     full = [scatter_cells(p.detach().double(), sel, units, k, rl.SWIN_SUBS) for k, p in enumerate(preds)]
-    spec = [masked_mse(f, t.double(), scale_weights(mask.double(), units, s))
-            for f, t, s in zip(full, targets, rl.SWIN_SUBS)]  # fmt: skip
+    spec = [
+        masked_mse(f, t.double(), scale_weights(mask.double(), units, s))
+        for f, t, s in zip(full, targets, rl.SWIN_SUBS)
+    ]
     torch.testing.assert_close(want.double(), torch.stack(spec), rtol=1e-5 if dtype == torch.float32 else 1e-3, atol=0)
 
 
@@ -248,10 +256,14 @@ def test_input_checks():
 
 def test_custom_op_registration_and_compile_without_graph_break():
     preds, targets, mask, sel = compact_inputs(2, 4, 0.75)
-    torch.library.opcheck(rl._recon_loss_op, (preds, targets, mask, sel.idx, sel.gidx, 4, True, list(rl.SUBS)),
-                          test_utils=("test_autograd_registration", "test_faketensor"))  # fmt: skip
-    fn = torch.compile(lambda *p: rl.recon_loss(list(p), targets, mask, sel.idx, sel.gidx, 4), backend="aot_eager",
-                       fullgraph=True)  # fmt: skip
+    torch.library.opcheck(
+        rl._recon_loss_op,
+        (preds, targets, mask, sel.idx, sel.gidx, 4, True, list(rl.SUBS)),
+        test_utils=("test_autograd_registration", "test_faketensor"),
+    )
+    fn = torch.compile(
+        lambda *p: rl.recon_loss(list(p), targets, mask, sel.idx, sel.gidx, 4), backend="aot_eager", fullgraph=True
+    )
     got = fn(*preds)
     want = rl.recon_loss_ref(preds, targets, mask, sel.idx, sel.gidx, 4)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -19,8 +19,15 @@ from fastmim.masking import random_masking
 from fastmim.models.base import masked_gather_ops
 from fastmim.models.grouped import GroupedBlock, decode_grouped, stack_parameters
 
-TINY = {"img_size": 32, "patch_size": 8, "embed_dim": 24, "depth": 4, "num_heads": 2, "decoder_dim": 16,
-        "decoder_heads": 2}  # fmt: skip
+TINY = {
+    "img_size": 32,
+    "patch_size": 8,
+    "embed_dim": 24,
+    "depth": 4,
+    "num_heads": 2,
+    "decoder_dim": 16,
+    "decoder_heads": 2,
+}
 
 
 def setup_module():

@@ -10,8 +10,13 @@ TINY = {"img_size": 64, "embed_dim": 32, "depth": 4, "num_heads": 2, "decoder_di
 
 def test_registry():
     names = list_models()
-    for name in ["localmim_vit_small_patch16", "localmim_vit_base_patch16", "localmim_vit_large_patch16",
-                 "mae_vit_base_patch16", "mae_vit_large_patch16"]:  # fmt: skip
+    for name in [
+        "localmim_vit_small_patch16",
+        "localmim_vit_base_patch16",
+        "localmim_vit_large_patch16",
+        "mae_vit_base_patch16",
+        "mae_vit_large_patch16",
+    ]:
         assert name in names
     with pytest.raises(FastmimError, match="did you mean 'localmim_vit_base_patch16'"):
         create_model("localmim_vit_bse_patch16")

@@ -52,14 +52,17 @@ def test_mae_matches_oracle_fp64(fp64):
     assert _rel(out.loss, ref) <= 1e-5
     ref.backward()
     out.loss.backward()
-    mapped = convert_released_state_dict({n: p.grad for n, p in oracle.named_parameters() if p.requires_grad},
-                                         "mae_vit_base_patch16")  # fmt: skip
+    mapped = convert_released_state_dict(
+        {n: p.grad for n, p in oracle.named_parameters() if p.requires_grad}, "mae_vit_base_patch16"
+    )
     for name, p in model.named_parameters():
         assert _rel(p.grad, mapped[name]) <= 1e-5, name
 
 
-@pytest.mark.parametrize("name,bias", [("localmim_vit_base_patch16", False), ("localmim_vit_large_patch16", True),
-                                       ("mae_vit_base_patch16", False)])  # fmt: skip
+@pytest.mark.parametrize(
+    "name,bias",
+    [("localmim_vit_base_patch16", False), ("localmim_vit_large_patch16", True), ("mae_vit_base_patch16", False)],
+)
 def test_round_trip_with_released_names_and_shapes(name, bias):
     """Full-size key names and shapes (built on the meta device): released -> fastmim -> released is lossless."""
     family = ReleasedMAEViT if name.startswith("mae") else ReleasedLocalMIMViT

@@ -25,8 +25,15 @@ from tests.oracles_swin import released_swin_unit_mask, swin_token_coords
 
 NAME = "localmim_swin_base_patch4_window7"
 NANO = "localmim_swin_nano_patch4_window4"
-TINY = {"img_size": 128, "embed_dim": 16, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 2, 4), "window_size": 4,
-        "decoder_dim": 32, "decoder_heads": 2}  # fmt: skip
+TINY = {
+    "img_size": 128,
+    "embed_dim": 16,
+    "depths": (2, 2, 2, 2),
+    "num_heads": (1, 2, 2, 4),
+    "window_size": 4,
+    "decoder_dim": 32,
+    "decoder_heads": 2,
+}
 STANDARD = [(0, 0), (1, 0), (0, 1), (1, 1)]  # (row, column) offsets of the merged 2 x 2 tokens, Swin / timm
 RELEASED = [(0, 0), (0, 1), (1, 0), (1, 1)]  # the authors' pre-training code
 
@@ -234,8 +241,12 @@ def test_sparse_encoder_equals_dense_swin_on_visible_tokens(fp64, window, ratio)
     weights = [torch.randn(s) for s in shapes]
     sparse, g_sparse = _taps_and_grads(lambda: enc(imgs, masking.visible), params, weights)
     dense, g_dense = _taps_and_grads(
-        lambda: [visible_part(t, masking.visible, u) for t in dense_swin(timm_sd, imgs, TINY["num_heads"], window,
-                                                                         vis_units)], params, weights)  # fmt: skip
+        lambda: [
+            visible_part(t, masking.visible, u) for t in dense_swin(timm_sd, imgs, TINY["num_heads"], window, vis_units)
+        ],
+        params,
+        weights,
+    )
     for s, d in zip(sparse, dense):
         assert _rel(s, d) < 1e-10
     for (name, _), a, b in zip(enc.named_parameters(), g_sparse, g_dense):
@@ -278,15 +289,24 @@ def test_prediction_ignores_masked_pixels_and_every_parameter_learns():
     }
 
 
-CONFIG_RULES = [("exact", "default", "true"), ("released", "default", "released"), ("released", "true", "true"),
-                ("exact", "released", "released")]  # fmt: skip
+CONFIG_RULES = [
+    ("exact", "default", "true"),
+    ("released", "default", "released"),
+    ("released", "true", "true"),
+    ("exact", "released", "released"),
+]
 
 
 @pytest.mark.parametrize("mask_rule,swin_coords,rule", CONFIG_RULES)
 def test_released_rules_through_the_config(mask_rule, swin_coords, rule):
     """model.mask_rule = "released" selects the released coordinates unless model.swin_coords says otherwise."""
-    args = [f"--model.name={NAME}", "--model.img_size=224", f"--model.mask_rule={mask_rule}", "--model.mask_ratio=0.6",
-            f"--model.swin_coords={swin_coords}"]  # fmt: skip
+    args = [
+        f"--model.name={NAME}",
+        "--model.img_size=224",
+        f"--model.mask_rule={mask_rule}",
+        "--model.mask_ratio=0.6",
+        f"--model.swin_coords={swin_coords}",
+    ]
     with torch.device("meta"):
         model = model_from_config(load_config(None, args).model)
     assert model.mask_rule == mask_rule and model.swin_coords == rule == model.encoder.coords
@@ -315,9 +335,18 @@ def test_coordinate_rule_is_not_in_the_state_dict():
 
 def test_trains_a_few_steps_through_the_trainer(tmp_path):
     """`fastmim pretrain --model.name=localmim_swin_nano_patch4_window4` at 64 px (2 x 2 units, one visible)."""
-    args = ["--model.name=localmim_swin_nano_patch4_window4", "--model.img_size=64", "--data.num_images=16",
-            "--train.batch_size=4", "--train.steps=3", "--train.precision=fp32", "--train.device=cpu",
-            "--train.log_every=1", "--train.warmup_steps=0", f"--train.out_dir={tmp_path / 'run'}"]  # fmt: skip
+    args = [
+        "--model.name=localmim_swin_nano_patch4_window4",
+        "--model.img_size=64",
+        "--data.num_images=16",
+        "--train.batch_size=4",
+        "--train.steps=3",
+        "--train.precision=fp32",
+        "--train.device=cpu",
+        "--train.log_every=1",
+        "--train.warmup_steps=0",
+        f"--train.out_dir={tmp_path / 'run'}",
+    ]
     summary = train(load_config(None, args))
     assert summary["steps"] == 3 and summary["final_loss"] is not None and summary["final_loss"] > 0
     assert (tmp_path / "run" / "loss.png").exists()
@@ -325,9 +354,12 @@ def test_trains_a_few_steps_through_the_trainer(tmp_path):
 
 @pytest.mark.parametrize(
     "recipe,name,batch,blr,epochs,target",
-    [("swin_base_hog_400", NAME, 2048, 1e-4, 400, "hog"), ("swin_base_pixel_400", NAME, 2048, 1e-4, 400, "pixel"),
-     ("swin_large_800", "localmim_swin_large_patch4_window14", 4096, 1e-4, 800, "hog")],
-)  # fmt: skip
+    [
+        ("swin_base_hog_400", NAME, 2048, 1e-4, 400, "hog"),
+        ("swin_base_pixel_400", NAME, 2048, 1e-4, 400, "pixel"),
+        ("swin_large_800", "localmim_swin_large_patch4_window14", 4096, 1e-4, 800, "hog"),
+    ],
+)
 def test_swin_recipes_follow_spec_5(recipe, name, batch, blr, epochs, target):
     cfg = load_config(recipe, ["--data.path=/data"])
     t = cfg.train
@@ -377,8 +409,9 @@ def test_fast_impl_equals_reference_fp32(target, monkeypatch):
     calls = {"hog": 0, "loss": 0}
     for module, fn, key in ((hk, "hog_fwd", "hog"), (rl, "recon_loss_fwd", "loss")):
         original = getattr(module, fn)
-        monkeypatch.setattr(module, fn, lambda *a, _f=original, _k=key, **k: calls.__setitem__(_k, calls[_k] + 1)
-                            or _f(*a, **k))  # fmt: skip
+        monkeypatch.setattr(
+            module, fn, lambda *a, _f=original, _k=key, **k: calls.__setitem__(_k, calls[_k] + 1) or _f(*a, **k)
+        )
     ref, fast = _fast_pair(target=target)
     g = torch.Generator().manual_seed(1)
     imgs, noise = torch.randn(2, 3, 64, 64, generator=g), torch.rand(4, generator=g)

@@ -50,8 +50,9 @@ def _compare_with_oracle(window, target, mask_rule, swin_coords, rule, impl):
     torch.manual_seed(window)
     oracle = _oracle(window, target, rule)
     kw = {"swin_coords": swin_coords} if swin_coords else {}
-    model = import_released(oracle.state_dict(), NANO, impl=impl, decoder_heads=2, mask_rule=mask_rule,
-                            mask_ratio=0.5, **kw)  # fmt: skip
+    model = import_released(
+        oracle.state_dict(), NANO, impl=impl, decoder_heads=2, mask_rule=mask_rule, mask_ratio=0.5, **kw
+    )
     assert model.swin_coords == rule and (type(model.target).__name__ == "HOGTarget") == (target == "hog")
     imgs = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(window))
     out = model(imgs, NOISE)
@@ -162,8 +163,10 @@ def test_foreign_or_damaged_checkpoints_are_refused():
 def test_cli_import_checkpoint(tmp_path):
     released = export_released_state_dict(create_model(NAME, **{**TINY, "decoder_heads": 4}).state_dict(), NAME)
     torch.save({"model": released, "epoch": 399}, tmp_path / "released.pth")
-    assert main(["import-checkpoint", str(tmp_path / "released.pth"), "--model", NAME,
-                 "--out", str(tmp_path / "ours.pt")]) == 0  # fmt: skip
+    assert (
+        main(["import-checkpoint", str(tmp_path / "released.pth"), "--model", NAME, "--out", str(tmp_path / "ours.pt")])
+        == 0
+    )
     assert main(["export-released", str(tmp_path / "ours.pt"), "--out", str(tmp_path / "back.pth")]) == 0
     back = torch.load(tmp_path / "back.pth", weights_only=True)["model"]
     assert set(back) == set(released) and all(torch.equal(back[k], released[k]) for k in released)

@@ -111,8 +111,11 @@ def _crash_at(point: str, n: int, signals: tuple[int, ...] = (signal.SIGKILL,)) 
         Path.unlink = patched_unlink
         return
     replace = os.replace
-    pattern = {"before-record": r"checkpoint-\d+\.pt\.json", "before-rename": r"checkpoint-\d+\.pt",
-               "after-rename": r"checkpoint-\d+\.pt"}[point]  # fmt: skip
+    pattern = {
+        "before-record": r"checkpoint-\d+\.pt\.json",
+        "before-rename": r"checkpoint-\d+\.pt",
+        "after-rename": r"checkpoint-\d+\.pt",
+    }[point]
 
     def patched_replace(src, dst, *args, **kwargs):
         matches = re.fullmatch(pattern, Path(dst).name) is not None

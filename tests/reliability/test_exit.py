@@ -15,8 +15,14 @@ import pytest
 from fastmim.train.checkpoint import checkpoints
 
 # The tiny recipe's ViT at 32 px with 16-wide decoders: a step takes milliseconds; two data workers.
-ARGS = ["--model.img_size=32", "--model.decoder_dim=16", "--data.num_images=8", "--train.batch_size=2",
-        "--train.warmup_steps=0", "--data.num_workers=2"]  # fmt: skip
+ARGS = [
+    "--model.img_size=32",
+    "--model.decoder_dim=16",
+    "--data.num_images=8",
+    "--train.batch_size=2",
+    "--train.warmup_steps=0",
+    "--data.num_workers=2",
+]
 LIMIT_S = 120  # start-up (importing torch) takes 5-20 s on a loaded 2-core machine; a run a few seconds more
 
 
@@ -27,8 +33,13 @@ class Command:
         self.log = log
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         with log.open("wb") as f:
-            self.proc = subprocess.Popen([sys.executable, "-m", "fastmim", *args], stdout=f, stderr=subprocess.STDOUT,
-                                         env=env, start_new_session=True)  # fmt: skip
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "fastmim", *args],
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+            )
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
@@ -59,8 +70,9 @@ def _group_gone(pgid: int, timeout: float = 10.0) -> bool:
 
 def test_a_run_with_workers_exits_when_done(tmp_path):
     out = tmp_path / "run"
-    cmd = Command(["pretrain", *ARGS, "--train.steps=2", "--train.log_every=1", f"--train.out_dir={out}"],
-                  tmp_path / "log")  # fmt: skip
+    cmd = Command(
+        ["pretrain", *ARGS, "--train.steps=2", "--train.log_every=1", f"--train.out_dir={out}"], tmp_path / "log"
+    )
     assert cmd.wait() == 0, cmd.output()
     assert "done: " in cmd.output() and [step for step, _ in checkpoints(out)] == [2]
 
@@ -69,8 +81,14 @@ def test_sigterm_to_the_group_before_the_first_log_step_saves_and_exits_0(tmp_pa
     """scancel signals the whole process group, data workers included; no log step is reached before the signal
     (log_every 1000), so there is no metrics file and no loss to plot."""
     out = tmp_path / "run"
-    argv = ["pretrain", *ARGS, "--train.steps=1000", "--train.save_every=2", "--train.log_every=1000",
-            f"--train.out_dir={out}"]  # fmt: skip
+    argv = [
+        "pretrain",
+        *ARGS,
+        "--train.steps=1000",
+        "--train.save_every=2",
+        "--train.log_every=1000",
+        f"--train.out_dir={out}",
+    ]
     cmd = Command(argv, tmp_path / "log")
     deadline = time.monotonic() + LIMIT_S
     while not checkpoints(out) and cmd.proc.poll() is None and time.monotonic() < deadline:
@@ -90,8 +108,14 @@ def test_a_user_error_with_workers_exits_2(tmp_path):
     images.mkdir()
     for i in range(8):
         (images / f"{i}.png").write_bytes(b"not a png")
-    argv = ["pretrain", *ARGS, "--data.source=folder", f"--data.path={images}", "--train.steps=2",
-            f"--train.out_dir={tmp_path / 'run'}"]  # fmt: skip
+    argv = [
+        "pretrain",
+        *ARGS,
+        "--data.source=folder",
+        f"--data.path={images}",
+        "--train.steps=2",
+        f"--train.out_dir={tmp_path / 'run'}",
+    ]
     cmd = Command(argv, tmp_path / "log")
     assert cmd.wait() == 2, cmd.output()
     errors = [line for line in cmd.output().splitlines() if line.startswith("fastmim: error:")]

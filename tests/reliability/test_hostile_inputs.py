@@ -231,23 +231,32 @@ def test_weights_files_without_a_model_or_labelled_as_another(tmp_path, capsys, 
     labelled as a model its tensors do not fit (export exited 0 with a file timm cannot load)."""
     nameless = tmp_path / "nameless.pt"
     torch.save({"format": WEIGHTS_FORMAT, "model": trained["model"]}, nameless)
-    for argv in (["export-released", str(nameless), "--out", str(tmp_path / "r.pth")],
-                 ["export", str(nameless), "--out", str(tmp_path / "t.safetensors")],
-                 ["visualize", str(nameless), "--out", str(tmp_path / "v.png")]):  # fmt: skip
+    for argv in (
+        ["export-released", str(nameless), "--out", str(tmp_path / "r.pth")],
+        ["export", str(nameless), "--out", str(tmp_path / "t.safetensors")],
+        ["visualize", str(nameless), "--out", str(tmp_path / "v.png")],
+    ):
         _one_line_error(argv, capsys, "names no registered model (model_name None)")
     mislabelled = tmp_path / "mislabelled.pt"
-    torch.save({"format": WEIGHTS_FORMAT, "model_name": "localmim_vit_base_patch16", "model": trained["model"]},
-               mislabelled)  # fmt: skip
-    _one_line_error(["export", str(mislabelled), "--out", str(tmp_path / "m.safetensors")], capsys,
-                    "the weights do not fit localmim_vit_base_patch16")  # fmt: skip
+    torch.save(
+        {"format": WEIGHTS_FORMAT, "model_name": "localmim_vit_base_patch16", "model": trained["model"]}, mislabelled
+    )
+    _one_line_error(
+        ["export", str(mislabelled), "--out", str(tmp_path / "m.safetensors")],
+        capsys,
+        "the weights do not fit localmim_vit_base_patch16",
+    )
     assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob("*.p*g"))
 
 
 def test_evaluation_arguments(tmp_path, capsys, trained):
     weights = tmp_path / "w.pt"
     torch.save({"format": WEIGHTS_FORMAT, "model_name": "localmim_micro_test", "model": trained["model"]}, weights)
-    _one_line_error(["visualize", str(weights), "--out", str(tmp_path / "v.png"), "--num", "0"], capsys,
-                    "--num is 0; give 1 to 64 demo images")  # fmt: skip
+    _one_line_error(
+        ["visualize", str(weights), "--out", str(tmp_path / "v.png"), "--num", "0"],
+        capsys,
+        "--num is 0; give 1 to 64 demo images",
+    )
     _one_line_error(["linprobe", f"--model.pretrained={tmp_path}"], capsys, f"'{tmp_path}' is a directory")
 
 

@@ -112,8 +112,11 @@ def test_consecutive_nonfinite_steps_save_and_stop(tmp_path, monkeypatch):
     _poison_scale(monkeypatch, 3, steps=set(range(1, 100)))
     out = tmp_path / "run"
     cfg = config(out, "--train.steps=10", "--train.max_nonfinite=3")
-    with pytest.raises(FastmimError, match=r"stopped at step 3: 3 consecutive steps had a non-finite loss or "
-                                           r"gradient \(s=1/2 x3; .*saved .*checkpoint-0000003.pt: lower"):  # fmt: skip
+    with pytest.raises(
+        FastmimError,
+        match=r"stopped at step 3: 3 consecutive steps had a non-finite loss or "
+        r"gradient \(s=1/2 x3; .*saved .*checkpoint-0000003.pt: lower",
+    ):
         train(cfg)
     saved = load_checkpoint(checkpoint_path(out, 3))
     assert saved["step"] == 3 and saved["skipped_steps"] == 3

@@ -95,8 +95,9 @@ def one_process(tmp_path_factory) -> Path:
 def ddp(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     """`torchrun --nproc_per_node 2 -m fastmim pretrain`: DDP (train.dist = auto), batch 4 per rank, 4 steps."""
     out = tmp_path_factory.mktemp("ddp") / "run"
-    result = _torchrun("-m", "fastmim", "pretrain", *TWO_RANKS, "--train.steps=4", "--train.save_every=2",
-                       f"--train.out_dir={out}")  # fmt: skip
+    result = _torchrun(
+        "-m", "fastmim", "pretrain", *TWO_RANKS, "--train.steps=4", "--train.save_every=2", f"--train.out_dir={out}"
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return out, result
 
@@ -110,24 +111,63 @@ def zero(tmp_path_factory) -> tuple[Path, list[list[int]]]:
     holds a payload that would create ``pwned`` (stderr in stderr.txt)."""
     root = tmp_path_factory.mktemp("zero")
     base = ["pretrain", *TWO_RANKS, "--train.dist=deepspeed"]
-    jobs = [{"argv": [*base, f"--train.zero_stage={z}", "--train.steps=3", "--train.save_every=2",
-                      f"--train.out_dir={root / f'z{z}'}"], "world": 2} for z in (1, 2, 3)]  # fmt: skip
+    jobs = [
+        {
+            "argv": [
+                *base,
+                f"--train.zero_stage={z}",
+                "--train.steps=3",
+                "--train.save_every=2",
+                f"--train.out_dir={root / f'z{z}'}",
+            ],
+            "world": 2,
+        }
+        for z in (1, 2, 3)
+    ]
     resume = f"--train.resume={root / 'z2' / 'checkpoint-0000002.pt'}"
-    jobs.append({"argv": [*base, "--train.zero_stage=2", "--train.steps=4", resume, f"--train.out_dir={root / 'z2r'}"],
-                 "world": 2})  # fmt: skip
+    jobs.append(
+        {
+            "argv": [*base, "--train.zero_stage=2", "--train.steps=4", resume, f"--train.out_dir={root / 'z2r'}"],
+            "world": 2,
+        }
+    )
     each = [*base, "--train.save_every=1", "--train.keep_last=0"]
-    jobs += [{"argv": [*each, f"--train.zero_stage={z}", "--train.steps=4", f"--train.out_dir={root / f'nan{z}'}"],
-              "world": 2, "poison": {"rank": 1, "step": 3}} for z in (2, 3)]  # fmt: skip
-    jobs.append({"argv": [*each, "--train.zero_stage=2", "--train.steps=5", "--train.resume=auto",
-                          f"--train.out_dir={root / 'nan2'}"], "world": 2,
-                 "flip": str(root / "nan2" / "checkpoint-0000004.zero" / "*optim_states.pt")})  # fmt: skip
-    plant = {"src": str(root / "z2" / "checkpoint-0000003.pt"), "dst": str(root / "hostile"),
-             "marker": str(root / "pwned")}  # fmt: skip
+    jobs += [
+        {
+            "argv": [*each, f"--train.zero_stage={z}", "--train.steps=4", f"--train.out_dir={root / f'nan{z}'}"],
+            "world": 2,
+            "poison": {"rank": 1, "step": 3},
+        }
+        for z in (2, 3)
+    ]
+    jobs.append(
+        {
+            "argv": [
+                *each,
+                "--train.zero_stage=2",
+                "--train.steps=5",
+                "--train.resume=auto",
+                f"--train.out_dir={root / 'nan2'}",
+            ],
+            "world": 2,
+            "flip": str(root / "nan2" / "checkpoint-0000004.zero" / "*optim_states.pt"),
+        }
+    )
+    plant = {
+        "src": str(root / "z2" / "checkpoint-0000003.pt"),
+        "dst": str(root / "hostile"),
+        "marker": str(root / "pwned"),
+    }
     hostile = [f"--train.resume={root / 'hostile' / 'checkpoint-0000003.pt'}", f"--train.out_dir={root / 'h_run'}"]
     jobs.append({"argv": [*base, "--train.zero_stage=2", "--train.steps=4", *hostile], "world": 2, "plant": plant})
     (root / "jobs.json").write_text(json.dumps(jobs))
-    result = subprocess.run([sys.executable, str(HERE / "_launch.py"), str(root / "jobs.json")], env=ENV,
-                            capture_output=True, text=True, timeout=400)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, str(HERE / "_launch.py"), str(root / "jobs.json")],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     (root / "stderr.txt").write_text(result.stderr)
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULTS ")]
     assert lines, result.stderr[-4000:]
@@ -156,8 +196,17 @@ def test_ddp_two_ranks_follow_one_process_with_twice_the_batch(ddp, one_process)
 
 def test_ddp_checkpoint_of_two_ranks_resumes_on_one(ddp, one_process, tmp_path):
     out, _ = ddp
-    resumed = train(load_config(None, [*ONE_RANK, "--train.steps=4", f"--train.resume={out / 'checkpoint-0000002.pt'}",
-                                       f"--train.out_dir={tmp_path / 'r'}"]))  # fmt: skip
+    resumed = train(
+        load_config(
+            None,
+            [
+                *ONE_RANK,
+                "--train.steps=4",
+                f"--train.resume={out / 'checkpoint-0000002.pt'}",
+                f"--train.out_dir={tmp_path / 'r'}",
+            ],
+        )
+    )
     assert resumed["steps_this_run"] == 2
     _close(_losses(tmp_path / "r"), _losses(one_process), [3, 4])
 
@@ -294,10 +343,12 @@ def test_code_in_a_zero_shard_is_refused_and_never_run(zero, tmp_path):
 
 def test_a_malformed_zero_pointer_is_refused_in_one_line(one_process, tmp_path):
     ckpt = load_checkpoint(one_process / "checkpoint-0000002.pt")
-    for name, pointer in [("nodir", {"world_size": 2, "zero_stage": 2}),
-                          ("escape", {"dir": "../..", "world_size": 2, "zero_stage": 2, "files": []}),
-                          ("files", {"dir": "x.zero", "world_size": 2, "zero_stage": 2, "files": [{"name": "/etc"}]}),
-                          ("type", [1, 2])]:  # fmt: skip
+    for name, pointer in [
+        ("nodir", {"world_size": 2, "zero_stage": 2}),
+        ("escape", {"dir": "../..", "world_size": 2, "zero_stage": 2, "files": []}),
+        ("files", {"dir": "x.zero", "world_size": 2, "zero_stage": 2, "files": [{"name": "/etc"}]}),
+        ("type", [1, 2]),
+    ]:
         src = tmp_path / f"{name}.pt"
         write_checkpoint({**ckpt, "optimizer": {"zero": pointer}}, src)
         resume = [*ONE_RANK, "--train.steps=4", f"--train.resume={src}", f"--train.out_dir={tmp_path / name}"]
@@ -317,8 +368,17 @@ def test_zero_checkpoint_is_refused_elsewhere_and_consolidates(zero, tmp_path):
     plain, record = load_checkpoint(tmp_path / "plain.pt"), load_checkpoint(src)
     assert all(torch.equal(plain["model"][k], record["model"][k]) for k in record["model"])
     assert plain["optimizer"]["state"] == {} and plain["step"] == 3
-    resumed = train(load_config(None, [*ONE_RANK, "--train.steps=4", f"--train.resume={tmp_path / 'plain.pt'}",
-                                       f"--train.out_dir={tmp_path / 'r'}"]))  # fmt: skip
+    resumed = train(
+        load_config(
+            None,
+            [
+                *ONE_RANK,
+                "--train.steps=4",
+                f"--train.resume={tmp_path / 'plain.pt'}",
+                f"--train.out_dir={tmp_path / 'r'}",
+            ],
+        )
+    )
     assert resumed["steps"] == 4 and resumed["steps_this_run"] == 1
 
 
@@ -326,8 +386,14 @@ def test_a_failing_rank_ends_the_job(tmp_path):
     """Rank 1 raises at its second step while rank 0 waits for it in an all-reduce: torchrun must end the job
     with a non-zero status, rank 0 with one line that points at the other rank's error."""
     start = time.monotonic()
-    result = _torchrun(str(HERE / "_failing_rank.py"), "pretrain", *TWO_RANKS, "--train.steps=3",
-                       f"--train.out_dir={tmp_path / 'run'}", timeout=180)  # fmt: skip
+    result = _torchrun(
+        str(HERE / "_failing_rank.py"),
+        "pretrain",
+        *TWO_RANKS,
+        "--train.steps=3",
+        f"--train.out_dir={tmp_path / 'run'}",
+        timeout=180,
+    )
     assert result.returncode != 0
     assert time.monotonic() - start < 120
     assert "injected failure on rank 1" in result.stderr
@@ -338,8 +404,17 @@ def test_dist_modes_and_deepspeed_config():
     assert resolve_mode("auto", 1) == "none" and resolve_mode("auto", 4) == "ddp"
     with pytest.raises(FastmimError, match="launcher started 2 processes"):
         resolve_mode("none", 2)
-    cfg = load_config(None, ["--train.dist=deepspeed", "--train.zero_stage=3", "--train.offload=all",
-                             "--train.batch_size=16", "--train.accum_steps=4", "--train.clip_grad=1.0"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "--train.dist=deepspeed",
+            "--train.zero_stage=3",
+            "--train.offload=all",
+            "--train.batch_size=16",
+            "--train.accum_steps=4",
+            "--train.clip_grad=1.0",
+        ],
+    )
     ds = deepspeed_config(cfg.train, world=8)
     assert ds["train_batch_size"] == 16 * 4 * 8 and ds["gradient_accumulation_steps"] == 4
     assert ds["gradient_clipping"] == 1.0 and ds["zero_optimization"]["stage"] == 3

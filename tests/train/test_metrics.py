@@ -31,6 +31,11 @@ def test_step_stats_count_skips_per_scale_and_streaks_across_reads():
     _step(stats, 4.0, [1.0] * 4, True)
     assert stats.read() == {"skipped": 0, "nonfinite": {}, "streak": 3}  # the run of 3 skips ended in this window
     assert stats.read()["streak"] == 0
-    assert stats.total_skipped() == 8 and stats.nonfinite_totals == {"s=1/2": 2, "gradient": 1, "s=4": 1,
-                                                                      "s=2": 1, "s=1": 1}  # fmt: skip
+    assert stats.total_skipped() == 8 and stats.nonfinite_totals == {
+        "s=1/2": 2,
+        "gradient": 1,
+        "s=4": 1,
+        "s=2": 1,
+        "s=1": 1,
+    }
     assert stats.take_mean_loss() == 3.0 and stats.take_mean_loss() is None  # applied steps only, then reset

@@ -73,8 +73,13 @@ def no_host_conversions():
 def test_the_proxy_catches_host_reads():
     """The detector itself: each of these would synchronise on CUDA."""
     x = torch.tensor([0.5, -1.0, 2.0])
-    for fn in (lambda: x.sum().item(), lambda: bool(x[0] > 0), lambda: x[x > 0], lambda: x.nonzero(),
-               lambda: torch.unique(x)):  # fmt: skip
+    for fn in (
+        lambda: x.sum().item(),
+        lambda: bool(x[0] > 0),
+        lambda: x[x > 0],
+        lambda: x.nonzero(),
+        lambda: torch.unique(x),
+    ):
         with HostReads() as mode:
             fn()
         assert mode.found, fn
@@ -82,11 +87,22 @@ def test_the_proxy_catches_host_reads():
 
 @pytest.mark.parametrize("impl", ["reference", "fast"])
 def test_a_non_logging_step_reads_nothing_on_the_host(tmp_path, impl):
-    cfg = load_config(None, [
-        "--model.img_size=32", "--model.decoder_dim=32", f"--model.impl={impl}", "--data.num_images=8",
-        "--train.batch_size=4", "--train.accum_steps=2", "--train.clip_grad=1.0", "--train.precision=fp32",
-        "--train.device=cpu", "--train.compile=off", f"--train.out_dir={tmp_path / 'run'}",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "--model.img_size=32",
+            "--model.decoder_dim=32",
+            f"--model.impl={impl}",
+            "--data.num_images=8",
+            "--train.batch_size=4",
+            "--train.accum_steps=2",
+            "--train.clip_grad=1.0",
+            "--train.precision=fp32",
+            "--train.device=cpu",
+            "--train.compile=off",
+            f"--train.out_dir={tmp_path / 'run'}",
+        ],
+    )
     run = build_run(cfg)
     t = cfg.train
     # The optimizer the trainer builds on CUDA: fused AdamW takes the skip decision on the device.
@@ -104,8 +120,16 @@ def test_a_non_logging_step_reads_nothing_on_the_host(tmp_path, impl):
 
 def test_device_input_makes_no_reads(tmp_path):
     """Finishing a batch on the device (copy + normalise) reads nothing back."""
-    cfg = load_config(None, ["--model.img_size=32", "--data.num_images=8", "--train.batch_size=4",
-                             "--train.device=cpu", f"--train.out_dir={tmp_path / 'run'}"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "--model.img_size=32",
+            "--data.num_images=8",
+            "--train.batch_size=4",
+            "--train.device=cpu",
+            f"--train.out_dir={tmp_path / 'run'}",
+        ],
+    )
     run = build_run(cfg)
     raw = next(run.loader.raw_batches(0))
     with HostReads() as mode, no_host_conversions():
@@ -121,12 +145,21 @@ def test_a_non_logging_cuda_step_does_not_synchronise(tmp_path, impl, augment):
     the crop-resize kernel, mask noise copied from pinned memory)."""
     from fastmim.train.trainer import input_stream
 
-    cfg = load_config(None, [
-        "--model.img_size=64", "--model.decoder_dim=64", f"--model.impl={impl}", "--data.num_images=64",
-        "--train.batch_size=8", "--train.clip_grad=1.0", "--train.device=cuda", "--train.compile=off",
-        f"--data.augment={augment}",
-        f"--train.out_dir={tmp_path / 'run'}",
-    ])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "--model.img_size=64",
+            "--model.decoder_dim=64",
+            f"--model.impl={impl}",
+            "--data.num_images=64",
+            "--train.batch_size=8",
+            "--train.clip_grad=1.0",
+            "--train.device=cuda",
+            "--train.compile=off",
+            f"--data.augment={augment}",
+            f"--train.out_dir={tmp_path / 'run'}",
+        ],
+    )
     run = build_run(cfg)
     batches = input_stream(run)
     stats = StepStats(scale_names(run.model), run.device)

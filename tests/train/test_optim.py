@@ -9,8 +9,16 @@ from fastmim.train.optim import lr_at, param_groups
 
 
 def test_decay_groups_follow_spec():
-    model = create_model("localmim_vit_small_patch16", img_size=64, embed_dim=32, depth=4, num_heads=2,
-                         decoder_dim=32, decoder_heads=2, hog_bias=True)  # fmt: skip
+    model = create_model(
+        "localmim_vit_small_patch16",
+        img_size=64,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        decoder_dim=32,
+        decoder_heads=2,
+        hog_bias=True,
+    )
     decay, no_decay = param_groups(model, 0.05)
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for p in decay["params"]}

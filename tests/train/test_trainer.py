@@ -88,8 +88,9 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path):
 
 def test_resume_from_a_mid_run_checkpoint_of_a_cosine_run(tmp_path):
     full = train(_cfg(tmp_path, "--train.steps=4", "--train.save_every=2", name="a"))
-    again = train(_cfg(tmp_path, "--train.steps=4", f"--train.resume={tmp_path / 'a' / 'checkpoint-0000002.pt'}",
-                       name="b"))  # fmt: skip
+    again = train(
+        _cfg(tmp_path, "--train.steps=4", f"--train.resume={tmp_path / 'a' / 'checkpoint-0000002.pt'}", name="b")
+    )
     a, b = _rows(tmp_path / "a" / "metrics.jsonl"), _rows(tmp_path / "b" / "metrics.jsonl")
     assert [r["loss"] for r in a[2:]] == [r["loss"] for r in b]
     wa, wb = load_checkpoint(full["checkpoint"])["model"], load_checkpoint(again["checkpoint"])["model"]
@@ -122,8 +123,9 @@ def test_bad_resume_targets(tmp_path):
     with pytest.raises(FastmimError, match="trained with model.mask_ratio"):
         train(_cfg(tmp_path, "--train.steps=2", f"--train.resume={ckpt}", "--model.mask_ratio=0.5", name="x"))
     with pytest.raises(FastmimError, match="is for localmim_vit_tiny_patch16"):
-        train(_cfg(tmp_path, "--train.steps=2", f"--train.resume={ckpt}", "--model.name=mae_vit_tiny_patch16",
-                   name="y"))  # fmt: skip
+        train(
+            _cfg(tmp_path, "--train.steps=2", f"--train.resume={ckpt}", "--model.name=mae_vit_tiny_patch16", name="y")
+        )
     junk = tmp_path / "junk.pt"
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(FastmimError, match="not a readable checkpoint"):
