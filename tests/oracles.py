@@ -154,6 +154,21 @@ def literal_masked_mse(pred, target, weight):
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def literal_targets(imgs, target, cell_sizes, nbins, hog_enc):
+    """The four scales' targets (method 3, without gradient): HOG through each scale's own frozen Sobel layer
+    ``hog_enc[k].conv`` (its bias, method 3.3), or normalised pixels."""
+    targets = []
+    with torch.no_grad():
+        for k, cell in enumerate(cell_sizes):
+            if target == "hog":
+                conv = hog_enc[k].conv
+                t = literal_hog(imgs, cell, nbins, bias=conv.bias, weight=conv.weight)
+            else:
+                t = literal_pixel_target(imgs, cell, norm_pix=True)
+            targets.append(t.to(imgs.dtype))
+    return targets
+
+
 def _sincos_1d(dim, positions):
     """[sin | cos] of positions * omega_i, omega_i = 1 / 10000^(2i / dim), i = 0 .. dim/2 - 1. Returns [P, dim]."""
     assert dim % 2 == 0
@@ -453,16 +468,7 @@ class ReleasedLocalMIMViT(nn.Module):
         return latents, mask, ids_restore
 
     def compute_targets(self, imgs):
-        targets = []
-        with torch.no_grad():
-            for k in range(4):
-                if self.target == "hog":
-                    conv = self.hog_enc[k].conv
-                    t = literal_hog(imgs, self.cell_sizes[k], self.nbins, bias=conv.bias, weight=conv.weight)
-                else:
-                    t = literal_pixel_target(imgs, self.cell_sizes[k], norm_pix=True)
-                targets.append(t.to(imgs.dtype))
-        return targets
+        return literal_targets(imgs, self.target, self.cell_sizes, self.nbins, getattr(self, "hog_enc", None))
 
     def forward(self, imgs, noise=None):
         B = imgs.shape[0]

@@ -18,31 +18,16 @@ Public names:
 import torch
 from torch import nn
 
-try:
-    from tests.oracles import (
-        Block,
-        HOGLayer,
-        Mlp,
-        _frozen,
-        _init_linear_and_layernorm,
-        literal_hog,
-        literal_masked_mse,
-        literal_pixel_target,
-        sincos_pos_embed_2d,
-    )
-except ImportError:  # pytest rootdir-less import mode: tests/ itself is on sys.path
-    from oracles import (
-        Block,
-        HOGLayer,
-        Mlp,
-        _frozen,
-        _init_linear_and_layernorm,
-        literal_hog,
-        literal_masked_mse,
-        literal_pixel_target,
-        sincos_pos_embed_2d,
-    )
-
+from tests.oracles import (
+    Block,
+    HOGLayer,
+    Mlp,
+    _frozen,
+    _init_linear_and_layernorm,
+    literal_masked_mse,
+    literal_targets,
+    sincos_pos_embed_2d,
+)
 
 # ----------------------------------------------------------------------------------------------------------------
 # LocalMIM-Swin: the authors' released pre-training computation, module names of their checkpoints
@@ -296,16 +281,7 @@ class ReleasedLocalMIMSwin(nn.Module):
         return taps
 
     def compute_targets(self, imgs):
-        targets = []
-        with torch.no_grad():
-            for k in range(4):
-                if self.target == "hog":
-                    conv = self.hog_enc[k].conv
-                    t = literal_hog(imgs, self.cell_sizes[k], self.nbins, bias=conv.bias, weight=conv.weight)
-                else:
-                    t = literal_pixel_target(imgs, self.cell_sizes[k], norm_pix=True)
-                targets.append(t.to(imgs.dtype))
-        return targets
+        return literal_targets(imgs, self.target, self.cell_sizes, self.nbins, getattr(self, "hog_enc", None))
 
     def forward(self, imgs, unit_mask):
         unit_masked = unit_mask.bool().cpu()

@@ -5,28 +5,16 @@ import math
 import pytest
 import torch
 
-try:
-    from tests.oracles import (
-        ReleasedLocalMIMViT,
-        ReleasedMAEViT,
-        literal_hog,
-        literal_mask_weights,
-        literal_pixel_target,
-        literal_random_masking,
-        sincos_pos_embed_2d,
-        sobel_weight,
-    )
-except ImportError:  # pytest rootdir-less import mode: tests/ itself is on sys.path
-    from oracles import (
-        ReleasedLocalMIMViT,
-        ReleasedMAEViT,
-        literal_hog,
-        literal_mask_weights,
-        literal_pixel_target,
-        literal_random_masking,
-        sincos_pos_embed_2d,
-        sobel_weight,
-    )
+from tests.oracles import (
+    ReleasedLocalMIMViT,
+    ReleasedMAEViT,
+    literal_hog,
+    literal_mask_weights,
+    literal_pixel_target,
+    literal_random_masking,
+    sincos_pos_embed_2d,
+    sobel_weight,
+)
 
 BLOCK_KEYS = [
     "norm1.weight",
