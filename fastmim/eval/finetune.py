@@ -40,6 +40,7 @@ from fastmim.train.build import amp_dtype
 from fastmim.train.checkpoint import atomic_save
 from fastmim.train.metrics import MetricsLog, read_metrics
 from fastmim.train.optim import lr_at
+from fastmim.train.rundir import hold_run_dir
 from fastmim.weights import safe_load
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token")
@@ -280,7 +281,13 @@ def _save(run: FinetuneRun, row: dict[str, Any]) -> None:
 
 
 def finetune(cfg: EvalConfig) -> dict[str, Any]:
-    """Fine-tune per cfg; returns a summary (best / last top-1, paths)."""
+    """Fine-tune per cfg, holding finetune.out_dir's lock (one run per directory); returns a summary (best / last
+    top-1, paths)."""
+    with hold_run_dir(Path(cfg.finetune.out_dir), "finetune.out_dir"):
+        return _finetune(cfg)
+
+
+def _finetune(cfg: EvalConfig) -> dict[str, Any]:
     run, f = build_finetune(cfg), cfg.finetune
     log = MetricsLog(run.out_dir, run.step if f.resume == "auto" else None)
     interactive = sys.stderr.isatty()

@@ -27,6 +27,7 @@ from fastmim.eval.config import EvalConfig
 from fastmim.eval.data import LabelledImages, build_splits, eval_transform
 from fastmim.train.metrics import MetricsLog
 from fastmim.train.optim import lr_at
+from fastmim.train.rundir import hold_run_dir
 
 
 @torch.no_grad()
@@ -153,7 +154,13 @@ def probe_backbone(cfg: EvalConfig, backbone: Backbone, log: MetricsLog) -> dict
 
 
 def linprobe(cfg: EvalConfig) -> dict[str, Any]:
-    """Linear-probe per cfg; writes config.toml, metrics.jsonl, result.json and curves.png into linprobe.out_dir."""
+    """Linear-probe per cfg, holding linprobe.out_dir's lock (one run per directory); writes config.toml,
+    metrics.jsonl, result.json and curves.png into it."""
+    with hold_run_dir(Path(cfg.linprobe.out_dir), "linprobe.out_dir"):
+        return _linprobe(cfg)
+
+
+def _linprobe(cfg: EvalConfig) -> dict[str, Any]:
     p, m = cfg.linprobe, cfg.model
     out_dir = Path(p.out_dir)
     check_fresh_run_dir(out_dir, "linprobe", resumable=False)

@@ -1,11 +1,13 @@
-"""The parts of a training run, built from its config: the one builder behind ``fastmim pretrain``, ``bench step``,
-``fastmim profile`` and ``fastmim consolidate``, so that what a benchmark times is the trainer's own step.
+"""The parts of a training run, built from its config: the one builder behind ``fastmim pretrain``, ``bench step``
+and ``fastmim profile``, so that what a benchmark times is the trainer's own step (``fastmim consolidate`` uses its
+:func:`build_model` and :func:`build_adamw`).
 
-:func:`build_run` makes, in this order (the order fixes what the seeded random draws initialise, so a run is
-reproducible bit for bit): the model (seeded by train.seed), its attention backend (model.attn), its compiled
-blocks (train.compile; before any wrapper, so checkpoint keys do not change), the loader, the schedule, AdamW, the
-fp16 loss scaler, and the data-parallel wrapper (fastmim.train.distributed). It reads nothing from and writes
-nothing to a run directory: resuming and saving are the checkpointer's (fastmim.train.checkpointer).
+:func:`build_run` first refuses a step that cannot fit in the device's memory (fastmim.train.memory), then makes,
+in this order (the order fixes what the seeded random draws initialise, so a run is reproducible bit for bit): the
+model (seeded by train.seed), its attention backend (model.attn), its compiled blocks (train.compile; before any
+wrapper, so checkpoint keys do not change), the loader, the schedule, AdamW, the fp16 loss scaler, and the
+data-parallel wrapper (fastmim.train.distributed). It reads nothing from and writes nothing to a run directory:
+resuming and saving are the checkpointer's (fastmim.train.checkpointer).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from fastmim.errors import FastmimError
 from fastmim.models import model_from_config
 from fastmim.train import distributed as D
 from fastmim.train.attn_choice import choose_attention, describe
+from fastmim.train.memory import check_step_fits
 from fastmim.train.metrics import StepStats
 from fastmim.train.optim import build_optimizer
 from fastmim.train.parallel import apply_compile, compile_wanted
@@ -107,6 +110,7 @@ def build_run(
     if dist is None or device is None:
         dist, device = D.init_distributed(cfg.train, resolve_device(cfg.train.device))
     t, dtype = cfg.train, amp_dtype(cfg.train.precision, device)
+    check_step_fits(cfg, device)
     model = build_model(cfg, device)
     attn = _choose_attention(cfg, model, device, dtype, dist.main)
     compiled = apply_compile(model, mode=compile_mode) if compile_wanted(t.compile, device) else 0

@@ -49,25 +49,22 @@ class RunLock:
         self.release()
 
 
-def hold_run_dir(out_dir: Path) -> RunLock:
+def hold_run_dir(out_dir: Path, key: str = "train.out_dir") -> RunLock:
     """Create ``out_dir`` if needed and lock it for this process; refuses, in one line, a directory another run
-    holds, a path that is not a directory, and one that cannot be created or written."""
+    holds, a path that is not a directory, and one that cannot be created or written. ``key``: the config key that
+    named the directory (the refusals name it: train.out_dir, finetune.out_dir, linprobe.out_dir)."""
     path = out_dir / LOCK_NAME
     where = one_line(str(out_dir))
     try:
         if out_dir.exists() and not out_dir.is_dir():
-            raise FastmimError(f"train.out_dir {where} is not a directory; choose a directory for the run.")
+            raise FastmimError(f"{key} {where} is not a directory; choose a directory for the run.")
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise FastmimError(
-            f"cannot create train.out_dir {where} ({e.strerror}); choose a writable directory."
-        ) from None
+        raise FastmimError(f"cannot create {key} {where} ({e.strerror}); choose a writable directory.") from None
     try:
         file = path.open("a+")  # not truncated before the lock is ours: it names the holder
     except OSError as e:
-        raise FastmimError(
-            f"cannot write in train.out_dir {where} ({e.strerror}); choose a writable directory."
-        ) from None
+        raise FastmimError(f"cannot write in {key} {where} ({e.strerror}); choose a writable directory.") from None
     try:
         fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -75,8 +72,8 @@ def hold_run_dir(out_dir: Path) -> RunLock:
         holder = one_line(file.read().strip()) or "details not written yet"
         file.close()
         raise FastmimError(
-            f"train.out_dir {where} is in use by another run ({holder}); wait for it to end or stop it, or choose "
-            "another --train.out_dir."
+            f"{key} {where} is in use by another run ({holder}); wait for it to end or stop it, or choose "
+            f"another --{key}."
         ) from None
     except OSError as e:
         warn(f"cannot lock {path} ({e.strerror}); make sure no other run uses {out_dir} at the same time.")

@@ -9,6 +9,7 @@ from fastmim.errors import FastmimError
 from fastmim.eval.backbone import load_backbone
 from fastmim.eval.config import load_eval_config
 from fastmim.eval.finetune import build_finetune, finetune
+from fastmim.train.rundir import hold_run_dir
 from fastmim.weights import safe_load
 
 
@@ -129,3 +130,14 @@ def test_eval_recipes_load():
     assert (large.finetune.layer_decay, large.model.drop_path) == (0.75, 0.2)
     b100 = load_eval_config("finetune_vit_base_100", ["--model.pretrained=x.pt"]).finetune
     assert (b100.lr, b100.min_lr, b100.layer_decay) == (4e-3, 1e-6, 0.75)
+
+
+def test_a_second_finetune_on_one_directory_is_refused(tiny_weights, digits_tree, tmp_path):
+    """finetune.out_dir is held like train.out_dir: a run that finds it held is refused before it writes."""
+    out = tmp_path / "ft"
+    cfg = _cfg(tiny_weights, digits_tree, out, "--finetune.steps=1")
+    with hold_run_dir(out, "finetune.out_dir"):
+        with pytest.raises(FastmimError, match=rf"finetune.out_dir {out} is in use by another run \(pid "):
+            finetune(cfg)
+        assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
+    assert finetune(cfg)["steps"] == 1  # released: the directory is free again

@@ -9,6 +9,7 @@ from timm.models.vision_transformer import VisionTransformer
 from fastmim.cli import main
 from fastmim.eval.config import load_eval_config
 from fastmim.eval.linprobe import LinearProbe, build_probe_optimizer, linprobe
+from fastmim.train.rundir import hold_run_dir
 
 
 def test_probe_head_is_mae_protocol():
@@ -63,3 +64,6 @@ def test_cli_linprobe_variants(tiny_weights, digits_tree, tmp_path, capsys, extr
     assert result["num_train"] == 24 and result["num_val"] == 12 and 0 <= result["acc1"] <= 100
     assert main(args) == 2  # never on top of an existing run
     assert "already holds a run" in capsys.readouterr().err
+    with hold_run_dir(out, "linprobe.out_dir"):  # a running linprobe holds it: refused first, naming the holder
+        assert main(args) == 2
+    assert f"linprobe.out_dir {out} is in use by another run (pid " in capsys.readouterr().err
