@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 from fastmim.config import ModelConfig, choices
-from fastmim.errors import FastmimError, interrupt_on_stop_signals, one_line
+from fastmim.errors import FastmimError, fresh_output, interrupt_on_stop_signals, one_line
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -250,7 +250,7 @@ def _rank_prefix() -> str:
 def cmd_consolidate(args: argparse.Namespace, extra: list[str]) -> int:
     from fastmim.train.zero import consolidate
 
-    s = consolidate(args.src, _fresh_output(args.out))
+    s = consolidate(args.src, fresh_output(args.out, "--out"))
     print(
         f"consolidated the ZeRO-{s['zero_stage']} checkpoint of {s['world_size']} process(es) at step {s['step']} "
         f"-> {s['out']}\n  fp32 weights, step, data position and config kept; AdamW moments restart.\n"
@@ -284,7 +284,7 @@ def cmd_import_checkpoint(args: argparse.Namespace, extra: list[str]) -> int:
     from fastmim.train.checkpoint import atomic_save
     from fastmim.weights import WEIGHTS_FORMAT, load_released_file
 
-    out = _fresh_output(args.out)
+    out = fresh_output(args.out, "--out")
     model = import_released(load_released_file(args.src), args.model)
     state = {"format": WEIGHTS_FORMAT, "model_name": args.model, "model": model.state_dict()}
     atomic_save(state, out)
@@ -298,7 +298,7 @@ def cmd_export_released(args: argparse.Namespace, extra: list[str]) -> int:
     from fastmim.train.checkpoint import atomic_save
     from fastmim.weights import load_fastmim_weights
 
-    out = _fresh_output(args.out)
+    out = fresh_output(args.out, "--out")
     name, state_dict = load_fastmim_weights(args.src)
     atomic_save({"model": export_released_state_dict(state_dict, name)}, out)
     print(f"exported {args.src} ({name}) in the released layout -> {out}")
@@ -346,7 +346,7 @@ def cmd_linprobe(args: argparse.Namespace, overrides: list[str]) -> int:
 def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
     from fastmim.eval.export import export_timm
 
-    out = _fresh_output(args.out)
+    out = fresh_output(args.out, "--out")
     meta = export_timm(args.src, out)
     print(
         f"exported {args.src} ({meta['fastmim_model']}) for timm -> {out}\n  load with: "
@@ -358,19 +358,9 @@ def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_visualize(args: argparse.Namespace, extra: list[str]) -> int:
     from fastmim.eval.visualize import visualize
 
-    out = _fresh_output(args.out)
+    out = fresh_output(args.out, "--out")
     print(f"wrote {visualize(args.src, out, args.images, args.num, args.seed, args.hog_style)}")
     return 0
-
-
-def _fresh_output(path: str) -> Path:
-    """Outputs never overwrite an existing file."""
-    out = Path(path)
-    if out.exists():
-        raise FastmimError(f"{out} already exists; choose another --out (fastmim never overwrites files).")
-    if not out.parent.is_dir():
-        raise FastmimError(f"directory {out.parent} does not exist; create it or choose another --out.")
-    return out
 
 
 def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:

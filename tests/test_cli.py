@@ -62,7 +62,10 @@ def test_import_and_export_released_checkpoint(tmp_path, capsys):
     out = tmp_path / "weights.pt"
     assert main(["import-checkpoint", str(src), "--model", "localmim_vit_small_patch16", "--out", str(out)]) == 0
     assert main(["import-checkpoint", str(src), "--model", "localmim_vit_small_patch16", "--out", str(out)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    assert "already exists; choose another --out (fastmim never overwrites)" in capsys.readouterr().err
+    missing = tmp_path / "no-such-folder" / "weights.pt"
+    assert main(["import-checkpoint", str(src), "--model", "localmim_vit_small_patch16", "--out", str(missing)]) == 2
+    assert f"the folder {missing.parent} does not exist; create it or choose another --out" in capsys.readouterr().err
     back = tmp_path / "back.pth"
     assert main(["export-released", str(out), "--out", str(back)]) == 0
     exported = torch.load(back, weights_only=True)["model"]

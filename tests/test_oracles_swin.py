@@ -25,12 +25,9 @@ ARCH = {
 
 
 @pytest.fixture(autouse=True)
-def _fp64():
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
+def _fp64_seeded(fp64):
+    """Every test in float64 (tests/conftest.py) from seed 0."""
     torch.manual_seed(0)
-    yield
-    torch.set_default_dtype(old)
 
 
 def _pairs(coords):

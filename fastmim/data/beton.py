@@ -42,7 +42,7 @@ from PIL import Image
 
 from fastmim.data.jpeg import Decoder, JpegError
 from fastmim.data.sources import FolderSource, UnreadableImageError, decode_image
-from fastmim.errors import FastmimError
+from fastmim.errors import FastmimError, fresh_output
 
 INSTALL_HINT = (
     "install FFCV with `apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
@@ -409,11 +409,7 @@ def convert_folder(
         raise FastmimError(f"--quality is {quality}; set it between 1 and 100 (90 keeps ImageNet visually lossless).")
     if max_side < 0:
         raise FastmimError(f"--max-side is {max_side}; set it to a positive size, or 0 to keep every image's size.")
-    out = Path(dst)
-    if out.exists():
-        raise FastmimError(f"{dst} already exists; choose another destination or remove that file first.")
-    if not out.parent.is_dir():
-        raise FastmimError(f"the folder {out.parent} does not exist; create it or choose another destination.")
+    out = fresh_output(dst, "destination")
     source = FolderSource(src)
     workers = workers if workers > 0 else os.cpu_count() or 1
     start = time.perf_counter()

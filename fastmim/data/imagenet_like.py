@@ -15,12 +15,11 @@ import math
 import os
 import shutil
 import tempfile
-from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
-from fastmim.errors import FastmimError
+from fastmim.errors import FastmimError, fresh_output
 
 _SALT = 0x5EED_1A6E
 _SIZE = (500, 375)  # ImageNet's most common training-image size (landscape)
@@ -65,11 +64,7 @@ def write_imagenet_like(dst: str, images: int = 512, quality: int = 90) -> int:
         raise FastmimError(f"--images is {images}; set it to a positive number of images.")
     if not 1 <= quality <= 100:
         raise FastmimError(f"--quality is {quality}; set it between 1 and 100.")
-    out = Path(dst)
-    if out.exists():
-        raise FastmimError(f"{dst} already exists; choose another destination (fastmim never overwrites).")
-    if not out.parent.is_dir():
-        raise FastmimError(f"the folder {out.parent} does not exist; create it or choose another destination.")
+    out = fresh_output(dst, "destination")
     photo = _photo()
     tmp = tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
     try:
