@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 
 # The signals that ask fastmim to stop: Ctrl-C (SIGINT), schedulers (SIGTERM: scancel, Kubernetes; SIGUSR1: SLURM's
@@ -53,13 +54,20 @@ def fresh_output(path: str | Path, option: str) -> Path:
 
 class _Interrupts:
     """The handler of :func:`interrupt_on_stop_signals`. Python may swallow an exception raised by a signal handler
-    (one that lands in an at-fork hook or a finaliser: "Exception ignored in ..."), so after the first stop signal
-    a thread repeats it every 0.2 s, while this handler is installed, until the command has reported it."""
+    (one that lands in an at-fork hook or a finaliser: "Exception ignored in ..."; FFCV's writer start hits the
+    first), so a swallowed :class:`Interrupted` is raised again: the signal is sent once more. Nothing is repeated
+    while the exception propagates: a repeat would break the clean-up it runs through (``except`` and ``finally``
+    blocks that stop worker processes and remove temporary files), leaving workers that multiprocessing's exit
+    handler then waits for forever. ``REPEAT_AFTER_S`` after the first signal, an unreported one is repeated
+    anyway, in case something swallowed it without a trace."""
+
+    REPEAT_AFTER_S = 5.0
 
     def __init__(self) -> None:
         self.pid = os.getpid()
         self.first: int | None = None
-        self.settled = threading.Event()
+        self.settled = threading.Event()  # reported by the command (or the block ended): no more repeats
+        self.swallowed = threading.Event()  # Python reported a swallowed Interrupted (sys.unraisablehook)
 
     def handle(self, signum: int, frame) -> None:
         if os.getpid() != self.pid:  # a forked worker: the signal's default action, as without fastmim
@@ -74,9 +82,13 @@ class _Interrupts:
         raise Interrupted(signal.Signals(self.first).name)
 
     def _repeat(self) -> None:
-        while not self.settled.wait(0.2):
-            if signal.getsignal(self.first) == self.handle:  # not while the training loop handles signals itself
-                os.kill(self.pid, self.first)
+        deadline = time.monotonic() + self.REPEAT_AFTER_S
+        while not self.settled.wait(0.05):
+            if self.swallowed.is_set() or time.monotonic() > deadline:
+                self.swallowed.clear()
+                deadline = time.monotonic() + self.REPEAT_AFTER_S
+                if signal.getsignal(self.first) == self.handle:  # not while the training loop handles signals
+                    os.kill(self.pid, self.first)
 
 
 @contextlib.contextmanager
@@ -92,7 +104,9 @@ def interrupt_on_stop_signals():
     unraisable = sys.unraisablehook
 
     def quiet(info) -> None:  # a swallowed Interrupted is repeated: no "Exception ignored" noise for it
-        if not isinstance(info.exc_value, Interrupted):
+        if isinstance(info.exc_value, Interrupted):
+            interrupts.swallowed.set()
+        else:
             unraisable(info)
 
     sys.unraisablehook = quiet

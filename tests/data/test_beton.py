@@ -205,7 +205,7 @@ def test_sigterm_during_a_conversion_leaves_nothing_behind(tmp_path):
     writing (the .partial exists): one line, exit 128 + 15, neither the .partial nor the destination left."""
     rng = np.random.default_rng(0)
     (tmp_path / "src" / "a").mkdir(parents=True)
-    # Enough images that writing (~300 img/s here) outlasts the handler's repeat of a swallowed signal (0.2 s).
+    # Enough images that writing (~300 img/s here) outlasts the repeat of a signal swallowed at the writer start.
     for i in range(300):
         Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(tmp_path / "src" / "a" / f"{i}.jpg")
     dst = tmp_path / "out" / "data.beton"
