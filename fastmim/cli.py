@@ -203,7 +203,10 @@ def _too_large(error: BaseException) -> str | None:
 def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     from fastmim.config import dump_toml, load_config
     from fastmim.train import train
+    from fastmim.train.distributed import adopt_srun_env, launched_by_srun
 
+    srun = launched_by_srun()
+    adopt_srun_env()  # a task srun started: SLURM's variables as RANK / WORLD_SIZE, so that rank 0 alone prints
     cfg = load_config(args.config, overrides)
     main_rank = _rank_prefix() in ("", "rank 0: ")  # with several processes only rank 0 prints
     if main_rank:
@@ -215,6 +218,8 @@ def cmd_pretrain(args: argparse.Namespace, overrides: list[str]) -> int:
     launcher = "fastmim" if n == 1 else f"torchrun --nproc_per_node {per_node} -m fastmim"
     if n > per_node:  # several nodes: the same rendezvous as before, on every node
         launcher = f"torchrun --nnodes {n // per_node} --nproc_per_node {per_node} --rdzv-endpoint HOST:PORT -m fastmim"
+    if srun:  # README's SLURM recipe: submit the batch script again (it resumes), or in it:
+        launcher = "srun python -m fastmim"
     resume = f"{launcher} pretrain --config {summary['config']} --train.resume=auto"
     if summary["stopped_by"]:  # pre-emption is not a failure: the last completed step is saved
         print(

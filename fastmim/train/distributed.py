@@ -1,8 +1,11 @@
 """Several processes, one run: torchrun / DeepSpeed-launcher DDP and DeepSpeed ZeRO 1 / 2 / 3, applied from outside
 the model (STYLE 1: only fastmim.train knows about distributed execution).
 
-Processes. A launcher (``torchrun``, ``deepspeed``, ``srun`` + ``torchrun``) starts one process per device and sets
-``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``; :func:`init_distributed` reads them.
+Processes. A launcher (``torchrun``, ``deepspeed``) starts one process per device and sets ``RANK`` / ``WORLD_SIZE``
+/ ``LOCAL_RANK`` / ``MASTER_ADDR`` / ``MASTER_PORT``; :func:`init_distributed` reads them. Under SLURM, ``srun``
+starts the processes itself and :func:`adopt_srun_env` derives them from SLURM's task variables (README's recipe:
+SLURM signals every process of a job step, and torchrun dies of the SIGUSR1 it does not handle). One process
+without a launcher under ``train.dist`` ddp / deepspeed is a group of one.
 ``train.dist = "auto"`` is DDP when ``WORLD_SIZE > 1``, one plain process otherwise. Backend: NCCL on CUDA (one
 device per process, ``cuda:LOCAL_RANK``), gloo on CPU. Every collective waits at most ``train.dist_timeout``
 seconds, so a rank that dies or stalls ends the run instead of hanging the others forever (torchrun's agent also
@@ -109,17 +112,46 @@ def resolve_mode(setting: str, world: int) -> str:
     return setting
 
 
+# What srun sets in each task of a job step (not in the batch script itself), as the torchrun variables they stand for.
+_SLURM_TASK = {"RANK": "SLURM_PROCID", "LOCAL_RANK": "SLURM_LOCALID", "WORLD_SIZE": "SLURM_STEP_NUM_TASKS"}
+
+
+def launched_by_srun() -> bool:
+    """True in a task that srun started directly (no torchrun in between: torchrun sets WORLD_SIZE itself)."""
+    return "WORLD_SIZE" not in os.environ and all(v in os.environ for v in _SLURM_TASK.values())
+
+
+def adopt_srun_env() -> None:
+    """In a task srun started directly (README's SLURM recipe: one task per device, so that SLURM's signals reach
+    each rank once and no launcher sits in between; torchrun dies of a SIGUSR1 it does not handle), set RANK /
+    LOCAL_RANK / WORLD_SIZE (and LOCAL_WORLD_SIZE) from SLURM's task variables; MASTER_ADDR / MASTER_PORT come from
+    the batch script, which exports them."""
+    if launched_by_srun():
+        os.environ.update({ours: os.environ[theirs] for ours, theirs in _SLURM_TASK.items()})
+        per_node = os.environ.get("SLURM_STEP_TASKS_PER_NODE", "")
+        if per_node.split("(")[0].isdigit() and "," not in per_node:  # "8" or "8(x4)": the same on every node
+            os.environ.setdefault("LOCAL_WORLD_SIZE", per_node.split("(")[0])
+        if int(os.environ["WORLD_SIZE"]) > 1 and not {"MASTER_ADDR", "MASTER_PORT"} <= os.environ.keys():
+            raise FastmimError(
+                "srun started this process as one of several tasks but MASTER_ADDR / MASTER_PORT are not set; "
+                'export them before srun: export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | '
+                "head -n 1) MASTER_PORT=29500."
+            )
+
+
 def init_distributed(t, device: torch.device) -> tuple[Dist, torch.device]:
     """Join the process group the launcher set up (see the module docstring); returns this process's Dist and its
     device (``cuda:LOCAL_RANK`` on CUDA). A single process with train.dist ddp / deepspeed forms a group of one."""
+    adopt_srun_env()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     mode = resolve_mode(t.dist, world)
     if mode == "none":
         return Dist(), device
-    rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    if world == 1:  # no launcher: a group of one needs an address of its own
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if world == 1:  # no launcher: a group of one needs what a launcher sets (DeepSpeed's engine asserts LOCAL_RANK)
+        for name, value in {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1"}.items():
+            os.environ.setdefault(name, value)
         os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     if device.type == "cuda":
         torch.cuda.set_device(local)
         device = torch.device("cuda", local)
