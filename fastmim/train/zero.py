@@ -152,12 +152,23 @@ class ZeroShards:
         self.d = d
 
     def model_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The full model state dict; under ZeRO-3 gathered from the partitioned parameters (every rank calls it)."""
+        """The full model state dict; under ZeRO-3 gathered from the partitioned parameters (every rank calls it).
+
+        Only the parameters that are partitioned now are gathered (and partitioned again afterwards): the small
+        ones ZeRO-3 keeps whole on every rank ("persistent", e.g. biases and norms) must stay whole. Partitioning
+        them too, as gathering every parameter did, made the next forward re-gather the patch-embedding bias
+        through DeepSpeed's parameter getter (the encoder reads ``patch_embed.proj``'s parameters without calling
+        it), which then registered it as a new external parameter of the encoder: the parameter trace recorded
+        before the save no longer matched, and the next backward failed ("tracing error ... parameter fetch
+        queue"). In a fresh run the bias was partitioned during the recorded step too, so the trace held it; in a
+        resumed one DeepSpeed's checkpoint load had gathered it first, so it did not."""
         if self.d.zero_stage < 3:
             return model.state_dict()
         import deepspeed
+        from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
-        with deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None):
+        partitioned = [p for p in model.parameters() if p.ds_status == ZeroParamStatus.NOT_AVAILABLE]
+        with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None, enabled=bool(partitioned)):
             return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def optimizer_state(self, path: Path, optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -12,7 +12,9 @@ model predict NaN at one scale during optimizer step s (1-based), so that step's
 on that rank alone; ``"flip": GLOB`` flips one byte in the middle of the first file matching GLOB before the job
 starts (a damaged checkpoint file); ``"plant": {"src": CKPT, "dst": DIR, "marker": FILE}`` copies ZeRO checkpoint
 CKPT (file, shards) into the new run directory DIR with a payload pickled into its model-states shard that would
-create FILE, the shard manifest and the checkpoint's record recomputed to match (an attacker's copy).
+create FILE, the shard manifest and the checkpoint's record recomputed to match (an attacker's copy);
+``"launcher": false`` runs the job as one process without any launcher variable (RANK, WORLD_SIZE, LOCAL_RANK,
+MASTER_ADDR, MASTER_PORT), as `fastmim pretrain` typed in a shell.
 """
 
 import glob
@@ -91,13 +93,19 @@ def plant(src: str, dst: str, marker: str) -> None:
     write_checkpoint(ckpt, dst_path / src_path.name)
 
 
-def run_job(argv: list[str], world: int, poisoned: dict | None = None) -> list[int]:
+LAUNCHER_VARIABLES = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def run_job(argv: list[str], world: int, poisoned: dict | None = None, launcher: bool = True) -> list[int]:
     port, pids = free_port(), []
     for rank in range(world):
         pid = os.fork()
         if pid == 0:
             env = {"RANK": rank, "LOCAL_RANK": rank, "WORLD_SIZE": world, "MASTER_PORT": port}
             os.environ.update({"MASTER_ADDR": "127.0.0.1", **{k: str(v) for k, v in env.items()}})
+            if not launcher:
+                for name in LAUNCHER_VARIABLES:
+                    os.environ.pop(name, None)
             if poisoned and poisoned["rank"] == rank:
                 poison(poisoned["step"])
             try:
@@ -119,5 +127,5 @@ if __name__ == "__main__":
             flip(job["flip"])
         if "plant" in job:
             plant(**job["plant"])
-        results.append(run_job(job["argv"], job["world"], job.get("poison")))
+        results.append(run_job(job["argv"], job["world"], job.get("poison"), job.get("launcher", True)))
     print("RESULTS " + json.dumps(results), flush=True)
