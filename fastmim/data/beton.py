@@ -30,7 +30,6 @@ import functools
 import importlib.util
 import multiprocessing
 import os
-import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -40,9 +39,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fastmim import files
 from fastmim.data.jpeg import Decoder, JpegError
 from fastmim.data.sources import FolderSource, UnreadableImageError, decode_image
-from fastmim.errors import FastmimError, fresh_output
+from fastmim.errors import FastmimError
 
 INSTALL_HINT = (
     "install FFCV with `apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
@@ -261,7 +261,7 @@ class ConvertSummary:
 
     @property
     def num_skipped(self) -> int:
-        return sum(len(files) for files in self.skipped.values())
+        return sum(len(names) for names in self.skipped.values())
 
     def lines(self, examples: int = 3) -> list[str]:
         """Human-readable summary: totals, conversions, and skipped files grouped by reason (a few named each)."""
@@ -272,10 +272,10 @@ class ConvertSummary:
         if self.converted:
             kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.converted.items()))
             out.append(f"converted to RGB: {kinds}")
-        for reason, files in sorted(self.skipped.items()):
-            more = f", ... ({len(files) - examples} more)" if len(files) > examples else ""
-            named = ", ".join(files[:examples]) + more
-            out.append(f"skipped {len(files)} ({reason}): {named}")
+        for reason, names in sorted(self.skipped.items()):
+            more = f", ... ({len(names) - examples} more)" if len(names) > examples else ""
+            named = ", ".join(names[:examples]) + more
+            out.append(f"skipped {len(names)} ({reason}): {named}")
         return out
 
 
@@ -409,7 +409,7 @@ def convert_folder(
         raise FastmimError(f"--quality is {quality}; set it between 1 and 100 (90 keeps ImageNet visually lossless).")
     if max_side < 0:
         raise FastmimError(f"--max-side is {max_side}; set it to a positive size, or 0 to keep every image's size.")
-    out = fresh_output(dst, "destination")
+    out = files.fresh_output(dst, "destination")
     source = FolderSource(src)
     workers = workers if workers > 0 else os.cpu_count() or 1
     start = time.perf_counter()
@@ -446,47 +446,38 @@ def _write(
     progress: bool,
     log: Callable[[str], None],
 ) -> None:
-    """FFCV-write the kept images to a temporary file next to ``out``, then give it its final name."""
+    """FFCV-write the kept images to a temporary file next to ``out``, then give it its final name (fastmim.files:
+    synced, and never over a file that appeared meanwhile)."""
     import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
     from tqdm import tqdm
 
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        failures = multiprocessing.get_context("fork").Value("l", 0)
-        dataset = _WriterDataset([source.paths[i] for i in keep], [source.labels[i] for i in keep], max_side, failures)
-        fields = {
-            "image": RGBImageField(write_mode="raw" if raw else "jpg", jpeg_quality=quality),
-            "label": IntField(),
-        }
-        log(f"writing {len(keep)} images ({'raw RGB' if raw else f'JPEG quality {quality}'}) ...")
-        processes = min(workers, len(keep))
-        writer = ffcv.writer.DatasetWriter(tmp, fields, page_size=_page_size(sizes), num_workers=processes)
-        # The writer draws its own progress bar: name it like ours, or hide it.
-        bar = functools.partial(tqdm, desc="writing", unit="img", disable=not progress, dynamic_ncols=True)
-        with _swapped(ffcv.writer, "tqdm", bar):
-            writer.from_indexed_dataset(dataset, chunksize=max(1, min(100, len(keep) // workers)))
-        if failures.value:
-            raise FastmimError(
-                f"{failures.value} images under {src} changed while they were being converted; "
-                "run the conversion again."
-            )
+    with files.reported(out), files.output(out, overwrite=False) as tmp:
         try:
-            os.link(tmp, out)  # fails if `out` appeared meanwhile: never replace a file
-        except FileExistsError as exc:
-            raise FastmimError(f"{out} appeared while converting; it was left untouched: choose another name.") from exc
-        except OSError:  # file systems without hard links
-            if out.exists():
-                raise FastmimError(f"{out} appeared while converting; it was left untouched.") from None
-            os.rename(tmp, out)
-    except BaseException:
-        # Interrupted (a stop signal) or failed while FFCV's writer processes run: they would go on writing, and
-        # multiprocessing's exit handler would wait for them (and they for a reader of their result queue) forever.
-        for child in multiprocessing.active_children():
-            child.kill()
-            child.join()
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            failures = multiprocessing.get_context("fork").Value("l", 0)
+            paths, labels = [source.paths[i] for i in keep], [source.labels[i] for i in keep]
+            dataset = _WriterDataset(paths, labels, max_side, failures)
+            fields = {
+                "image": RGBImageField(write_mode="raw" if raw else "jpg", jpeg_quality=quality),
+                "label": IntField(),
+            }
+            log(f"writing {len(keep)} images ({'raw RGB' if raw else f'JPEG quality {quality}'}) ...")
+            processes = min(workers, len(keep))
+            writer = ffcv.writer.DatasetWriter(str(tmp), fields, page_size=_page_size(sizes), num_workers=processes)
+            # The writer draws its own progress bar: name it like ours, or hide it.
+            bar = functools.partial(tqdm, desc="writing", unit="img", disable=not progress, dynamic_ncols=True)
+            with _swapped(ffcv.writer, "tqdm", bar):
+                writer.from_indexed_dataset(dataset, chunksize=max(1, min(100, len(keep) // workers)))
+            if failures.value:
+                raise FastmimError(
+                    f"{failures.value} images under {src} changed while they were being converted; "
+                    "run the conversion again."
+                )
+        except BaseException:
+            # Interrupted (a stop signal) or failed while FFCV's writer processes run: they would go on writing, and
+            # multiprocessing's exit handler would wait for them (and they for a reader of their result queue)
+            # forever.
+            for child in multiprocessing.active_children():
+                child.kill()
+                child.join()
+            raise
