@@ -42,7 +42,7 @@ from PIL import Image
 from fastmim import files
 from fastmim.data.jpeg import Decoder, JpegError
 from fastmim.data.sources import FolderSource, UnreadableImageError, decode_image
-from fastmim.errors import FastmimError
+from fastmim.errors import FastmimError, one_line
 
 INSTALL_HINT = (
     "install FFCV with `apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
@@ -108,13 +108,14 @@ class BetonSource:
                 f"data.path {path} is not a file; set data.path to a .beton file written by `fastmim data convert`."
             )
         self.path = path
+        self._size = os.path.getsize(path)
         header = self._read(_HEADER, 1, 0)[0]
         if int(header["version"]) != _VERSION:
             raise FastmimError(
                 f"{path} is not an FFCV dataset (format version {int(header['version'])}, expected {_VERSION}); "
                 "write one with `fastmim data convert`."
             )
-        fields = self._read(_FIELD, int(header["num_fields"]), _HEADER.itemsize)
+        fields = self._read(_FIELD, int(header["num_fields"]), _HEADER.itemsize, "its field table")
         types = [int(t) for t in fields["type_id"]]
         names = [bytes(n).rstrip(b"\0").decode("ascii", "replace") for n in fields["name"]]
         if any(t not in _META_BY_TYPE for t in types) or types.count(_IMAGE_TYPE) != 1 or _INT_TYPE not in types:
@@ -123,34 +124,60 @@ class BetonSource:
                 "integer label field, as `fastmim data convert` writes them."
             )
         meta_type = np.dtype([("", _META_BY_TYPE[t]) for t in types], align=True)
-        meta = self._read(meta_type, int(header["num_samples"]), _HEADER.itemsize + fields.nbytes)
+        meta = self._read(meta_type, int(header["num_samples"]), _HEADER.itemsize + fields.nbytes, "its sample table")
         image = meta[meta_type.names[types.index(_IMAGE_TYPE)]]
         self.labels = meta[meta_type.names[types.index(_INT_TYPE)]].astype(np.int64)
         self.widths = image["width"].astype(np.int64)
         self.heights = image["height"].astype(np.int64)
         self._modes = image["mode"].copy()
         self._ptrs = image["data_ptr"].astype(np.int64)
-        alloc = np.fromfile(path, dtype=_ALLOC, offset=int(header["alloc_table_ptr"]))
+        # FFCV writes the allocation table last, at the end of the file: a copy cut short loses it first.
+        table = int(header["alloc_table_ptr"])
+        if not _HEADER.itemsize <= table <= self._size or (self._size - table) % _ALLOC.itemsize:
+            raise self._damaged("it ends before its allocation table is complete")
+        alloc = self._read(_ALLOC, (self._size - table) // _ALLOC.itemsize, table, "its allocation table")
         order = np.argsort(alloc["ptr"])
         ptrs, sizes = alloc["ptr"][order].astype(np.int64), alloc["size"][order].astype(np.int64)
         found = np.clip(np.searchsorted(ptrs, self._ptrs), 0, max(len(ptrs) - 1, 0))
         if len(self._ptrs) and (len(ptrs) == 0 or not np.array_equal(ptrs[found], self._ptrs)):
-            raise FastmimError(f"{path} is damaged (an image has no allocation); write it again.")
+            raise self._damaged("an image has no allocation")
+        start, length = alloc["ptr"].astype(np.uint64), alloc["size"].astype(np.uint64)
+        if not ((start <= table) & (length <= table - np.minimum(start, table))).all():  # no uint64 wrap-around
+            raise self._damaged("an image lies outside the file")
         self.stored_bytes = sizes[found] if len(ptrs) else np.zeros(0, np.int64)
+        raw = self._modes == _RAW_MODE
+        if not np.isin(self._modes, (_JPEG_MODE, _RAW_MODE)).all() or not np.array_equal(
+            self.stored_bytes[raw], (self.widths * self.heights * 3)[raw]
+        ):
+            raise self._damaged("an image's mode or size differs from its stored bytes")
         self.jpeg = bool((self._modes == _JPEG_MODE).all())
         self.max_pixel_bytes = int((self.widths * self.heights).max(initial=0)) * 3
         self.max_encoded_bytes = int(self.stored_bytes.max(initial=0))
         self._decoder = Decoder()
         self._fd: int | None = None  # opened on first use, in the process that reads
 
-    def _read(self, dtype: np.dtype, count: int, offset: int) -> np.ndarray:
+    def _read(self, dtype: np.dtype, count: int, offset: int, part: str = "") -> np.ndarray:
+        """``count`` records of ``dtype`` at ``offset``, after checking that the file holds them: a size read from
+        a damaged header (billions of samples) must not become an allocation."""
+        if offset + count * dtype.itemsize > self._size:
+            if not part:  # the header itself
+                raise FastmimError(
+                    f"{self.path} is truncated or not a .beton file; write it with `fastmim data convert`."
+                )
+            raise self._damaged(f"{part} runs past its end")
         try:
             array = np.fromfile(self.path, dtype=dtype, count=count, offset=offset)
         except (OSError, ValueError) as exc:
             raise FastmimError(f"cannot read {self.path} ({exc}); is it a .beton file?") from exc
         if len(array) != count:
-            raise FastmimError(f"{self.path} is truncated or not a .beton file; write it with `fastmim data convert`.")
+            raise self._damaged(f"{part or 'its header'} is cut short")
         return array
+
+    def _damaged(self, why: str) -> FastmimError:
+        return FastmimError(
+            f"{one_line(self.path)} is damaged or incomplete ({why}: {self._size} bytes, copied or written only in "
+            "part?); copy it again, or write it again with `fastmim data convert`."
+        )
 
     def __len__(self) -> int:
         return len(self.labels)
