@@ -3,36 +3,12 @@ fsync), fresh outputs that never replace a file, and the one-line OutputError.""
 
 import errno
 import os
-from pathlib import Path
 
 import pytest
 
 from fastmim import files
 from fastmim.errors import FastmimError
-
-
-@pytest.fixture
-def syscalls(monkeypatch):
-    """The fsync, rename and link calls made, in order, as ("fsync", path) / ("rename", src, dst) / ("link", ...)."""
-    calls = []
-    fsync, replace, rename, link = os.fsync, os.replace, os.rename, os.link
-
-    def traced_fsync(fd):
-        calls.append(("fsync", Path(os.readlink(f"/proc/self/fd/{fd}"))))
-        return fsync(fd)
-
-    def traced(name, fn):
-        def call(src, dst, *args, **kwargs):
-            calls.append((name, Path(src), Path(dst)))
-            return fn(src, dst, *args, **kwargs)
-
-        return call
-
-    monkeypatch.setattr(os, "fsync", traced_fsync)
-    monkeypatch.setattr(os, "replace", traced("rename", replace))
-    monkeypatch.setattr(os, "rename", traced("rename", rename))
-    monkeypatch.setattr(os, "link", traced("link", link))
-    return calls
+from tests._trace import traced_syscalls  # noqa: F401  (the syscalls fixture)
 
 
 def test_data_is_synced_before_its_name_and_the_directory_after(tmp_path, syscalls):
@@ -49,7 +25,7 @@ def test_a_fresh_output_is_linked_never_renamed_over_a_file(tmp_path, syscalls):
     target = tmp_path / "model.safetensors"
     with files.output(target, overwrite=False) as tmp:
         tmp.write_bytes(b"weights")
-    assert [c[0] for c in syscalls] == ["fsync", "link", "fsync"]
+    assert [c[0] for c in syscalls] == ["fsync", "publish", "fsync"]
     assert target.read_bytes() == b"weights" and os.listdir(tmp_path) == ["model.safetensors"]
 
 
@@ -68,7 +44,7 @@ def test_a_folder_output_syncs_every_file_then_renames(tmp_path, syscalls):
         for i in range(3):
             (tmp / f"{i}.jpg").write_bytes(b"jpeg")
     kinds = [c[0] for c in syscalls]
-    assert kinds == ["fsync"] * 4 + ["rename", "fsync"]  # 3 files, the folder, the rename, the parent
+    assert kinds == ["fsync"] * 4 + ["publish", "fsync"]  # 3 files, the folder, the rename, the parent
     assert sorted(os.listdir(target)) == ["0.jpg", "1.jpg", "2.jpg"] and os.listdir(tmp_path) == ["images"]
 
 
