@@ -38,8 +38,13 @@ def check_fresh_run_dir(out_dir: Path, key: str, resumable: bool) -> None:
 
 def write_json(obj: Any, path: Path) -> None:
     """``obj`` as indented JSON in ``path``, written the way of fastmim.files; a failure is an OutputError."""
+    write_text(json.dumps(obj, indent=2) + "\n", path)
+
+
+def write_text(text: str, path: Path) -> None:
+    """``text`` in ``path``, written the way of fastmim.files; a failure is an OutputError."""
     with files.reported(path):
-        files.write_text(path, json.dumps(obj, indent=2) + "\n")
+        files.write_text(path, text)
 
 
 def plot_curves(rows: list[dict[str, Any]], png_path: Path, title: str) -> Path | None:

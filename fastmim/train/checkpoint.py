@@ -48,7 +48,10 @@ FORMAT = "fastmim-checkpoint"
 RECORD_FORMAT = "fastmim-checkpoint-record"
 VERSION = 1
 _NAME = re.compile(r"checkpoint-(\d+)\.pt")
-_PARTIAL = re.compile(r"\.checkpoint-\d+\.pt(\.json)?\..+\.tmp")
+# The hidden temporary files (fastmim.files) of a run directory's outputs: checkpoints and their records, the
+# configs, the metrics rewrite on resume, the loss plot.
+_OUTPUTS = r"checkpoint-\d+\.pt(\.json)?|config(\.resumed-\d+(-\d+)?)?\.toml|metrics\.jsonl|loss\.png"
+_PARTIAL = re.compile(rf"\.({_OUTPUTS})\..+\.tmp")
 _CHUNK = 1 << 20
 # What a failed save says (fastmim.files.OutputError): nothing saved before is touched; how to go on.
 CHECKPOINTS_INTACT = "the previous checkpoints are intact"
@@ -319,7 +322,8 @@ def prune(out_dir: str | Path, keep_last: int, current_step: int) -> list[Path]:
 
 
 def clean_partial_saves(out_dir: str | Path) -> list[Path]:
-    """Remove what interrupted saves leave behind: hidden temporary files and records without a data file."""
+    """Remove what interrupted writes leave behind: hidden temporary files of the run directory's outputs and
+    checkpoint records without a data file."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []

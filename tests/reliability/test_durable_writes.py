@@ -22,7 +22,7 @@ from fastmim import files
 from fastmim.bench.harness import write_record
 from fastmim.data.imagenet_like import write_imagenet_like
 from fastmim.eval.common import write_json
-from fastmim.train.checkpoint import atomic_save, write_checkpoint
+from fastmim.train.checkpoint import atomic_save, clean_partial_saves, write_checkpoint
 from fastmim.train.metrics import MetricsLog, plot_losses
 from fastmim.train.rundir import save_config
 from tests._trace import traced_syscalls  # noqa: F401  (the syscalls fixture)
@@ -88,6 +88,9 @@ KINDS = {
     "imagenet-like": (lambda r: None, lambda r: write_imagenet_like(str(r / "images"), images=2)),
     "beton": (_images, _beton),
 }
+
+
+RUN_DIRECTORY = ("checkpoint", "config", "metrics-rewrite", "loss-plot")  # the outputs of a pre-training run
 
 
 def _snapshot(root: Path) -> dict[str, bytes | list]:
@@ -162,6 +165,8 @@ def test_a_writer_killed_before_the_rename_leaves_the_old_file_or_none(tmp_path,
         if proc.is_alive():
             proc.kill()
     assert _snapshot(root) == old  # the old file, or none; at most a hidden temporary file besides
+    if kind in RUN_DIRECTORY:  # what `--train.resume=auto` removes before it goes on
+        assert clean_partial_saves(root) and not [p for p in root.iterdir() if p.name.startswith(".")]
 
 
 def test_a_conversion_killed_in_the_middle_of_ffcvs_write_leaves_no_dataset(tmp_path):
