@@ -29,7 +29,8 @@ import sys
 from pathlib import Path
 
 from fastmim.config import ModelConfig, choices
-from fastmim.errors import FastmimError, fresh_output, interrupt_on_stop_signals, one_line
+from fastmim.errors import FastmimError, interrupt_on_stop_signals, one_line
+from fastmim.files import fresh_output
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -292,7 +293,7 @@ def cmd_import_checkpoint(args: argparse.Namespace, extra: list[str]) -> int:
     out = fresh_output(args.out, "--out")
     model = import_released(load_released_file(args.src), args.model)
     state = {"format": WEIGHTS_FORMAT, "model_name": args.model, "model": model.state_dict()}
-    atomic_save(state, out)
+    atomic_save(state, out, overwrite=False)
     n = sum(p.numel() for p in model.parameters())
     print(f"imported {args.src} as {args.model} ({n / 1e6:.1f} M parameters) -> {out}")
     return 0
@@ -305,7 +306,7 @@ def cmd_export_released(args: argparse.Namespace, extra: list[str]) -> int:
 
     out = fresh_output(args.out, "--out")
     name, state_dict = load_fastmim_weights(args.src)
-    atomic_save({"model": export_released_state_dict(state_dict, name)}, out)
+    atomic_save({"model": export_released_state_dict(state_dict, name)}, out, overwrite=False)
     print(f"exported {args.src} ({name}) in the released layout -> {out}")
     return 0
 

@@ -14,7 +14,6 @@ import signal
 import sys
 import threading
 import time
-from pathlib import Path
 
 # The signals that ask fastmim to stop: Ctrl-C (SIGINT), schedulers (SIGTERM: scancel, Kubernetes; SIGUSR1: SLURM's
 # --signal), and a closed terminal or SSH session (SIGHUP, which SLURM also sends on some set-ups).
@@ -38,18 +37,6 @@ def one_line(text: str) -> str:
     """``text`` with line breaks and other control characters escaped (a file name may hold a newline), so that a
     message stays one line."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def fresh_output(path: str | Path, option: str) -> Path:
-    """``path`` for a new output, refused in one line when something is already there (fastmim never overwrites)
-    or its folder is missing; ``option`` names what chose the path (``--out``, ``destination``)."""
-    out = Path(path)
-    if out.exists():
-        raise FastmimError(f"{one_line(str(out))} already exists; choose another {option} (fastmim never overwrites).")
-    if not out.parent.is_dir():
-        parent = one_line(str(out.parent))
-        raise FastmimError(f"the folder {parent} does not exist; create it or choose another {option}.")
-    return out
 
 
 class _Interrupts:

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from fastmim import files
+
 MODES = ("fwd", "bwd", "full")
 PROVIDERS = ("released", "eager", "compile", "triton")
 DEFAULT_RESULTS = Path("benchmarks") / "results"
@@ -348,9 +350,7 @@ def write_record(
     out = Path(out_dir) if out_dir else DEFAULT_RESULTS
     out.mkdir(parents=True, exist_ok=True)
     path = result_path(out, bench, env["gpu"], when)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    files.write_text(path, json.dumps(record, indent=1) + "\n")
     return path
 
 

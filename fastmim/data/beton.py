@@ -30,7 +30,6 @@ import functools
 import importlib.util
 import multiprocessing
 import os
-import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterable, Iterator
@@ -40,9 +39,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from fastmim import files
 from fastmim.data.jpeg import Decoder, JpegError
 from fastmim.data.sources import FolderSource, UnreadableImageError, decode_image
-from fastmim.errors import FastmimError, fresh_output
+from fastmim.errors import FastmimError, one_line
 
 INSTALL_HINT = (
     "install FFCV with `apt-get install -y pkg-config libturbojpeg0-dev libopencv-dev && "
@@ -108,13 +108,14 @@ class BetonSource:
                 f"data.path {path} is not a file; set data.path to a .beton file written by `fastmim data convert`."
             )
         self.path = path
+        self._size = os.path.getsize(path)
         header = self._read(_HEADER, 1, 0)[0]
         if int(header["version"]) != _VERSION:
             raise FastmimError(
                 f"{path} is not an FFCV dataset (format version {int(header['version'])}, expected {_VERSION}); "
                 "write one with `fastmim data convert`."
             )
-        fields = self._read(_FIELD, int(header["num_fields"]), _HEADER.itemsize)
+        fields = self._read(_FIELD, int(header["num_fields"]), _HEADER.itemsize, "its field table")
         types = [int(t) for t in fields["type_id"]]
         names = [bytes(n).rstrip(b"\0").decode("ascii", "replace") for n in fields["name"]]
         if any(t not in _META_BY_TYPE for t in types) or types.count(_IMAGE_TYPE) != 1 or _INT_TYPE not in types:
@@ -123,34 +124,60 @@ class BetonSource:
                 "integer label field, as `fastmim data convert` writes them."
             )
         meta_type = np.dtype([("", _META_BY_TYPE[t]) for t in types], align=True)
-        meta = self._read(meta_type, int(header["num_samples"]), _HEADER.itemsize + fields.nbytes)
+        meta = self._read(meta_type, int(header["num_samples"]), _HEADER.itemsize + fields.nbytes, "its sample table")
         image = meta[meta_type.names[types.index(_IMAGE_TYPE)]]
         self.labels = meta[meta_type.names[types.index(_INT_TYPE)]].astype(np.int64)
         self.widths = image["width"].astype(np.int64)
         self.heights = image["height"].astype(np.int64)
         self._modes = image["mode"].copy()
         self._ptrs = image["data_ptr"].astype(np.int64)
-        alloc = np.fromfile(path, dtype=_ALLOC, offset=int(header["alloc_table_ptr"]))
+        # FFCV writes the allocation table last, at the end of the file: a copy cut short loses it first.
+        table = int(header["alloc_table_ptr"])
+        if not _HEADER.itemsize <= table <= self._size or (self._size - table) % _ALLOC.itemsize:
+            raise self._damaged("it ends before its allocation table is complete")
+        alloc = self._read(_ALLOC, (self._size - table) // _ALLOC.itemsize, table, "its allocation table")
         order = np.argsort(alloc["ptr"])
         ptrs, sizes = alloc["ptr"][order].astype(np.int64), alloc["size"][order].astype(np.int64)
         found = np.clip(np.searchsorted(ptrs, self._ptrs), 0, max(len(ptrs) - 1, 0))
         if len(self._ptrs) and (len(ptrs) == 0 or not np.array_equal(ptrs[found], self._ptrs)):
-            raise FastmimError(f"{path} is damaged (an image has no allocation); write it again.")
+            raise self._damaged("an image has no allocation")
+        start, length = alloc["ptr"].astype(np.uint64), alloc["size"].astype(np.uint64)
+        if not ((start <= table) & (length <= table - np.minimum(start, table))).all():  # no uint64 wrap-around
+            raise self._damaged("an image lies outside the file")
         self.stored_bytes = sizes[found] if len(ptrs) else np.zeros(0, np.int64)
+        raw = self._modes == _RAW_MODE
+        if not np.isin(self._modes, (_JPEG_MODE, _RAW_MODE)).all() or not np.array_equal(
+            self.stored_bytes[raw], (self.widths * self.heights * 3)[raw]
+        ):
+            raise self._damaged("an image's mode or size differs from its stored bytes")
         self.jpeg = bool((self._modes == _JPEG_MODE).all())
         self.max_pixel_bytes = int((self.widths * self.heights).max(initial=0)) * 3
         self.max_encoded_bytes = int(self.stored_bytes.max(initial=0))
         self._decoder = Decoder()
         self._fd: int | None = None  # opened on first use, in the process that reads
 
-    def _read(self, dtype: np.dtype, count: int, offset: int) -> np.ndarray:
+    def _read(self, dtype: np.dtype, count: int, offset: int, part: str = "") -> np.ndarray:
+        """``count`` records of ``dtype`` at ``offset``, after checking that the file holds them: a size read from
+        a damaged header (billions of samples) must not become an allocation."""
+        if offset + count * dtype.itemsize > self._size:
+            if not part:  # the header itself
+                raise FastmimError(
+                    f"{self.path} is truncated or not a .beton file; write it with `fastmim data convert`."
+                )
+            raise self._damaged(f"{part} runs past its end")
         try:
             array = np.fromfile(self.path, dtype=dtype, count=count, offset=offset)
         except (OSError, ValueError) as exc:
             raise FastmimError(f"cannot read {self.path} ({exc}); is it a .beton file?") from exc
         if len(array) != count:
-            raise FastmimError(f"{self.path} is truncated or not a .beton file; write it with `fastmim data convert`.")
+            raise self._damaged(f"{part or 'its header'} is cut short")
         return array
+
+    def _damaged(self, why: str) -> FastmimError:
+        return FastmimError(
+            f"{one_line(self.path)} is damaged or incomplete ({why}: {self._size} bytes, copied or written only in "
+            "part?); copy it again, or write it again with `fastmim data convert`."
+        )
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -261,7 +288,7 @@ class ConvertSummary:
 
     @property
     def num_skipped(self) -> int:
-        return sum(len(files) for files in self.skipped.values())
+        return sum(len(names) for names in self.skipped.values())
 
     def lines(self, examples: int = 3) -> list[str]:
         """Human-readable summary: totals, conversions, and skipped files grouped by reason (a few named each)."""
@@ -272,10 +299,10 @@ class ConvertSummary:
         if self.converted:
             kinds = ", ".join(f"{n} {kind}" for kind, n in sorted(self.converted.items()))
             out.append(f"converted to RGB: {kinds}")
-        for reason, files in sorted(self.skipped.items()):
-            more = f", ... ({len(files) - examples} more)" if len(files) > examples else ""
-            named = ", ".join(files[:examples]) + more
-            out.append(f"skipped {len(files)} ({reason}): {named}")
+        for reason, names in sorted(self.skipped.items()):
+            more = f", ... ({len(names) - examples} more)" if len(names) > examples else ""
+            named = ", ".join(names[:examples]) + more
+            out.append(f"skipped {len(names)} ({reason}): {named}")
         return out
 
 
@@ -409,7 +436,7 @@ def convert_folder(
         raise FastmimError(f"--quality is {quality}; set it between 1 and 100 (90 keeps ImageNet visually lossless).")
     if max_side < 0:
         raise FastmimError(f"--max-side is {max_side}; set it to a positive size, or 0 to keep every image's size.")
-    out = fresh_output(dst, "destination")
+    out = files.fresh_output(dst, "destination")
     source = FolderSource(src)
     workers = workers if workers > 0 else os.cpu_count() or 1
     start = time.perf_counter()
@@ -446,47 +473,38 @@ def _write(
     progress: bool,
     log: Callable[[str], None],
 ) -> None:
-    """FFCV-write the kept images to a temporary file next to ``out``, then give it its final name."""
+    """FFCV-write the kept images to a temporary file next to ``out``, then give it its final name (fastmim.files:
+    synced, and never over a file that appeared meanwhile)."""
     import ffcv.writer
     from ffcv.fields import IntField, RGBImageField
     from tqdm import tqdm
 
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        failures = multiprocessing.get_context("fork").Value("l", 0)
-        dataset = _WriterDataset([source.paths[i] for i in keep], [source.labels[i] for i in keep], max_side, failures)
-        fields = {
-            "image": RGBImageField(write_mode="raw" if raw else "jpg", jpeg_quality=quality),
-            "label": IntField(),
-        }
-        log(f"writing {len(keep)} images ({'raw RGB' if raw else f'JPEG quality {quality}'}) ...")
-        processes = min(workers, len(keep))
-        writer = ffcv.writer.DatasetWriter(tmp, fields, page_size=_page_size(sizes), num_workers=processes)
-        # The writer draws its own progress bar: name it like ours, or hide it.
-        bar = functools.partial(tqdm, desc="writing", unit="img", disable=not progress, dynamic_ncols=True)
-        with _swapped(ffcv.writer, "tqdm", bar):
-            writer.from_indexed_dataset(dataset, chunksize=max(1, min(100, len(keep) // workers)))
-        if failures.value:
-            raise FastmimError(
-                f"{failures.value} images under {src} changed while they were being converted; "
-                "run the conversion again."
-            )
+    with files.reported(out), files.output(out, overwrite=False) as tmp:
         try:
-            os.link(tmp, out)  # fails if `out` appeared meanwhile: never replace a file
-        except FileExistsError as exc:
-            raise FastmimError(f"{out} appeared while converting; it was left untouched: choose another name.") from exc
-        except OSError:  # file systems without hard links
-            if out.exists():
-                raise FastmimError(f"{out} appeared while converting; it was left untouched.") from None
-            os.rename(tmp, out)
-    except BaseException:
-        # Interrupted (a stop signal) or failed while FFCV's writer processes run: they would go on writing, and
-        # multiprocessing's exit handler would wait for them (and they for a reader of their result queue) forever.
-        for child in multiprocessing.active_children():
-            child.kill()
-            child.join()
-        raise
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+            failures = multiprocessing.get_context("fork").Value("l", 0)
+            paths, labels = [source.paths[i] for i in keep], [source.labels[i] for i in keep]
+            dataset = _WriterDataset(paths, labels, max_side, failures)
+            fields = {
+                "image": RGBImageField(write_mode="raw" if raw else "jpg", jpeg_quality=quality),
+                "label": IntField(),
+            }
+            log(f"writing {len(keep)} images ({'raw RGB' if raw else f'JPEG quality {quality}'}) ...")
+            processes = min(workers, len(keep))
+            writer = ffcv.writer.DatasetWriter(str(tmp), fields, page_size=_page_size(sizes), num_workers=processes)
+            # The writer draws its own progress bar: name it like ours, or hide it.
+            bar = functools.partial(tqdm, desc="writing", unit="img", disable=not progress, dynamic_ncols=True)
+            with _swapped(ffcv.writer, "tqdm", bar):
+                writer.from_indexed_dataset(dataset, chunksize=max(1, min(100, len(keep) // workers)))
+            if failures.value:
+                raise FastmimError(
+                    f"{failures.value} images under {src} changed while they were being converted; "
+                    "run the conversion again."
+                )
+        except BaseException:
+            # Interrupted (a stop signal) or failed while FFCV's writer processes run: they would go on writing, and
+            # multiprocessing's exit handler would wait for them (and they for a reader of their result queue)
+            # forever.
+            for child in multiprocessing.active_children():
+                child.kill()
+                child.join()
+            raise

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
 
-from fastmim.errors import FastmimError, fresh_output
+from fastmim import files
+from fastmim.errors import FastmimError
 
 _SALT = 0x5EED_1A6E
 _SIZE = (500, 375)  # ImageNet's most common training-image size (landscape)
@@ -58,25 +57,18 @@ def imagenet_like_image(index: int, photo: Image.Image) -> Image.Image:
 def write_imagenet_like(dst: str, images: int = 512, quality: int = 90) -> int:
     """Write ``images`` JPEGs (``00000.jpg`` ...) as a flat folder ``dst``; returns the bytes written.
 
-    The folder is filled under a temporary name next to ``dst`` and renamed when complete; an existing ``dst`` is
-    never touched."""
+    The folder is filled under a temporary name next to ``dst``, synced and renamed when complete
+    (fastmim.files); an existing ``dst`` is never touched."""
     if images < 1:
         raise FastmimError(f"--images is {images}; set it to a positive number of images.")
     if not 1 <= quality <= 100:
         raise FastmimError(f"--quality is {quality}; set it between 1 and 100.")
-    out = fresh_output(dst, "destination")
+    out = files.fresh_output(dst, "destination")
     photo = _photo()
-    tmp = tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
-    try:
-        total = 0
+    total = 0
+    with files.reported(out), files.output(out, overwrite=False, directory=True) as tmp:
         for index in range(images):
             path = os.path.join(tmp, f"{index:05d}.jpg")
             imagenet_like_image(index, photo).save(path, "JPEG", quality=quality)
             total += os.path.getsize(path)
-        try:
-            os.rename(tmp, out)
-        except OSError as exc:  # `dst` appeared meanwhile: leave it as it is
-            raise FastmimError(f"{dst} appeared while writing; it was left untouched: choose another name.") from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return total

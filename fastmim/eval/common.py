@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from fastmim import files
 from fastmim.errors import FastmimError
 
 
@@ -36,9 +37,14 @@ def check_fresh_run_dir(out_dir: Path, key: str, resumable: bool) -> None:
 
 
 def write_json(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    """``obj`` as indented JSON in ``path``, written the way of fastmim.files; a failure is an OutputError."""
+    write_text(json.dumps(obj, indent=2) + "\n", path)
+
+
+def write_text(text: str, path: Path) -> None:
+    """``text`` in ``path``, written the way of fastmim.files; a failure is an OutputError."""
+    with files.reported(path):
+        files.write_text(path, text)
 
 
 def plot_curves(rows: list[dict[str, Any]], png_path: Path, title: str) -> Path | None:
@@ -64,6 +70,7 @@ def plot_curves(rows: list[dict[str, Any]], png_path: Path, title: str) -> Path 
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(png_path)
+    with files.reported(png_path), files.output(png_path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return png_path

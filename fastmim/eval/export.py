@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastmim import files
 from fastmim.errors import FastmimError
 from fastmim.eval.backbone import FINETUNE_FORMAT, load_backbone
 
@@ -57,10 +58,8 @@ def export_timm(src: str, out: str | Path) -> dict[str, str]:
     except ImportError:
         raise FastmimError("export needs safetensors; run pip install 'fastmim[eval]'.") from None
     sd, metadata = timm_state(src)
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(sd, str(tmp), metadata=metadata)
-    tmp.replace(out)
+    with files.reported(out), files.output(out, overwrite=False) as tmp:
+        save_file(sd, str(tmp), metadata=metadata)
     return metadata
 
 

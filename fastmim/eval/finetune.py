@@ -33,7 +33,7 @@ from fastmim.config import dump_toml
 from fastmim.data.loader import mix_seed
 from fastmim.errors import FastmimError
 from fastmim.eval.backbone import Backbone, build_vit, describe, finetune_state, load_backbone
-from fastmim.eval.common import check_fresh_run_dir, plot_curves, resolve_device, topk_correct
+from fastmim.eval.common import check_fresh_run_dir, plot_curves, resolve_device, topk_correct, write_text
 from fastmim.eval.config import EvalConfig
 from fastmim.eval.data import LabelledImages, build_splits, eval_transform, train_transform
 from fastmim.train.build import amp_dtype
@@ -176,7 +176,7 @@ def build_finetune(cfg: EvalConfig) -> FinetuneRun:
     if f.resume == "auto" and resume.is_file():
         _restore(run, resume)
     if not (out_dir / "config.toml").exists():
-        (out_dir / "config.toml").write_text(dump_toml(cfg))
+        write_text(dump_toml(cfg), out_dir / "config.toml")
     return run
 
 

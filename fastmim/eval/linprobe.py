@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from fastmim.config import dump_toml
 from fastmim.eval.backbone import Backbone, build_vit, describe, load_backbone
-from fastmim.eval.common import check_fresh_run_dir, plot_curves, resolve_device, topk_correct, write_json
+from fastmim.eval.common import check_fresh_run_dir, plot_curves, resolve_device, topk_correct, write_json, write_text
 from fastmim.eval.config import EvalConfig
 from fastmim.eval.data import LabelledImages, build_splits, eval_transform
 from fastmim.train.metrics import MetricsLog
@@ -166,7 +166,7 @@ def _linprobe(cfg: EvalConfig) -> dict[str, Any]:
     check_fresh_run_dir(out_dir, "linprobe", resumable=False)
     backbone = load_backbone(m.pretrained, m.name, m.img_size, p.seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.toml").write_text(dump_toml(cfg))
+    write_text(dump_toml(cfg), out_dir / "config.toml")
     log = MetricsLog(out_dir, None)
     try:
         result = probe_backbone(cfg, backbone, log)

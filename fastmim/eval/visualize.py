@@ -22,6 +22,7 @@ import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 
+from fastmim import files
 from fastmim.config import config_from_toml
 from fastmim.data.sources import DemoSource, load_rgb
 from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -179,8 +180,7 @@ def _save_grid(rows: list[list[np.ndarray]], titles: list[str], out: Path, supti
                 ax.set_title(titles[c], fontsize=7)
     fig.suptitle(suptitle, fontsize=9)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp)
+    with files.reported(out), files.output(out, overwrite=False) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
-    tmp.replace(out)
     return out

@@ -29,19 +29,18 @@ the shards' sizes and SHA-256 (fastmim.train.zero).
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import math
 import os
 import pickle
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from fastmim import files
 from fastmim.errors import FastmimError
 from fastmim.train.metrics import warn
 
@@ -49,8 +48,14 @@ FORMAT = "fastmim-checkpoint"
 RECORD_FORMAT = "fastmim-checkpoint-record"
 VERSION = 1
 _NAME = re.compile(r"checkpoint-(\d+)\.pt")
-_PARTIAL = re.compile(r"\.checkpoint-\d+\.pt(\.json)?\..+\.tmp")
+# The hidden temporary files (fastmim.files) of a run directory's outputs: checkpoints and their records, the
+# configs, the metrics rewrite on resume, the loss plot.
+_OUTPUTS = r"checkpoint-\d+\.pt(\.json)?|config(\.resumed-\d+(-\d+)?)?\.toml|metrics\.jsonl|loss\.png"
+_PARTIAL = re.compile(rf"\.({_OUTPUTS})\..+\.tmp")
 _CHUNK = 1 << 20
+# What a failed save says (fastmim.files.OutputError): nothing saved before is touched; how to go on.
+CHECKPOINTS_INTACT = "the previous checkpoints are intact"
+RESUME = "continue with --train.resume=auto"
 
 
 class CorruptCheckpoint(FastmimError):
@@ -93,58 +98,35 @@ class _HashingWriter:
 
 
 def _write_temp(obj: Any, path: Path) -> tuple[Path, dict[str, Any]]:
-    """torch.save ``obj`` into a hidden temporary file next to ``path``, fsync'ed; returns it and {size, sha256}.
-    On failure the temporary file is removed and the write's own exception (ENOSPC, EFBIG, EIO..., or an
-    interruption) is raised."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    """torch.save ``obj`` into a hidden temporary file next to ``path``, fsync'ed (fastmim.files); returns it and
+    {size, sha256}. On failure the temporary file is removed and the write's own exception (ENOSPC, EFBIG, EIO...,
+    or an interruption) is raised."""
+    tmp = files.temporary_beside(path)
     writer = None
     try:
-        with os.fdopen(fd, "wb") as f:
+        with tmp.open("wb") as f:
             writer = _HashingWriter(f)
             torch.save(obj, writer)
-            f.flush()
-            os.fsync(f.fileno())
+        files.sync(tmp)
     except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         if writer is not None and writer.error is not None and e is not writer.error:
             raise writer.error from None
         raise
-    return Path(tmp), {"size": writer.size, "sha256": writer.sha256.hexdigest()}
+    return tmp, {"size": writer.size, "sha256": writer.sha256.hexdigest()}
 
 
-def write_text_atomic(text: str, path: Path) -> None:
-    """Write a small text file atomically: temporary file, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def atomic_save(obj: Any, path: str | Path) -> dict[str, Any]:
-    """torch.save ``obj`` to ``path`` through a temporary file, fsync and rename: a crash mid-save leaves either the
-    old file or the new one, never a partial one. Returns {size, sha256} of the file written."""
+def atomic_save(obj: Any, path: str | Path, overwrite: bool = True) -> dict[str, Any]:
+    """torch.save ``obj`` to ``path`` the way of fastmim.files (temporary file, fsync, rename or, without
+    ``overwrite``, a link that never replaces a file): a crash mid-save leaves either the old file or the new one,
+    never a partial one. Returns {size, sha256} of the file written; a failed write is an OutputError."""
     path = Path(path)
-    tmp, digest = _write_temp(obj, path)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with files.reported(path):
+        tmp, digest = _write_temp(obj, path)
+        try:
+            files.publish(tmp, path, overwrite)
+        finally:
+            tmp.unlink(missing_ok=True)
     return digest
 
 
@@ -153,26 +135,17 @@ def write_checkpoint(state: dict[str, Any], path: str | Path, loss: float | None
 
     Order: data to a temporary file (fsync) -> record in place (atomic) -> data renamed in place -> directory
     fsync; see the module docstring for why every crash point is safe. A failed write (full disk) raises
-    :class:`FastmimError` and leaves the previous checkpoints as they were.
+    :class:`~fastmim.files.OutputError` and leaves the previous checkpoints as they were.
     """
     path = Path(path)
-    try:
+    with files.reported(path, "checkpoint", CHECKPOINTS_INTACT, RESUME):
         tmp, digest = _write_temp(state, path)
         try:
             record = {"format": RECORD_FORMAT, **digest, "step": state.get("step"), "loss": _finite_or_none(loss)}
-            write_text_atomic(json.dumps(record) + "\n", record_path(path))
-            os.replace(tmp, path)
-        except BaseException:
+            files.write_text(record_path(path), json.dumps(record) + "\n")
+            files.publish(tmp, path)
+        finally:
             tmp.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
-    except OSError as e:
-        reason = os.strerror(e.errno) if e.errno else str(e)
-        hint = "free disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "fix the file system"
-        raise FastmimError(
-            f"could not write checkpoint {path} ({reason}); the previous checkpoints are intact: {hint} and "
-            "continue with --train.resume=auto."
-        ) from None
     return path
 
 
@@ -349,7 +322,8 @@ def prune(out_dir: str | Path, keep_last: int, current_step: int) -> list[Path]:
 
 
 def clean_partial_saves(out_dir: str | Path) -> list[Path]:
-    """Remove what interrupted saves leave behind: hidden temporary files and records without a data file."""
+    """Remove what interrupted writes leave behind: hidden temporary files of the run directory's outputs and
+    checkpoint records without a data file."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         return []

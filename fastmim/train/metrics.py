@@ -4,6 +4,7 @@ progress display, and device-side tallies of skipped (non-finite) steps that are
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
+
+from fastmim import files
 
 
 def warn(message: str) -> None:
@@ -29,7 +32,12 @@ def peak_memory_gib(device: torch.device) -> float:
 
 class MetricsLog:
     """Appends one JSON object per logged step; on resume, rows after the resumed step are dropped first (those
-    steps are about to be recomputed, and keeping them would duplicate steps in the log)."""
+    steps are about to be recomputed, and keeping them would duplicate steps in the log).
+
+    Every row is whole or absent: it is appended with one ``write`` of its full line, and a write that fails (a
+    full disk, where the kernel may store part of it) is cut back to the last whole row before the
+    :class:`~fastmim.files.OutputError` is raised. The rewrite on resume goes through fastmim.files (the old file
+    or the new one, never a mix)."""
 
     def __init__(self, out_dir: Path, resume_step: int | None) -> None:
         self.path = out_dir / "metrics.jsonl"
@@ -38,9 +46,8 @@ class MetricsLog:
             lines = self.path.read_text(errors="replace").splitlines()
             kept = [line for line in lines if (row := _parse_row(line)) is not None and row["step"] <= resume_step]
             self.dropped = sum((row := _parse_row(line)) is not None and row["step"] > resume_step for line in lines)
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            tmp.replace(self.path)
+            with files.reported(self.path):
+                files.write_text(self.path, "".join(line + "\n" for line in kept))
         self.tb = None
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -50,8 +57,8 @@ class MetricsLog:
             pass
 
     def write(self, row: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+        with files.reported(self.path):
+            _append_whole(self.path, (json.dumps(row) + "\n").encode())
         if self.tb is not None:
             for key, value in row.items():
                 if isinstance(value, (int, float)) and key != "step":
@@ -62,6 +69,22 @@ class MetricsLog:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _append_whole(path: Path, line: bytes) -> None:
+    """Append ``line`` to ``path``; if any of it cannot be written, the file is cut back to its former end."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        end = os.fstat(fd).st_size
+        try:
+            view = memoryview(line)
+            while view:  # a short write (the disk filled up mid-row) is followed by one that raises
+                view = view[os.write(fd, view) :]
+        except BaseException:
+            os.ftruncate(fd, end)
+            raise
+    finally:
+        os.close(fd)
 
 
 def _parse_row(line: str) -> dict[str, Any] | None:
@@ -216,6 +239,7 @@ def plot_losses(metrics_path: Path, png_path: Path, scale_names: list[str]) -> P
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png_path)
+    with files.reported(png_path), files.output(png_path) as tmp:
+        fig.savefig(tmp, format="png")
     plt.close(fig)
     return png_path

@@ -22,8 +22,9 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from fastmim import files
 from fastmim.errors import FastmimError, one_line
-from fastmim.train.checkpoint import latest_checkpoint, write_text_atomic
+from fastmim.train.checkpoint import latest_checkpoint
 from fastmim.train.distributed import Dist, on_main
 from fastmim.train.metrics import warn
 
@@ -103,17 +104,20 @@ def save_config(out_dir: Path, text: str, resumed_at: int | None) -> Path:
     A run that starts from scratch (``resumed_at`` None) writes config.toml whatever is there (what an earlier
     attempt that saved no checkpoint left: a fresh run is refused where a run's history exists); a resume at step
     ``resumed_at`` keeps config.toml and writes ``config.resumed-<step>.toml`` (``-2``, ``-3``, ... when taken)
-    unless one of them already holds ``text``."""
+    unless one of them already holds ``text``. A file that cannot be written (a full disk) is an OutputError."""
     if resumed_at is None:
-        write_text_atomic(text, out_dir / "config.toml")
-        return out_dir / "config.toml"
+        return _write_config(out_dir / "config.toml", text)
     n = 0
     while True:
         suffix = "" if n < 2 else f"-{n}"
         path = out_dir / ("config.toml" if n == 0 else f"config.resumed-{resumed_at:07d}{suffix}.toml")
         if not path.exists():
-            write_text_atomic(text, path)
-            return path
+            return _write_config(path, text)
         if path.read_text() == text:
             return path
         n += 1
+
+
+def _write_config(path: Path, text: str) -> Path:
+    with files.reported(path, "the run's config", "nothing was trained", "run the command again"):
+        return files.write_text(path, text)

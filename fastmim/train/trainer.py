@@ -34,8 +34,10 @@ from fastmim.config import Config, dump_toml
 from fastmim.data.loader import mix_seed
 from fastmim.data.prefetch import DevicePrefetcher
 from fastmim.errors import STOP_SIGNALS, FastmimError, Interrupted
+from fastmim.files import OutputError
 from fastmim.train import distributed as D
 from fastmim.train.build import Run, build_run, resolve_device, scale_names
+from fastmim.train.checkpoint import CHECKPOINTS_INTACT, RESUME
 from fastmim.train.checkpointer import Checkpointer, FullState
 from fastmim.train.metrics import MetricsLog, Progress, StepClock, peak_memory_gib, plot_losses, warn
 from fastmim.train.optim import lr_at
@@ -57,9 +59,10 @@ def train(cfg: Config) -> dict[str, Any]:
         checkpointer = Checkpointer(run, ZeroShards(dist) if dist.engine is not None else FullState(dist))
         resumed_from = checkpointer.load()  # train.resume: continue a run, or refuse to start one over another
         resumed_at = run.pos.step if resumed_from else None
-        config_path = save_config(Path(t.out_dir), dump_toml(cfg), resumed_at) if dist.main else None
+        config_path = D.on_main(dist, lambda: save_config(Path(t.out_dir), dump_toml(cfg), resumed_at))
         log, progress, clock = _metrics_log(run), _progress(run), StepClock(entered)
         batches, first_step, row, streak, stopping = input_stream(run), run.pos.step, None, 0, None
+        failed = None  # an output that could not be written (a full disk): every rank stops, saves and reports
         with StopSignals() as stop, contextlib.closing(log), progress, run.dist, contextlib.closing(batches):
             while run.pos.step < run.total_steps and stopping is None and streak < t.max_nonfinite:
                 first = run.pos.step == first_step
@@ -68,18 +71,34 @@ def train(cfg: Config) -> dict[str, Any]:
                 progress.step()
                 log_step = run.pos.step % t.log_every == 0 or run.pos.step == run.total_steps
                 if log_step:  # the logged loss is the global batch's (an all-reduce with several processes)
-                    row, streak = _log_step(run, log, progress, *D.global_mean(run.dist, loss, losses))
-                stopping = D.agree_stop(run.dist, stop.name, log_step)  # every rank stops (and saves) the same step
+                    try:
+                        row, streak = _log_step(run, log, progress, *D.global_mean(run.dist, loss, losses))
+                    except OutputError as e:
+                        failed = e
+                stopping = D.agree_stop(run.dist, stop.name or (failed and "a failed write"), log_step)
                 checkpointer.save(run.pos.step)  # when train.save_every says so
                 clock.step_done()
-            if stopping is not None and run.dist.main:
+            if stopping is not None and run.dist.main and failed is None:
                 print(f"fastmim: {stopping} received: saving step {run.pos.step} and stopping.", flush=True)
-            checkpointer.save(run.pos.step, last=True)
+            _save_last(checkpointer, run.pos.step, failed)
         if streak >= t.max_nonfinite:
             raise _nonfinite_error(run, streak, checkpointer.last[1])
         stopped_by = stopping if run.pos.step < run.total_steps else None
         paths = {"checkpoint": checkpointer.last[1], "best_checkpoint": checkpointer.best(), "config": config_path}
         return _summary(run, log, paths, row, stopped_by, run.pos.step - first_step, clock)
+
+
+def _save_last(checkpointer: Checkpointer, step: int, failed: OutputError | None) -> None:
+    """The run's final save; after an output that could not be written (``failed``) it is attempted all the same
+    (a metrics row may not fit where a checkpoint still does), and the error then says what became of it."""
+    try:
+        checkpointer.save(step, last=True)
+    except FastmimError:  # the checkpoint did not fit either (with several processes it comes as a FastmimError)
+        if failed is None:
+            raise
+        raise FastmimError(failed.restate(CHECKPOINTS_INTACT, RESUME, f", nor the checkpoint of step {step}")) from None
+    if failed is not None:
+        raise FastmimError(failed.restate(f"saved step {step} in {checkpointer.last[1]}", RESUME))
 
 
 def mask_noise(seed: int, step: int, micro: int, batch: int, num_patches: int) -> torch.Tensor:

@@ -17,6 +17,8 @@ restart) that resumes anywhere.
 
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -27,9 +29,18 @@ from torch import nn
 
 from fastmim.config import config_from_toml
 from fastmim.errors import FastmimError
+from fastmim.files import OutputError
 from fastmim.train.build import build_adamw, build_model
-from fastmim.train.checkpoint import CorruptCheckpoint, file_digest, load_checkpoint, load_data_only, write_checkpoint
-from fastmim.train.distributed import Dist, import_deepspeed, on_main
+from fastmim.train.checkpoint import (
+    CHECKPOINTS_INTACT,
+    RESUME,
+    CorruptCheckpoint,
+    file_digest,
+    load_checkpoint,
+    load_data_only,
+    write_checkpoint,
+)
+from fastmim.train.distributed import Dist, ReportedByRank0, import_deepspeed, on_main
 
 
 def zero_dir(path: Path) -> Path:
@@ -177,8 +188,7 @@ class ZeroShards:
         Returns the pointer that takes the optimizer state's place in the checkpoint file."""
         staging = path.parent / f".{zero_dir(path).name}.tmp"  # DeepSpeed also drops its recovery scripts here
         on_main(self.d, lambda: shutil.rmtree(staging, ignore_errors=True))
-        self.d.engine.save_checkpoint(str(staging), tag="shards", save_latest=False)
-        dist.barrier()
+        self._save_shards(path, staging)
         files = self._manifest(staging / "shards")
 
         def publish() -> None:
@@ -191,6 +201,27 @@ class ZeroShards:
         on_main(self.d, publish)
         zero = {"dir": zero_dir(path).name, "world_size": self.d.world, "zero_stage": self.d.zero_stage}
         return {"zero": {**zero, "files": files}}
+
+    def _save_shards(self, path: Path, staging: Path) -> None:
+        """DeepSpeed writes every rank's shards into ``staging``. A write that fails on any rank (a full disk:
+        torch's zip writer reports it as a RuntimeError, "unexpected pos" or "iostream error", without the errno)
+        is agreed over the ranks, its staging directory removed, and one line raised (by rank 0; the others stop
+        quietly); the previous checkpoints are untouched."""
+        error = None
+        try:
+            self.d.engine.save_checkpoint(str(staging), tag="shards", save_latest=False)
+        except (OSError, RuntimeError) as e:
+            if not isinstance(e, OSError) and not any(m in str(e) for m in _WRITE_FAILED):
+                raise
+            error = OutputError(zero_dir(path), _os_error(e, path.parent), SHARDS, CHECKPOINTS_INTACT, RESUME)
+        if error is not None:
+            dist.barrier()  # the one DeepSpeed's save ends with, which the failed rank skipped
+        failed: list[Any] = [None] * self.d.world
+        dist.all_gather_object(failed, str(error) if error is not None else None)
+        messages = [m for m in failed if m is not None]
+        if messages:
+            on_main(self.d, lambda: shutil.rmtree(staging, ignore_errors=True))
+            raise FastmimError(messages[0]) if self.d.main else ReportedByRank0(messages[0])
 
     def _manifest(self, shard_dir: Path) -> list[dict[str, Any]]:
         """{"name", "size", "sha256"} of every file in ``shard_dir`` once all ranks have written theirs: the files
@@ -226,6 +257,21 @@ class ZeroShards:
             raise FastmimError(
                 f"DeepSpeed could not read the ZeRO shards in {shard_dir}; resume from another checkpoint."
             )
+
+
+# What torch's zip writer (which reports no errno) says when a shard cannot be written.
+_WRITE_FAILED = ("unexpected pos", "iostream error", "PytorchStreamWriter failed", "file write failed")
+SHARDS = "the ZeRO shards of checkpoint"
+
+
+def _os_error(error: OSError | RuntimeError, directory: Path) -> OSError:
+    """The OSError behind a failed shard write: itself, or for torch's RuntimeError ENOSPC when ``directory``'s file
+    system has (almost) no room left, else EIO."""
+    if isinstance(error, OSError):
+        return error
+    stat = os.statvfs(directory)
+    code = errno.ENOSPC if stat.f_bavail * stat.f_frsize < 1 << 20 else errno.EIO
+    return OSError(code, os.strerror(code))
 
 
 def consolidate(src: str | Path, out: Path) -> dict[str, Any]:

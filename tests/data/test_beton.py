@@ -201,8 +201,8 @@ def test_stored_size_shrinks_the_longest_side_only():
 
 
 def test_sigterm_during_a_conversion_leaves_nothing_behind(tmp_path):
-    """SIGTERM killed `fastmim data convert` outright and left its hidden .partial file behind. Signalled while
-    writing (the .partial exists): one line, exit 128 + 15, neither the .partial nor the destination left."""
+    """SIGTERM killed `fastmim data convert` outright and left its hidden temporary file behind. Signalled while
+    writing (the temporary file exists): one line, exit 128 + 15, neither it nor the destination left."""
     rng = np.random.default_rng(0)
     (tmp_path / "src" / "a").mkdir(parents=True)
     # Enough images that writing (~300 img/s here) outlasts the repeat of a signal swallowed at the writer start.
@@ -214,7 +214,7 @@ def test_sigterm_during_a_conversion_leaves_nothing_behind(tmp_path):
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
-        while not list(dst.parent.glob("*.partial")) and proc.poll() is None and time.monotonic() < deadline:
+        while not list(dst.parent.glob(".data.beton.*.tmp")) and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
         proc.send_signal(signal.SIGTERM)
         output = proc.communicate(timeout=120)[0]
