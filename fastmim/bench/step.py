@@ -13,10 +13,12 @@ Both impls run in one process on one device with the same config, data and seed.
 3. Model FLOPs of one forward + backward, counted once with torch.utils.flop_counter on the reference impl (never
    hand-typed) and used for every impl; MFU = FLOPs per step / step time / the device's dense peak for the step's
    dtype (CUDA only; the peak used is in the row).
-4. Peak GPU memory of the timed steps (CUDA, all impls together: the larger one sets it); on CPU the process's peak
-   resident set.
+4. Peak memory: on CUDA each variant's own (``peak_mem_gib``: its state plus the peak of its breakdown steps) and
+   the process's over its group's timed rounds (``peak_mem_all_gib``); on CPU the process's peak resident set.
 
-Timed steps alternate between impls in rounds, so drift does not favour the impl that runs first.
+Variants run in two groups: the eager ones, then the compiled ones; within a group, timed steps alternate between
+variants in rounds, so drift does not favour the one that runs first. Each row is published (``on_rows``: the
+command rewrites its JSON record) whenever it changes, so what finished survives a later crash or time limit.
 """
 
 from __future__ import annotations
