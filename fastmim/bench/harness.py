@@ -369,13 +369,19 @@ def _kernel_row(bench, provider, case, mode, row, device, warmup_ms, rep_ms, log
         return {**row, "skipped": reason}
     try:
         row["max_abs_err"] = check_provider(bench, provider, case, mode)
+        if gate_only:
+            return {**row, "ok": True}
+        fn = _timed_fn(bench.providers[provider], case.make(), mode)
+        p50, p20, p80 = measure(fn, device, warmup_ms, rep_ms)
     except CorrectnessError as e:
         log(f"correctness gate: {bench.name} {provider} {mode} {case.shape}: {e}")
         return {**row, "ok": False, "error": str(e)}
-    if gate_only:
-        return {**row, "ok": True}
-    fn = _timed_fn(bench.providers[provider], case.make(), mode)
-    p50, p20, p80 = measure(fn, device, warmup_ms, rep_ms)
+    except RuntimeError as e:  # one provider's crash is its row; the other providers are still measured
+        message = f"{type(e).__name__}: {e}".splitlines()[0][:500]
+        if "No available kernel" in message:  # an SDPA backend that does not take this shape or dtype
+            return {**row, "skipped": message}
+        log(f"{bench.name} {provider} {mode} {case.shape} failed: {message}")
+        return {**row, "ok": False, "error": message}
     factor = {"fwd": 1.0, "bwd": case.bwd_factor, "full": 1.0 + case.bwd_factor}[mode]
     return {
         **row,

@@ -189,3 +189,20 @@ def test_gate_only_checks_without_timing_and_gates_triton_on_a_cpu():
     by = {(r["provider"], r["mode"]): r for r in rows}
     assert by[("triton", "full")]["ok"] is True and by[("wrong_values", "fwd")]["ok"] is False
     assert not any("ms_p50" in r or "skipped" in r for r in rows)
+
+
+def test_a_provider_that_crashes_is_its_own_row_and_an_unsupported_backend_is_skipped():
+    bench = _bench()
+
+    def unsupported(x):
+        raise RuntimeError("No available kernel. Aborting execution.")
+
+    def crashing(x):
+        raise RuntimeError("triton compile failed\ndetails")
+
+    bench.providers.update(flash=unsupported, broken=crashing)
+    rows = run_kernel_bench(bench, CPU, providers=["flash", "broken", "good"], modes=["fwd"], warmup_ms=1, rep_ms=2)
+    by = {r["provider"]: r for r in rows}
+    assert by["flash"]["skipped"].startswith("RuntimeError: No available kernel")
+    assert by["broken"]["ok"] is False and by["broken"]["error"] == "RuntimeError: triton compile failed"
+    assert by["good"]["ok"] and by["good"]["ms_p50"] > 0
