@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import itertools
 import sys
 import time
@@ -261,8 +262,7 @@ class _StepBench:
                 self.failed(name, e)
         runs.clear()
         streams.clear()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _free(device)
 
 
 def _reference_flops(cfg: Config, runs: dict[str, Run], shared: _SharedAttention, device, fixed_batch) -> int:
@@ -276,9 +276,15 @@ def _reference_flops(cfg: Config, runs: dict[str, Run], shared: _SharedAttention
     flops = count_flops(run, next(device_batches(run, fixed_batch))) * cfg.train.accum_steps
     if temporary:
         del run
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _free(device)
     return flops
+
+
+def _free(device: torch.device) -> None:
+    """Give the memory of runs no longer referenced back to the device (their parts may refer to each other)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 class _SharedAttention:
