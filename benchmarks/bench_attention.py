@@ -25,7 +25,7 @@ def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.
 
 def make_bench(device: torch.device, quick: bool) -> KernelBench:
     """Attention over encoder (B x 12 x 50 x 64) and decoder (B x 8 x 197 x 32) shapes."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.float32 if quick else torch.bfloat16  # the GPU case is bf16, also when gated on a CPU
     backends = ["sdpa", "flash", "cudnn", "efficient", "math"] + (["xformers"] if _xformers_ops() else [])
     providers = {"eager": eager_attention}
     providers.update({b: (lambda q, k, v, b=b: attention(q, k, v, b)) for b in backends})
@@ -40,15 +40,15 @@ def make_bench(device: torch.device, quick: bool) -> KernelBench:
         shape = {"where": name, "B": batch, "H": heads, "N": tokens, "d": dim}
         flops = 4 * batch * heads * tokens * tokens * dim
         cases.append(Case(shape, dtype, make, bytes=4 * elem * dtype.itemsize, flops=flops))
-    tol = (2e-2, 2e-2) if dtype == torch.bfloat16 else (1e-4, 1e-4)
+    # fp32 (--quick) to 1e-4; bf16: within twice eager's own error against fp64 (the harness's rule)
     return KernelBench(
         "attention",
         providers,
         cases,
         modes=("fwd", "full"),
         reference="eager",
-        atol=tol[0],
-        rtol=tol[1],
+        atol=1e-4,
+        rtol=1e-4,
         cuda_only=("flash", "cudnn", "efficient", "xformers"),
     )
 

@@ -43,7 +43,7 @@ def _provider(encoder_fn, decoder_fn, amp: torch.dtype | None):
 
 def make_bench(device: torch.device, quick: bool) -> KernelBench:
     """Encoder input (B x 3 x 224^2 -> B x 50 x 768) and decoder input (4 x B x 50 x 256 -> 4 x B x 197 x 256)."""
-    amp = torch.bfloat16 if device.type == "cuda" else None
+    amp = None if quick else torch.bfloat16  # the GPU case is bf16 autocast, also when gated on a CPU
     batch, grid, patch, dim, dec_dim = (2, 4, 16, 64, 32) if quick else (256, 14, 16, 768, 256)
     length, ratio = grid * grid, 0.75
     compiled = (torch.compile(mg.encoder_input_ref), torch.compile(mg.decoder_input_ref))
@@ -86,8 +86,8 @@ def make_bench(device: torch.device, quick: bool) -> KernelBench:
             bytes=4 * batch * ((1 + keep) * dec_dim * y_bytes + (1 + length) * dec_dim * 4),
         ),
     ]
-    tol = (5e-2, 5e-2) if amp else (1e-4, 1e-4)
-    return KernelBench("gather", providers, cases, modes=("fwd", "full"), reference="eager", atol=tol[0], rtol=tol[1])
+    # fp32 (--quick) to 1e-4; bf16: within twice the eager provider's own error against fp64 (the harness's rule)
+    return KernelBench("gather", providers, cases, modes=("fwd", "full"), reference="eager", atol=1e-4, rtol=1e-4)
 
 
 if __name__ == "__main__":

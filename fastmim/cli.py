@@ -392,12 +392,10 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
     cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
     steps = args.steps or (20 if cuda else 8)
     warmup = args.warmup if args.warmup is not None else (5 if cuda else 2)
-    if args.bench == "step":
-        from fastmim.bench.plots import plot_step_breakdown
-        from fastmim.bench.step import STEP_COLUMNS, run_step_bench
+    if args.bench == "step":  # writes each variant's row as it finishes
+        from fastmim.bench.step import step_command
 
-        rows, device = run_step_bench(cfg, args.impls.split(","), steps, warmup, args.breakdown_steps, args.fixed_batch)
-        columns, plot = STEP_COLUMNS, plot_step_breakdown
+        return step_command(cfg, args, steps, warmup, ["fastmim", *sys.argv[1:]], {"config": _toml(cfg)})
     else:
         from fastmim.bench.data import DATA_COLUMNS, bench_device, run_data_bench
 

@@ -85,14 +85,39 @@ def _children_cpu_seconds() -> float:
     usage = resource.getrusage(resource.RUSAGE_CHILDREN)
     total = usage.ru_utime + usage.ru_stime
     tick = os.sysconf("SC_CLK_TCK")
-    with contextlib.suppress(OSError):
-        for tid in os.listdir("/proc/self/task"):
-            for pid in Path(f"/proc/self/task/{tid}/children").read_text().split():
-                with contextlib.suppress(OSError, IndexError, ValueError):
-                    # Fields after the ")" closing the command name: utime and stime are the 12th and 13th.
-                    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-                    total += (int(fields[11]) + int(fields[12])) / tick
+    for pid in _live_children():
+        with contextlib.suppress(OSError, IndexError, ValueError):  # a child that has just exited
+            total += sum(int(v) for v in _stat_fields(pid)[11:13]) / tick  # utime, stime
     return total
+
+
+def _stat_fields(pid: int | str) -> list[str]:
+    """The fields of /proc/PID/stat after the ")" that closes the command name: state, ppid, ..., utime (12th),
+    stime (13th)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _live_children() -> list[int]:
+    """This process's live children: /proc/self/task/*/children, where the kernel provides it
+    (CONFIG_PROC_CHILDREN), else every /proc/PID/stat whose parent is this process. Never an empty list for want
+    of a way to read them (the workers' CPU time would silently go missing): an error says so instead."""
+    try:
+        tasks = os.listdir("/proc/self/task")
+        return [int(p) for tid in tasks for p in Path(f"/proc/self/task/{tid}/children").read_text().split()]
+    except OSError:
+        pass
+    try:
+        entries = [e for e in os.listdir("/proc") if e.isdigit()]
+    except OSError as e:
+        raise FastmimError(
+            "bench data measures its data workers' CPU time through /proc, which cannot be read here; run it on Linux."
+        ) from e
+    me, children = os.getpid(), []
+    for entry in entries:
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            if int(_stat_fields(entry)[1]) == me:
+                children.append(int(entry))
+    return children
 
 
 def _tree_cpu_seconds() -> float:

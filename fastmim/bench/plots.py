@@ -44,10 +44,10 @@ def plot_kernel_speedups(record_path: Path) -> Path:
 
 
 def plot_step_breakdown(record_path: Path) -> Path:
-    """Stacked per-stage ms per step for each impl, annotated with img/s."""
+    """Stacked per-stage ms per step for each impl that finished, annotated with img/s."""
     plt = _pyplot()
     record = json.loads(Path(record_path).read_text())
-    rows = record["rows"]
+    rows = [r for r in record["rows"] if "img_per_s" in r]
     stages = ("data_ms", "forward_ms", "backward_ms", "optimizer_ms")
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     labels = [f"{r['model']}\n{r['impl']}" for r in rows]

@@ -44,6 +44,10 @@ def step_table(records: list[dict]) -> list[str]:
         if rec.get("bench") != "step":
             continue
         for r in rec["rows"]:
+            if "img_per_s" not in r:  # failed, or cut before it finished (the record is written row by row)
+                what = f"**{r.get('status', '?')}**" + (f": {r['error']}" if r.get("error") else "")
+                lines.append(f"| {r['model']} | {r['impl']} | {what} |" + " |" * (len(head) - 4) + f" {rec['_file']} |")
+                continue
             lines.append(
                 f"| {r['model']} | {r['impl']} | {r['batch']} | {r['dtype']} | {r['img_per_s']:.0f} | "
                 f"{r['ms_per_step']:.2f} | {_fmt(r.get('speedup_vs_reference'), '.2f')} | {_fmt(r.get('mfu'), '.1%')} "
@@ -99,9 +103,23 @@ def data_table(records: list[dict]) -> list[str]:
     return lines if len(lines) > 2 else []
 
 
+def unfinished_kernel_rows(records: list[dict]) -> list[str]:
+    """Kernel rows that failed their correctness gate or were still running when the record was last written."""
+    lines = []
+    for rec in records:
+        if rec.get("bench") in ("step", "data"):
+            continue
+        for r in rec.get("rows", []):
+            if "provider" in r and (r.get("ok") is False or r.get("status") == "running"):
+                shape = ",".join(f"{k}={v}" for k, v in r["shape"].items())
+                why = r.get("error") or "did not finish (still running when the process ended)"
+                lines.append(f"- {rec['bench']} {r['provider']} {r['mode']} {shape}: {why} ({rec['_file']})")
+    return ["Kernel rows not measured:", *lines] if lines else []
+
+
 def summarize(paths: list[Path]) -> str:
     records = load_records(paths)
-    parts = [step_table(records), kernel_table(records), data_table(records)]
+    parts = [step_table(records), kernel_table(records), unfinished_kernel_rows(records), data_table(records)]
     return "\n\n".join("\n".join(p) for p in parts if p) or "no benchmark records found"
 
 

@@ -104,3 +104,25 @@ def test_process_tree_cpu_time_counts_worker_processes():
         alive = bench_data._children_cpu_seconds()  # the live worker, read from /proc
     assert alive - before > 0.03
     assert bench_data._children_cpu_seconds() >= alive - 0.02  # reaped now: counted by getrusage instead
+
+
+def test_worker_cpu_time_is_found_without_the_kernels_children_list(monkeypatch):
+    """Where /proc/self/task/*/children does not exist (a kernel without CONFIG_PROC_CHILDREN), the live workers
+    are found by their parent in /proc/PID/stat, not silently dropped."""
+    import multiprocessing
+
+    real = bench_data.Path.read_text
+
+    def no_children_list(self, *args, **kwargs):
+        if self.name == "children":
+            raise FileNotFoundError(self)
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(bench_data.Path, "read_text", no_children_list)
+    before = bench_data._children_cpu_seconds()
+    with multiprocessing.get_context("fork").Pool(1) as pool:
+        pool.apply(sum, (range(5_000_000),))
+        workers = bench_data._live_children()
+        alive = bench_data._children_cpu_seconds()
+    assert len(workers) == 1
+    assert alive - before > 0.03
