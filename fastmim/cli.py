@@ -388,6 +388,8 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
     from fastmim.bench.harness import format_table, write_record
     from fastmim.config import load_config
 
+    if args.steps is not None and args.steps < 1:
+        raise FastmimError(f"--steps is {args.steps}; give a positive number of timed steps, e.g. 8.")
     cfg = load_config(args.config, overrides)
     cuda = cfg.train.device != "cpu" and torch.cuda.is_available()
     steps = args.steps or (20 if cuda else 8)

@@ -101,6 +101,13 @@ class DataConfig:
     """Where JPEGs are decoded: "cpu" (libjpeg-turbo in the data workers: the stored pixels exactly) or "gpu"
     (data.source = "ffcv" with JPEG storage and data.augment = "gpu": workers ship the JPEG bytes, the training
     device decodes them with nvJPEG through torchvision; pixels may differ slightly: `fastmim bench data` measures)."""
+    stall_warn_s: float = 60.0
+    """Warn when a data worker has delivered nothing for this many seconds (a read stuck on a hung network file
+    system, a stopped process), naming it and its pid; again at each doubling of the wait (data.num_workers > 0)."""
+    stall_limit_s: float = 1800.0
+    """End the run when a data worker has delivered nothing for this many seconds: the last completed step is saved
+    (one process) and the resume command printed; 0 = wait without limit. A stop signal during the wait saves and
+    stops at once."""
 
 
 @dataclass
@@ -389,6 +396,11 @@ def validate(cfg: Config) -> None:
         (d.num_workers >= 0, "data.num_workers must be >= 0"),
         (d.num_images > 0, "data.num_images must be positive"),
         (0.0 < d.min_scale <= 1.0, "data.min_scale must be in (0, 1], e.g. 0.2"),
+        (d.stall_warn_s > 0, "data.stall_warn_s must be positive (seconds), e.g. 60"),
+        (
+            d.stall_limit_s == 0 or d.stall_limit_s >= d.stall_warn_s,
+            "data.stall_limit_s must be 0 (no limit) or at least data.stall_warn_s, e.g. 1800",
+        ),
         (decode_fits, "data.decode = 'gpu' needs data.augment = 'gpu' and data.source = 'ffcv' (a .beton of JPEGs)"),
         (t.batch_size > 0, "train.batch_size must be positive"),
         (t.accum_steps > 0, "train.accum_steps must be positive"),

@@ -7,10 +7,12 @@ checkpoints may carry an ``argparse.Namespace`` of training arguments, the one n
 from __future__ import annotations
 
 import argparse
+import contextlib
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from fastmim.errors import FastmimError, one_line
 from fastmim.models.released import unwrap_state_dict
@@ -56,4 +58,40 @@ def checked_weights(obj: Any, path: str | Path) -> tuple[str, dict[str, torch.Te
         raise FastmimError(f"'{path}' names no registered model (model_name {shown}); give a file written by fastmim.")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise FastmimError(f"'{path}' holds no model weights (tensors by name); give a file written by fastmim.")
+    broken = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if broken:
+        raise FastmimError(
+            f"'{path}' holds non-finite weights (NaN or inf in {len(broken)} tensor(s), e.g. {one_line(broken[0])}); "
+            "give a checkpoint saved before the training diverged."
+        )
     return name, state
+
+
+def model_for_weights(name: str, state: dict[str, torch.Tensor], meta: bool = False, **overrides: Any) -> nn.Module:
+    """Model ``name`` at the sizes its weights imply (image size, decoder width, bins, bias: read off the tensors;
+    ``overrides`` add what they cannot tell), on the meta device with ``meta`` (shapes only), not loaded. Tensors
+    that do not fit ``name`` are refused in one line naming the first that does not fit, also when their shapes
+    imply sizes the model cannot be built at (a decoder 1 wide): they are then compared with the model at the
+    inferred image size, or else at its defaults."""
+    from fastmim.models import create_model
+    from fastmim.models.released import _infer_overrides, check_fits
+
+    try:
+        inferred = _infer_overrides(state, name)
+    except (KeyError, IndexError, ValueError, TypeError, ZeroDivisionError):
+        inferred = {}  # a tensor it reads is missing or mis-shaped: check_fits below names it
+    fallbacks = [{k: v for k, v in inferred.items() if k == "img_size"}, {}]
+    for i, kwargs in enumerate([{**inferred, **overrides}, *fallbacks]):
+        try:
+            with torch.device("meta") if meta or i else contextlib.nullcontext():
+                model = create_model(name, **kwargs)
+            break
+        except (FastmimError, ValueError, TypeError, ZeroDivisionError, RuntimeError):
+            continue
+    check_fits(model.state_dict(), state, name)
+    if i:  # they fit a model built without what their shapes implied: those shapes contradict each other
+        raise FastmimError(
+            f"the weights do not fit {name} (their tensor shapes imply sizes it cannot be built at); pick the model "
+            "the checkpoint was made for."
+        )
+    return model

@@ -21,6 +21,12 @@ Unreadable images (empty, truncated, not an image, too large) do not stop a run:
 image drawn from its own seed (batches stay full, resume stays exact), counted in :attr:`MIMLoader.skipped` and
 warned about once per file.
 
+A worker that delivers nothing (stuck in a read of a hung file system, or stopped) is not waited for blindly
+when the caller of :meth:`MIMLoader.stream` passes a ``watch`` (the trainer's fastmim.train.stall.StallWatch): the
+batch is then waited for in slices of :data:`WAIT_SLICE_S` (the DataLoader's ``timeout``, after which its iterator
+can be asked again), and after each slice the watch is told how long the wait has lasted and which worker (and
+process id) owes the batch; it may end the wait by raising, which shuts the workers down like any other way out.
+
 Worker processes ignore the stop signals (see :func:`_ignore_stop_signals`), so nothing but their parent ends them:
 an epoch's workers are shut down as soon as its batches stop being read (the iterator finished, closed or
 abandoned), and any still running when the process exits are shut down then (:func:`stop_workers`); otherwise
@@ -30,14 +36,16 @@ Python's exit handler would send them a SIGTERM they ignore and wait for them fo
 from __future__ import annotations
 
 import atexit
+import contextlib
 import copy
 import functools
 import itertools
 import signal
+import time
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -59,6 +67,11 @@ _ERROR_PREFIX = "fastmim.errors.FastmimError: "
 PLACEMENTS: tuple[str, ...] = choices(DataConfig, "augment")  # the values data.augment declares
 # Seconds a worker gets to exit after being asked to (an idle one takes milliseconds) before it is killed.
 _WORKER_GRACE_S = 2.0
+# A watched wait for a batch (see the module docstring) checks in this often; it bounds how late a stop signal that
+# arrives during a stall is acted on.
+WAIT_SLICE_S = 0.5
+# torch's DataLoader raises a RuntimeError with this text when its ``timeout`` passes without a batch.
+_TIMEOUT_TEXT = "DataLoader timed out after"
 # DataLoader iterators whose workers may still run: shut down at exit if nothing else did (see the module docstring).
 _LIVE_ITERATORS: weakref.WeakSet = weakref.WeakSet()
 
@@ -94,6 +107,16 @@ def epoch_keys(num_samples: int, batch_size: int, seed: int, epoch: int, rank: i
     # Drop the top bit so the seeds fit int64; the low 32 bits, the only ones manual_seed uses, are untouched.
     seeds = (mix_seed(seed, epoch, indices) & np.uint64(_MASK63)).astype(np.int64)
     return np.stack([indices.astype(np.int64), seeds], axis=1)
+
+
+class Watch(Protocol):
+    """What a caller of :meth:`MIMLoader.stream` is told while a batch is late (fastmim.train.stall.StallWatch)."""
+
+    def waiting(self, waited_s: float, who: str) -> None:
+        """The wait has lasted ``waited_s`` so far; ``who`` owes the batch. May raise to end the wait."""
+
+    def delivered(self, waited_s: float) -> None:
+        """The batch came after ``waited_s`` of waiting (at least one slice)."""
 
 
 class _KeySampler(Sampler[tuple[int, int]]):
@@ -216,12 +239,15 @@ class MIMLoader:
         schedule = itertools.islice(self._schedule(epoch, start_batch), self.steps_per_epoch - start_batch)
         yield from self._batches(self._key_batches(schedule), epoch, staging)
 
-    def stream(self, epoch: int = 0, start_batch: int = 0, staging: torch.Tensor | None = None) -> Iterator[tuple]:
+    def stream(
+        self, epoch: int = 0, start_batch: int = 0, staging: torch.Tensor | None = None, watch: Watch | None = None
+    ) -> Iterator[tuple]:
         """Endless ``(epoch, next_batch, raw batch)`` from batch ``start_batch`` of ``epoch`` on, epoch after epoch,
         through one set of data workers (started once, not once per epoch); ``(epoch, next_batch)`` is the position
-        after the batch. The batches are :meth:`raw_batches`'."""
+        after the batch. The batches are :meth:`raw_batches`'. With data workers, ``watch`` is told about late
+        batches and may end the wait (see the module docstring)."""
         self._check_start(start_batch)
-        raws = self._batches(self._key_batches(self._schedule(epoch, start_batch)), epoch, staging)
+        raws = self._batches(self._key_batches(self._schedule(epoch, start_batch)), epoch, staging, watch)
         try:
             for (e, b), raw in zip(self._schedule(epoch, start_batch), raws):
                 yield e, b + 1, raw
@@ -246,8 +272,11 @@ class MIMLoader:
                 current, keys = e, epoch_keys(self.num_samples, size, self.seed, e, self.rank, self.world_size)
             yield keys[b * size : (b + 1) * size]
 
-    def _batches(self, key_batches: Iterator[np.ndarray], epoch: int, staging: torch.Tensor | None) -> Iterator:
-        """The raw batches of ``key_batches``, read by one DataLoader."""
+    def _batches(
+        self, key_batches: Iterator[np.ndarray], epoch: int, staging: torch.Tensor | None, watch: Watch | None = None
+    ) -> Iterator:
+        """The raw batches of ``key_batches``, read by one DataLoader (``watch``: see :meth:`stream`)."""
+        watch = watch if self.num_workers else None  # without workers the main process reads: nothing to watch
         # The DataLoader draws its worker base seed from this generator; without one it would draw from the global
         # RNG and shift the trainer's random stream by one draw per iteration.
         common = {
@@ -255,6 +284,7 @@ class MIMLoader:
             "persistent_workers": False,
             "generator": torch.Generator().manual_seed(int(mix_seed(self.seed, epoch))),
             "worker_init_fn": _ignore_stop_signals if self.num_workers else None,
+            "timeout": WAIT_SLICE_S if watch is not None else 0,
         }
         if self.placement == "cpu":
             # pinned: the copy to the GPU can run asynchronously
@@ -266,7 +296,7 @@ class MIMLoader:
                 pin_memory=self.device.type == "cuda",
                 **common,
             )
-            yield from self._deliver(loader, packed.identity)
+            yield from self._deliver(loader, packed.identity, watch)
             return
         slots = self.num_workers * packed.PREFETCH + 1 if self.num_workers else 1
         capacity = self.dataset.capacity(self.batch_size)
@@ -282,7 +312,7 @@ class MIMLoader:
             **common,
         )
         try:
-            yield from self._deliver(loader, functools.partial(self._stage, ring=ring, staging=staging))
+            yield from self._deliver(loader, functools.partial(self._stage, ring=ring, staging=staging), watch)
         finally:
             if ring is not None:
                 self._rings.append(ring)  # the workers are gone (_deliver shut them down): safe to reuse
@@ -293,12 +323,17 @@ class MIMLoader:
                 return self._rings.pop(i)
         return SharedRing(slots, capacity, shared=self.num_workers > 0)
 
-    def _deliver(self, loader: DataLoader, receive) -> Iterator[tuple]:
-        iterator = iter(loader)
+    def _deliver(self, loader: DataLoader, receive, watch: Watch | None) -> Iterator[tuple]:
+        with _shared_by_name():
+            iterator = iter(loader)  # starts the workers (forked: they keep the sharing strategy set now)
         if self.num_workers:
             _LIVE_ITERATORS.add(iterator)
         try:
-            for item in iterator:
+            while True:
+                try:
+                    item = next(iterator) if watch is None else _watched_next(iterator, watch)
+                except StopIteration:
+                    return
                 batch = receive(item)
                 self._count_skips(batch[-1])
                 yield batch
@@ -371,6 +406,50 @@ def _check_choices(placement: str, decode: str, source: ImageSource | None) -> N
             'data.decode = "gpu" needs data.augment = "gpu" and a .beton of JPEGs (data.source = "ffcv", converted '
             'without --raw); set data.decode = "cpu".'
         )
+
+
+@contextlib.contextmanager
+def _shared_by_name() -> Iterator[None]:
+    """Within the block, torch shares tensors between processes through named shared-memory files ("file_system").
+    Its default, "file_descriptor", hands each tensor's file descriptor over a connection the *sending* process
+    serves: a batch that a data worker queued just before it stopped (SIGSTOP, a frozen cgroup) then blocks the
+    main process inside torch's queue read, where no timeout or stop signal reaches it. Named files are opened
+    without the sender. Only the workers forked within the block share this way; the previous strategy returns
+    after it."""
+    previous = torch.multiprocessing.get_sharing_strategy()
+    torch.multiprocessing.set_sharing_strategy("file_system")
+    try:
+        yield
+    finally:
+        torch.multiprocessing.set_sharing_strategy(previous)
+
+
+def _watched_next(iterator, watch: Watch) -> Any:
+    """The next item of a DataLoader iterator built with ``timeout = WAIT_SLICE_S``, waited for slice by slice: its
+    ``__next__`` leaves its state as it was when the timeout passes, so it can be asked again."""
+    start, late = time.monotonic(), False
+    while True:
+        try:
+            item = next(iterator)
+        except RuntimeError as err:
+            if not str(err).startswith(_TIMEOUT_TEXT):
+                raise
+            late = True
+            watch.waiting(time.monotonic() - start, _late_worker(iterator))
+            continue
+        if late:
+            watch.delivered(time.monotonic() - start)
+        return item
+
+
+def _late_worker(iterator) -> str:
+    """The worker that owes the iterator's next batch, as "data worker N (pid P)" (torch's in-order iterator records
+    the worker of each outstanding task), or "a data worker" when its internals say otherwise."""
+    info = getattr(iterator, "_task_info", {}).get(getattr(iterator, "_rcvd_idx", None))
+    workers = getattr(iterator, "_workers", [])
+    if not info or not isinstance(info[0], int) or not 0 <= info[0] < len(workers):
+        return "a data worker"
+    return f"data worker {info[0]} (pid {workers[info[0]].pid})"
 
 
 def _ignore_stop_signals(worker_id: int) -> None:

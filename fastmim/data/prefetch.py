@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from fastmim.data.loader import MIMLoader
+from fastmim.data.loader import MIMLoader, Watch
 
 
 class DevicePrefetcher:
@@ -24,12 +24,15 @@ class DevicePrefetcher:
         loader: the run's loader (its epochs follow each other without end).
         device: where the batches are consumed.
         epoch, batch: the position to start from (a checkpoint's ``data`` entry).
+        watch: told about late batches; may end a wait by raising (:meth:`MIMLoader.stream`).
     """
 
-    def __init__(self, loader: MIMLoader, device: torch.device, epoch: int = 0, batch: int = 0) -> None:
+    def __init__(
+        self, loader: MIMLoader, device: torch.device, epoch: int = 0, batch: int = 0, watch: Watch | None = None
+    ) -> None:
         self.loader, self.device = loader, device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self._raw = loader.stream(epoch, batch)
+        self._raw = loader.stream(epoch, batch, watch=watch)
         self._ahead = self._prepare() if self.stream is not None else None
 
     def close(self) -> None:

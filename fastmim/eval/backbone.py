@@ -22,8 +22,7 @@ from torch import Tensor, nn
 from fastmim.errors import FastmimError
 from fastmim.masking import Masking
 from fastmim.models import create_model
-from fastmim.models.released import _infer_overrides, check_fits  # shape -> constructor arguments, shared with import
-from fastmim.weights import WEIGHTS_FORMAT, checked_weights, safe_load
+from fastmim.weights import WEIGHTS_FORMAT, checked_weights, model_for_weights, safe_load
 
 FINETUNE_FORMAT = "fastmim-finetune"
 FINETUNE_VERSION = 1
@@ -107,12 +106,7 @@ def load_backbone(pretrained: str, name: str = "", img_size: int = 0, seed: int 
         )
     model_name, sd = checked_weights(obj, pretrained)
     timm_name(model_name)  # refuses non-ViT models with a clear message
-    try:
-        with torch.device("meta"):  # shapes only: no memory, no init cost
-            skeleton = create_model(model_name, **_infer_overrides(sd, model_name))
-    except KeyError as e:
-        raise FastmimError(f"'{pretrained}' lacks {e}; it is not a complete {model_name} checkpoint.") from None
-    check_fits(skeleton.state_dict(), sd, model_name)  # weights labelled with another model's name are refused
+    skeleton = model_for_weights(model_name, sd, meta=True)  # shapes only; weights that do not fit are refused
     return Backbone(model_name, vit_kwargs(skeleton.encoder), encoder_state_to_timm(sd), pretrained)
 
 

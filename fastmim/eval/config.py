@@ -203,6 +203,24 @@ def validate(cfg: EvalConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise FastmimError(message + ".")
+    _check_auto_augment(f.auto_augment)
+
+
+def _check_auto_augment(policy: str) -> None:
+    """finetune.auto_augment names a policy timm can build: the run's own training transform is built once (at a
+    small size), so an unknown policy or section is refused now, in one line, instead of by timm's assertion."""
+    if not policy:
+        return
+    from fastmim.eval.data import train_transform  # imports timm: only for a policy to check
+
+    try:
+        train_transform(32, policy, 0.0)
+    except (AssertionError, ValueError, KeyError, IndexError, TypeError) as e:
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else type(e).__name__
+        raise FastmimError(
+            f"finetune.auto_augment = {policy!r} is not a timm auto-augment policy ({reason}); give e.g. "
+            "'rand-m9-mstd0.5-inc1' (RandAugment), 'augmix-m5', 'original', or '' for none."
+        ) from None
 
 
 def eval_reference_markdown() -> str:

@@ -241,7 +241,13 @@ def train_one_epoch(run: FinetuneRun, bar: tqdm) -> float:
             if not np.isfinite(mean):
                 raise FastmimError(f"the loss became non-finite by step {run.step}; lower finetune.blr.")
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{lr:.2e}")
-    return loss_sum.item() / max(count, 1)
+    mean = loss_sum.item() / max(count, 1)
+    if not np.isfinite(mean):  # before this epoch is evaluated or saved: a diverged model is never kept as "best"
+        raise FastmimError(
+            f"the training loss was non-finite in epoch {run.epoch} (by step {run.step}); nothing of this epoch is "
+            "saved: lower finetune.blr or use finetune.precision=fp32, then continue with --finetune.resume=auto."
+        )
+    return mean
 
 
 @torch.no_grad()

@@ -29,10 +29,8 @@ from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fastmim.errors import FastmimError
 from fastmim.eval.backbone import timm_name
 from fastmim.masking import scale_weights
-from fastmim.models import create_model
-from fastmim.models.released import _infer_overrides, load_checked
 from fastmim.targets import HOGTarget
-from fastmim.weights import WEIGHTS_FORMAT, checked_weights, safe_load
+from fastmim.weights import WEIGHTS_FORMAT, checked_weights, model_for_weights, safe_load
 
 HOG_STYLES = ("glyphs", "bins")
 MAX_ROWS = 64  # demo images per grid: one row each, already a very tall picture
@@ -48,11 +46,11 @@ def load_pretraining_model(src: str) -> tuple[str, nn.Module]:
         )
     name, sd = checked_weights(obj, src)
     timm_name(name)  # the ViT models only: refuses others with a clear message
-    overrides = _infer_overrides(sd, name)
+    overrides = {}
     if "config" in obj:
         overrides["mask_ratio"] = config_from_toml(obj["config"], f"checkpoint {src}").model.mask_ratio
-    model = create_model(name, **overrides)
-    load_checked(model, sd, name)
+    model = model_for_weights(name, sd, **overrides)  # the sizes the weights imply; weights that do not fit refused
+    model.load_state_dict(sd, strict=True)
     return name, model.eval()
 
 

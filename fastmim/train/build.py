@@ -21,7 +21,9 @@ from torch import nn
 from fastmim.config import Config
 from fastmim.data import MIMLoader, build_loader
 from fastmim.errors import FastmimError
+from fastmim.masking import num_kept
 from fastmim.models import model_from_config
+from fastmim.models.swin import num_masked_units
 from fastmim.train import distributed as D
 from fastmim.train.attn_choice import choose_attention, describe
 from fastmim.train.memory import check_step_fits
@@ -88,9 +90,25 @@ def scale_names(model: nn.Module) -> list[str]:
 
 
 def build_model(cfg: Config, device: torch.device) -> nn.Module:
-    """The model of ``cfg``, initialised from train.seed."""
+    """The model of ``cfg``, initialised from train.seed; refused when model.mask_ratio masks nothing at its size."""
     torch.manual_seed(cfg.train.seed)
-    return model_from_config(cfg.model).to(device)
+    model = model_from_config(cfg.model)
+    masked = masked_per_image(model)
+    if masked < 1:  # every loss would be 0 / 0 (a masked mean over no cell): NaN at every step
+        unit = "32 px mask units" if hasattr(model, "mask_rule") else "patches"
+        raise FastmimError(
+            f"model.mask_ratio = {cfg.model.mask_ratio:g} masks none of the {model.num_patches} {unit} of a "
+            f"{cfg.model.resolved_img_size} px image, and the loss is computed on masked ones only; raise it, e.g. "
+            "0.75."
+        )
+    return model.to(device)
+
+
+def masked_per_image(model: nn.Module) -> int:
+    """Patches (Swin: 32 px units, one mask per batch) that ``model`` masks per image at its mask ratio."""
+    if hasattr(model, "mask_rule"):
+        return num_masked_units(model.num_patches, model.mask_ratio, model.mask_rule)
+    return model.num_patches - num_kept(model.num_patches, model.mask_ratio)
 
 
 def build_adamw(cfg: Config, model: nn.Module, device: torch.device, world: int) -> torch.optim.AdamW:

@@ -15,7 +15,8 @@ the newest intact checkpoint, its ZeRO shards included, moving damaged ones asid
 directory whose checkpoints are all damaged is an error, since restarting silently would throw the run away. An
 explicit path must itself be intact, and one from another directory continues only in a directory that holds no
 run yet (so no run's history is ever mixed with another's). A checkpoint of another model, shape or data position
-is refused by name.
+is refused by name; any other setting that makes the rest of the run differ is named in a warning
+(fastmim.train.resume_changes).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from fastmim.train.checkpoint import (
     write_checkpoint,
 )
 from fastmim.train.metrics import warn
+from fastmim.train.resume_changes import apply_optimizer_settings, warn_if_changed
 from fastmim.train.rundir import holds_a_run
 from fastmim.train.zero import ZeroShards, remove_stale_shards, shards_cannot_continue, verify_shards, zero_pointer
 
@@ -230,9 +232,10 @@ class Checkpointer:
                 "with."
             )
         self.strategy.check_resumable(path, ckpt)
-        _warn_if_global_batch_changed(run, path, ckpt, saved.train.batch_size)
+        warn_if_changed(run, path, ckpt, saved)  # every setting that makes the rest of the run differ, named
         try:
             self.strategy.load(path, ckpt, run.model, run.optimizer)
+            apply_optimizer_settings(run)  # the config's AdamW settings, not the ones the saved state brought back
             run.scaler.load_state_dict(ckpt["scaler"])
             set_rng_state(ckpt["rng"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
@@ -242,15 +245,3 @@ class Checkpointer:
             ) from None
         run.pos = Position(ckpt["step"], data["epoch"], data["batch"])
         run.stats.skipped_before = ckpt.get("skipped_steps", 0)
-
-
-def _warn_if_global_batch_changed(run: Run, path: Path, ckpt: dict[str, Any], saved_batch: int) -> None:
-    """The data position is a batch index per process: it names the same images only when batch_size x world
-    size is unchanged (e.g. 2 processes x 32 resumed as 1 x 64); otherwise say what that means."""
-    before, now = saved_batch * ckpt.get("world_size", 1), run.cfg.train.batch_size * run.dist.world
-    if before != now:
-        warn(
-            f"checkpoint {path} read {before} images per micro-step over all processes, this run reads {now}: the "
-            f"rest of the epoch differs from an uninterrupted run's, and the lr follows the new global batch; keep "
-            f"train.batch_size x processes = {before} to continue exactly."
-        )

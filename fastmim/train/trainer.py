@@ -14,6 +14,8 @@ Reliability (README "Interruptions and failures"):
 - SIGTERM, SIGINT, SIGUSR1 and SIGHUP finish the current step, save, and return with ``stopped_by`` set (the CLI
   exits 0 and prints the resume command); a second signal stops at once. The data workers are shut down on every
   way out of the loop.
+- A data worker that delivers nothing is reported after data.stall_warn_s; a stop signal during the wait, or
+  data.stall_limit_s, abandons the step that waits and saves the last completed one (fastmim.train.stall).
 - A step whose loss or gradient is non-finite is skipped: no parameter, moment or step count changes (see
   ``apply_update``); skips are counted per scale and logged; ``train.max_nonfinite`` consecutive ones save and stop.
 """
@@ -21,6 +23,7 @@ Reliability (README "Interruptions and failures"):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import threading
@@ -43,6 +46,7 @@ from fastmim.train.metrics import MetricsLog, Progress, StepClock, peak_memory_g
 from fastmim.train.optim import lr_at
 from fastmim.train.parallel import timed_first_call
 from fastmim.train.rundir import lock_run_dir, save_config
+from fastmim.train.stall import DataStall, StallWatch
 from fastmim.train.zero import ZeroShards
 
 # The stages of a training step, in order, as train_step names them to its ``stage`` hook.
@@ -61,12 +65,18 @@ def train(cfg: Config) -> dict[str, Any]:
         resumed_at = run.pos.step if resumed_from else None
         config_path = D.on_main(dist, lambda: save_config(Path(t.out_dir), dump_toml(cfg), resumed_at))
         log, progress, clock = _metrics_log(run), _progress(run), StepClock(entered)
-        batches, first_step, row, streak, stopping = input_stream(run), run.pos.step, None, 0, None
+        stop = StopSignals()
+        batches = input_stream(run, StallWatch(cfg.data, lambda: stop.name, run.dist.world))
+        first_step, row, streak, stopping, stalled = run.pos.step, None, 0, None, None
         failed = None  # an output that could not be written (a full disk): every rank stops, saves and reports
-        with StopSignals() as stop, contextlib.closing(log), progress, run.dist, contextlib.closing(batches):
+        with stop, contextlib.closing(log), progress, run.dist, contextlib.closing(batches):
             while run.pos.step < run.total_steps and stopping is None and streak < t.max_nonfinite:
-                first = run.pos.step == first_step
-                loss, losses, applied = _first_step(run, batches, clock) if first else train_step(run, batches)
+                first, at = run.pos.step == first_step, dataclasses.replace(run.pos)
+                try:
+                    loss, losses, applied = _first_step(run, batches, clock) if first else train_step(run, batches)
+                except DataStall as err:  # no batch came: the step that waited is abandoned, the last one saved
+                    run.pos, stalled, stopping = at, err, err.signal_name
+                    break
                 run.stats.update(loss, losses, applied)
                 progress.step()
                 log_step = run.pos.step % t.log_every == 0 or run.pos.step == run.total_steps
@@ -83,6 +93,8 @@ def train(cfg: Config) -> dict[str, Any]:
             _save_last(checkpointer, run.pos.step, failed)
         if streak >= t.max_nonfinite:
             raise _nonfinite_error(run, streak, checkpointer.last[1])
+        if stalled is not None and stopping is None:
+            raise stalled.error(run.pos.step, checkpointer.last[1], config_path)
         stopped_by = stopping if run.pos.step < run.total_steps else None
         paths = {"checkpoint": checkpointer.last[1], "best_checkpoint": checkpointer.best(), "config": config_path}
         return _summary(run, log, paths, row, stopped_by, run.pos.step - first_step, clock)
@@ -116,11 +128,12 @@ def noise_to_model(noise: torch.Tensor, model: torch.nn.Module, device: torch.de
     return noise.pin_memory().to(device, non_blocking=True)
 
 
-def input_stream(run: Run):
+def input_stream(run: Run, watch: StallWatch | None = None):
     """Endless stream of normalised images on the device from the saved position, read one step ahead on CUDA
     (fastmim.data.prefetch); advances run.pos.epoch / batch as batches are taken. Closing it (the trainer does, on
-    every way out of the loop) shuts the data workers down."""
-    stream = DevicePrefetcher(run.loader, run.device, run.pos.epoch, run.pos.batch)
+    every way out of the loop) shuts the data workers down. ``watch`` is told about late batches
+    (fastmim.train.stall)."""
+    stream = DevicePrefetcher(run.loader, run.device, run.pos.epoch, run.pos.batch, watch)
     try:
         for images, run.pos.epoch, run.pos.batch in stream:
             yield images
@@ -211,8 +224,10 @@ class StopSignals:
     DataLoader workers forked while this is active ignore the signals (their parent shuts them down). Outside the
     main thread (where Python cannot install handlers) it does nothing."""
 
+    name: str | None = None  # the first stop signal received
+
     def __enter__(self) -> StopSignals:
-        self.name: str | None = None
+        self.name = None
         self._pid, self._previous = os.getpid(), {}
         if threading.current_thread() is threading.main_thread():
             self._previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 from fastmim.cli import main
 from fastmim.errors import FastmimError
@@ -141,3 +142,62 @@ def test_a_second_finetune_on_one_directory_is_refused(tiny_weights, digits_tree
             finetune(cfg)
         assert sorted(p.name for p in out.iterdir()) == ["run.lock"]
     assert finetune(cfg)["steps"] == 1  # released: the directory is free again
+
+
+def _weights_like(tiny_weights, path, fn):
+    """A copy of the tiny weights file with ``fn`` applied to every floating-point tensor."""
+    obj = safe_load(tiny_weights)
+    obj["model"] = {k: fn(v) if v.is_floating_point() else v for k, v in obj["model"].items()}
+    torch.save(obj, path)
+    return path
+
+
+def _one_line_error(argv, capsys, message):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fastmim: error:") and err.count("\n") == 1 and message in err, err
+
+
+def _finetune_argv(weights, digits_tree, out, *extra):
+    return [
+        "finetune",
+        f"--model.pretrained={weights}",
+        "--data.source=folder",
+        f"--data.path={digits_tree}",
+        "--finetune.batch_size=8",
+        "--finetune.epochs=1",
+        f"--finetune.out_dir={out}",
+        *extra,
+    ]
+
+
+def test_weights_that_are_not_finite_are_refused(tiny_weights, digits_tree, tmp_path, capsys):
+    """All-NaN weights used to fine-tune and save a "best" checkpoint with a NaN loss."""
+    nan = _weights_like(tiny_weights, tmp_path / "nan.pt", lambda v: torch.full_like(v, float("nan")))
+    out = tmp_path / "ft"
+    _one_line_error(_finetune_argv(nan, digits_tree, out), capsys, f"'{nan}' holds non-finite weights (NaN or inf")
+    _one_line_error(["export", str(nan), "--out", str(tmp_path / "x.safetensors")], capsys, "non-finite weights")
+    assert not list(out.glob("checkpoint-*")) and not (tmp_path / "x.safetensors").exists()
+
+
+def test_a_non_finite_training_loss_stops_before_anything_is_saved(tiny_weights, digits_tree, tmp_path, capsys):
+    """Finite weights so large that the loss overflows: before, the loss was checked at log steps only (every 20
+    steps: never in a 3-step epoch) and the epoch was evaluated and saved as the best."""
+    huge = _weights_like(tiny_weights, tmp_path / "huge.pt", lambda v: v * 1e30)
+    out = tmp_path / "ft"
+    argv = _finetune_argv(huge, digits_tree, out, "--finetune.log_every=20")
+    _one_line_error(argv, capsys, "the training loss was non-finite in epoch 0 (by step 3); nothing of this epoch")
+    assert not list(out.glob("checkpoint-*"))
+
+
+def test_an_unknown_auto_augment_policy_is_refused_when_the_config_loads(capsys):
+    """timm's assertion traceback came from the first training batch."""
+    _one_line_error(
+        ["finetune", "--finetune.auto_augment=bogus-policy"],
+        capsys,
+        "finetune.auto_augment = 'bogus-policy' is not a timm auto-augment policy (Unknown AA policy bogus)",
+    )
+    with pytest.raises(FastmimError, match="Unknown RandAugment config section"):
+        load_eval_config(None, ["--finetune.auto_augment=rand-n-1"])
+    assert load_eval_config(None, ["--finetune.auto_augment=augmix-m5"]).finetune.auto_augment == "augmix-m5"
+    assert load_eval_config(None, ["--finetune.auto_augment="]).finetune.auto_augment == ""

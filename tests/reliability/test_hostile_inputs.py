@@ -11,6 +11,7 @@ from PIL import Image
 from fastmim.cli import main
 from fastmim.config import Config, key_types, load_config, to_dict, validate
 from fastmim.errors import FastmimError
+from fastmim.models import create_model
 from fastmim.train import train
 from fastmim.train.checkpoint import checkpoint_path, load_checkpoint, write_checkpoint
 from fastmim.weights import WEIGHTS_FORMAT
@@ -36,6 +37,8 @@ INVALID = {
     "data.min_scale": ("0", "data.min_scale"),
     "data.augment": ("tpu", "data.augment"),
     "data.decode": ("gpu", "data.decode = 'gpu' needs data.augment = 'gpu'"),  # with the default data.augment = cpu
+    "data.stall_warn_s": ("0", "data.stall_warn_s must be positive"),
+    "data.stall_limit_s": ("0.5", "data.stall_limit_s must be 0 (no limit) or at least data.stall_warn_s"),
     "train.batch_size": ("0", "train.batch_size"),
     "train.accum_steps": ("0", "train.accum_steps"),
     "train.steps": ("-1", "train.steps"),
@@ -271,3 +274,59 @@ def test_out_dir_that_cannot_be_written(tmp_path, capsys, out_dir):
 def test_sizes_beyond_the_machine_are_one_line(tmp_path, capsys, value, message):
     argv = ["pretrain", *FAST, "--train.steps=1", f"--data.num_images={value}", f"--train.out_dir={tmp_path / 'r'}"]
     _one_line_error(argv, capsys, message)
+
+
+@pytest.mark.parametrize(
+    "model, masks",
+    [
+        (["--model.img_size=32"], "none of the 4 patches of a 32 px image"),
+        (["--model.name=mae_vit_tiny_patch16", "--model.img_size=32"], "none of the 4 patches of a 32 px image"),
+        (["--model.name=localmim_swin_nano_patch4_window4", "--model.img_size=64"], "none of the 4 32 px mask units"),
+    ],
+    ids=["vit", "mae", "swin"],
+)
+def test_a_mask_ratio_that_masks_nothing_is_one_line(tmp_path, capsys, model, masks):
+    """model.mask_ratio = 0 passed validation, then every loss was NaN (a masked mean over no masked cell)."""
+    argv = ["pretrain", *FAST, *model, "--model.mask_ratio=0", "--train.steps=1", f"--train.out_dir={tmp_path}/r"]
+    _one_line_error(argv, capsys, f"model.mask_ratio = 0 masks {masks}")
+
+
+def test_a_small_mask_ratio_that_masks_one_patch_trains(tmp_path):
+    """At 32 px (4 patches) a ratio of 0.2 keeps int(4 x 0.8) = 3 patches: one masked, finite losses."""
+    code, output = run(pretrain_args(tmp_path / "run", "--model.mask_ratio=0.2", "--train.steps=2"), tmp_path / "log")
+    assert code == 0 and "final loss nan" not in output and "non-finite" not in output, output
+
+
+def test_weights_whose_tensors_fit_no_size_of_the_named_model(tmp_path, capsys):
+    """Tensors whose shapes imply sizes the model cannot be built at (a decoder 1 wide) were explained in terms of
+    that inferred model ("cannot build ... 'decoder_dim': 1 ..."); now: which tensor does not fit."""
+    name = "localmim_vit_tiny_patch16"
+    state = create_model(name, img_size=32, decoder_dim=16).state_dict()
+    ones = tmp_path / "ones.pt"
+    torch.save(
+        {
+            "format": WEIGHTS_FORMAT,
+            "model_name": name,
+            "model": {k: torch.ones([1] * v.ndim) for k, v in state.items()},
+        },
+        ones,
+    )
+    fits = f"the weights do not fit {name} (encoder.cls_token has shape [1, 1, 1], {name} needs [1, 1, 192])"
+    for argv in (
+        ["export", str(ones), "--out", str(tmp_path / "t.safetensors")],
+        ["visualize", str(ones), "--out", str(tmp_path / "v.png")],
+        ["linprobe", f"--model.pretrained={ones}", f"--linprobe.out_dir={tmp_path / 'lp'}"],
+    ):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"fastmim: error: {fits}") and "decoder_dim" not in err and err.count("\n") == 1, err
+    narrow = tmp_path / "narrow.pt"  # one tensor implies a decoder 1 wide
+    model = {**state, "decoders.0.embed.weight": torch.ones(1, 192)}
+    torch.save({"format": WEIGHTS_FORMAT, "model_name": name, "model": model}, narrow)
+    _one_line_error(["export", str(narrow), "--out", str(tmp_path / "t.safetensors")], capsys, f"do not fit {name} (")
+    assert not list(tmp_path.glob("*.safetensors")) and not list(tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("steps", ["0", "-1"])
+def test_bench_step_refuses_a_step_count_below_one(capsys, steps):
+    _one_line_error(["bench", "step", "--steps", steps], capsys, f"--steps is {steps}; give a positive number")

@@ -2,6 +2,7 @@
 exercise it through whole runs: signals, kill -9, damaged files)."""
 
 import itertools
+import shutil
 
 import pytest
 import torch
@@ -64,3 +65,60 @@ def test_load_restores_model_optimizer_position_and_counts(tmp_path):
     _, refused = _run(tmp_path / "run")
     with pytest.raises(FastmimError, match="already holds a run"):
         refused.load()
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    """A run directory with the checkpoint of step 2 (copied by each test that resumes it)."""
+    out = tmp_path_factory.mktemp("saved") / "run"
+    run, checkpointer = _run(out)
+    _train(run, 2)
+    checkpointer.save(2, last=True)
+    return out
+
+
+def _resume_warnings(saved_run, tmp_path, capsys, *changes) -> tuple[list[str], object]:
+    """The warnings about the saved checkpoint that a run resumed with ``changes`` prints, and that run."""
+    shutil.copytree(saved_run, tmp_path / "run")
+    capsys.readouterr()
+    again, loader = _run(tmp_path / "run", "--train.resume=auto", *changes)
+    loader.load()
+    err = capsys.readouterr().err
+    return [line for line in err.splitlines() if line.startswith("fastmim: warning: checkpoint")], again
+
+
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        ("--train.accum_steps=2", ["train.accum_steps 1 -> 2 micro-batches per step", "global batch 8 -> 16 images"]),
+        ("--train.batch_size=4", ["8 -> 4 images per micro-step", "global batch 8 -> 4", "the lr schedule"]),
+        ("--train.seed=1", ["train.seed 0 -> 1 (another data order, augmentation and masks"]),
+        ("--data.source=synthetic", ["data.source 'demo' -> 'synthetic' (other images)"]),
+        ("--data.min_scale=0.5", ["data.min_scale 0.2 -> 0.5"]),
+        ("--train.steps=8", ["the lr schedule (train.steps 4 -> 8): 4 steps", "-> 8 steps", "step 3 runs at lr"]),
+        ("--train.lr=1e-3", ["the lr schedule (train.lr 0.0 -> 0.001)", "peak 0.001"]),
+        ("--train.weight_decay=0.1", ["train.weight_decay 0.05 -> 0.1 (AdamW updates differ)"]),
+        ("--train.precision=bf16", ["train.precision 'fp32' -> 'bf16'"]),
+    ],
+)
+def test_a_resume_with_other_settings_names_each_in_one_warning(saved_run, tmp_path, capsys, change, named):
+    """accum_steps, seed and data.source used to resume silently (only batch_size x processes was compared)."""
+    warnings, _ = _resume_warnings(saved_run, tmp_path, capsys, change)
+    assert len(warnings) == 1 and all(text in warnings[0] for text in named), warnings
+    assert warnings[0].endswith("(resume with the checkpoint's values to continue exactly).")
+
+
+def test_a_resume_that_computes_the_same_says_nothing(saved_run, tmp_path, capsys):
+    """Where it runs, what it logs and saves, and keys that resolve to the same schedule change nothing."""
+    neutral = ["--train.log_every=3", "--train.keep_last=1", "--data.stall_warn_s=5", "--train.epochs=7"]
+    warnings, _ = _resume_warnings(saved_run, tmp_path, capsys, *neutral)
+    assert warnings == []
+
+
+def test_a_resume_trains_with_the_configs_adamw_settings(saved_run, tmp_path, capsys):
+    """torch's optimizer load_state_dict brings the saved weight decay and betas back; the config's apply."""
+    warnings, again = _resume_warnings(saved_run, tmp_path, capsys, "--train.weight_decay=0.1", "--train.beta2=0.9")
+    decayed, exempt = again.optimizer.param_groups
+    assert (decayed["weight_decay"], exempt["weight_decay"]) == (0.1, 0.0)
+    assert decayed["betas"] == exempt["betas"] == (0.9, 0.9)
+    assert "train.beta2 0.95 -> 0.9" in warnings[0]
