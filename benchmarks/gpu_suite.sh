@@ -58,7 +58,15 @@ failed=()
 skipped=()
 child=""
 
-log() { echo "[gpu_suite $(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*" | tee -a "$OUT_DIR/suite.log"; }
+# The log file first, then stdout, whose reader may be gone (a killed caller): a write to a closed pipe must not
+# end the suite before it has returned its records, so SIGPIPE is ignored and such writes fail quietly.
+trap '' PIPE
+log() {
+  local line
+  line="[gpu_suite $(date +%H:%M:%S) +$(( $(date +%s) - START ))s] $*"
+  echo "$line" >> "$OUT_DIR/suite.log"
+  echo "$line" 2> /dev/null
+}
 
 # The summary and the tarball, rebuilt from every record so far, each written to a temporary and then renamed, so
 # that what OUT_DIR holds is whole at every moment. Records still being written (.*.tmp) are left out.

@@ -137,7 +137,8 @@ def test_srcpath_imports_this_tree_in_a_fresh_environment_without_any_install(tm
 
 def test_a_run_killed_mid_stage_still_returns_every_finished_record(tmp_path):
     """SIGTERM while bench step compiles its last variant: the suite stops the step and returns the tarball and
-    summary with every row finished before (the eager variants, written as they finished) and the cut one named."""
+    summary with every row finished before (the eager variants, written as they finished) and the cut one named,
+    also when whoever read its output is gone (its stdout a closed pipe)."""
     work, out = tmp_path / "work", tmp_path / "out"
     proc = subprocess.Popen(
         ["bash", str(SCRIPT), str(out)],
@@ -147,19 +148,19 @@ def test_a_run_killed_mid_stage_still_returns_every_finished_record(tmp_path):
         text=True,
     )
     try:
-        deadline = time.monotonic() + 400
-        while time.monotonic() < deadline and proc.poll() is None:
+        deadline, compiling = time.monotonic() + 1500, False  # tens of seconds on an idle CPU
+        while time.monotonic() < deadline and proc.poll() is None and not compiling:
             rows = [r for f in work.glob("step-*.json") for r in json.loads(f.read_text())["rows"]]
-            if any(r["impl"] == "fast+compile" and r["status"] == "compiling" for r in rows):
-                break
+            compiling = any(r["impl"] == "fast+compile" and r["status"] == "compiling" for r in rows)
             time.sleep(0.5)
-        assert proc.poll() is None, "the suite ended before its compile variant started"
+        assert compiling and proc.poll() is None, "the suite never reached its compile variant"
+        proc.stdout.close()
         sent = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        output = proc.communicate(timeout=60)[0]
+        proc.wait(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 1 and time.monotonic() - sent < 30, output[-3000:]
+    assert proc.returncode == 1 and time.monotonic() - sent < 30
     (record,) = _records(out)["step"]
     assert [(r["impl"], r["status"]) for r in record["rows"]] == [
         ("reference+eager", "ok"),
@@ -170,5 +171,5 @@ def test_a_run_killed_mid_stage_still_returns_every_finished_record(tmp_path):
     summary = (out / "summary.md").read_text()
     assert "| localmim_vit_tiny_patch16 | fast+eager | 2 |" in summary and "| fast+compile | **compiling** |" in summary
     log = (out / "suite.log").read_text()
-    assert "interrupted by SIGTERM" in log and "bench_hog" not in log
+    assert "interrupted by SIGTERM" in log and "bench_hog" not in log and "done in" in log
     assert not list(out.glob(".*"))  # no temporary left behind
