@@ -47,9 +47,11 @@ from fastmim.train.zero import ZeroShards
 STAGES = ("data", "forward", "backward", "optimizer")
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config, stop_at: int = 0) -> dict[str, Any]:
     """Pre-train per cfg; returns a summary (steps, img/s, final loss, paths, and why it stopped early, if it did).
-    The run directory is this run's alone (fastmim.train.rundir) until the summary is written."""
+    The run directory is this run's alone (fastmim.train.rundir) until the summary is written. ``stop_at > 0``
+    stops (and saves) after that optimizer step with the whole run's schedule, so that a run can go in segments
+    (each resumed with train.resume = "auto"; `fastmim bench convergence`)."""
     entered, t = time.perf_counter(), cfg.train
     dist, device = D.init_distributed(t, resolve_device(t.device))
     with lock_run_dir(dist, Path(t.out_dir)):
@@ -61,12 +63,13 @@ def train(cfg: Config) -> dict[str, Any]:
         log, progress, clock = _metrics_log(run), _progress(run), StepClock(entered)
         batches, first_step, row, streak, stopping = input_stream(run), run.pos.step, None, 0, None
         with StopSignals() as stop, contextlib.closing(log), progress, run.dist, contextlib.closing(batches):
-            while run.pos.step < run.total_steps and stopping is None and streak < t.max_nonfinite:
+            end = min(run.total_steps, stop_at) if stop_at > 0 else run.total_steps
+            while run.pos.step < end and stopping is None and streak < t.max_nonfinite:
                 first = run.pos.step == first_step
                 loss, losses, applied = _first_step(run, batches, clock) if first else train_step(run, batches)
                 run.stats.update(loss, losses, applied)
                 progress.step()
-                log_step = run.pos.step % t.log_every == 0 or run.pos.step == run.total_steps
+                log_step = run.pos.step % t.log_every == 0 or run.pos.step == end
                 if log_step:  # the logged loss is the global batch's (an all-reduce with several processes)
                     row, streak = _log_step(run, log, progress, *D.global_mean(run.dist, loss, losses))
                 stopping = D.agree_stop(run.dist, stop.name, log_step)  # every rank stops (and saves) the same step
