@@ -341,7 +341,7 @@ def plot_record(record: dict[str, Any], png: Path) -> Path:
     from fastmim.bench.plots import _pyplot
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
     colours = {"localmim": "tab:blue", "mae": "tab:orange"}
     styles = {"knn": "-", "linear": "--"}
     base, s = record["baselines"], record["summary"]
@@ -362,7 +362,7 @@ def plot_record(record: dict[str, Any], png: Path) -> Path:
     ax.set_title(
         f"time to accuracy: {record['data']}\n{record['machine']['device']}, torch {torch.__version__}", fontsize=8
     )
-    ax.legend(fontsize=7, ncol=2, loc="lower right")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: no line hidden
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(png)

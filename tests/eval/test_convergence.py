@@ -110,3 +110,22 @@ def test_random_baseline_is_the_pretraining_starting_point():
     start = model_from_config(cfg.model).encoder.state_dict()
     baseline = load_backbone("", cfg.model.name, 32, cfg.train.seed).state_dict
     assert all(torch.equal(baseline[k], v) for k, v in start.items())
+
+
+def test_segments_stopped_with_stop_at_train_exactly_like_one_run(tmp_path):
+    """train(cfg, stop_at) keeps the whole run's schedule: 2 + 2 resumed steps = 4 steps in one go, bit for bit."""
+    from fastmim.train import train
+    from fastmim.train.checkpoint import load_checkpoint
+
+    def cfg(name):
+        fast = ["--model.img_size=32", "--model.decoder_dim=16", "--data.num_images=16", "--train.batch_size=4"]
+        extra = ["--train.steps=4", "--train.warmup_steps=1", "--train.device=cpu", "--train.resume=auto"]
+        return load_config(None, [*fast, *extra, f"--train.out_dir={tmp_path / name}"])
+
+    whole = train(cfg("whole"))
+    first = train(cfg("parts"), stop_at=2)
+    assert first["steps"] == 2 and first["total_steps"] == 4
+    second = train(cfg("parts"), stop_at=4)
+    assert second["steps"] == 4
+    a, b = load_checkpoint(whole["checkpoint"])["model"], load_checkpoint(second["checkpoint"])["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
