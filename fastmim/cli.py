@@ -12,6 +12,7 @@
     fastmim export CKPT --format timm --out FILE                   encoder -> safetensors for timm's ViT
     fastmim visualize CKPT --out FILE.png [--images IMG ...]       input, mask, targets, predictions
     fastmim bench step|data [--config RECIPE] [overrides] [--out DIR] [--plot]   throughput benchmarks (JSON)
+    fastmim bench convergence [--config RECIPE] [overrides] [--work DIR]   time to accuracy, LocalMIM vs MAE (JSON, PNG)
     fastmim bench kernels --static [--arch 80,90] [--out DIR]       kernels compiled for sm_80/90 without a GPU
     fastmim profile [--config RECIPE] [overrides] [--steps N]       profiler trace + per-stage table
     fastmim data convert SRC DST.beton [--max-side N] [--quality Q | --raw] [--workers N]   image folder -> FFCV
@@ -75,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--fixed-batch", action="store_true", help="reuse one batch kept on the device: time the step without input"
     )
     which.choices["data"].add_argument("--sources", help="comma-separated sources (default: every available one)")
+    q = which.add_parser("convergence", help="time to accuracy: LocalMIM vs MAE vs random init, probed as they train")
+    q.add_argument("--config", metavar="RECIPE", help="pre-training recipe (default convergence_fmnist_cpu)")
+    from fastmim.eval.convergence import add_arguments
+
+    add_arguments(q)
     q = which.add_parser("kernels", help="every Triton kernel at every recipe's shapes, compiled ahead of time")
     q.add_argument(
         "--static",
@@ -383,6 +389,10 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
             "--cache": args.cache,
         }
         return run_in_subprocess([f"{k}={v}" for k, v in options.items() if v])
+    if args.bench == "convergence":
+        from fastmim.eval.convergence import main
+
+        return main(args, overrides, ["fastmim", *sys.argv[1:]])
     import torch
 
     from fastmim.bench.harness import format_table, write_record

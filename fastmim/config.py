@@ -83,15 +83,21 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["demo", "folder", "synthetic", "ffcv"] = "demo"
+    source: Literal["demo", "folder", "synthetic", "ffcv", "fashion_mnist"] = "demo"
     """"demo" (built-in images, no download), "folder" (an ImageFolder tree at data.path), "ffcv" (a .beton file
-    at data.path, from `fastmim data convert`; needs the ffcv extra) or "synthetic"."""
+    at data.path, from `fastmim data convert`; needs the ffcv extra), "fashion_mnist" (the train split of the IDX
+    files at data.path, default /usr/share/datasets/fashion-mnist from `apt-get install dataset-fashion-mnist`) or
+    "synthetic"."""
     path: str = ""
-    """Root directory of the images for source "folder", or the .beton file for source "ffcv"."""
+    """Root directory of the images for source "folder", the .beton file for source "ffcv", or the directory of the
+    IDX files for source "fashion_mnist" (empty = the Debian package's)."""
     num_workers: int = 0
     """DataLoader worker processes (0 = load in the main process)."""
     num_images: int = 512
     """Number of images in the demo and synthetic datasets."""
+    holdout: int = 0
+    """Source "fashion_mnist": leave the last this many train images out of pre-training (a validation part for
+    choosing hyper-parameters without the test split)."""
     min_scale: float = 0.2
     """Lower bound of RandomResizedCrop's area scale (method 5: 0.2)."""
     augment: Literal["cpu", "gpu"] = "cpu"

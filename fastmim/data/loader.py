@@ -55,7 +55,14 @@ from fastmim.config import DataConfig, choices
 from fastmim.data import packed
 from fastmim.data.beton import BetonSource
 from fastmim.data.packed import CropBatches, SharedRing, load_or_replace
-from fastmim.data.sources import SOURCES, DemoSource, FolderSource, ImageSource, SyntheticSource
+from fastmim.data.sources import (
+    SOURCES,
+    DemoSource,
+    FashionMNISTSource,
+    FolderSource,
+    ImageSource,
+    SyntheticSource,
+)
 from fastmim.data.transforms import PretrainTransform, normalize_uint8
 from fastmim.errors import STOP_SIGNALS, FastmimError, one_line
 
@@ -492,6 +499,8 @@ def build_source(cfg: Any, img_size: int) -> ImageSource:
         return FolderSource(cfg.path)
     if cfg.source == "ffcv":
         return BetonSource(cfg.path)
+    if cfg.source == "fashion_mnist":
+        return FashionMNISTSource(cfg.path, "train", getattr(cfg, "holdout", 0))
     if cfg.source in ("demo", "synthetic"):
         if cfg.num_images < 1:
             raise FastmimError(f"data.num_images is {cfg.num_images}; set it to a positive number of images.")

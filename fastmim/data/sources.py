@@ -11,12 +11,17 @@ DataLoader worker) gets the same image for the same index.
   images (all label 0). A file that cannot be decoded raises :class:`UnreadableImageError`; the loader replaces
   that sample and counts it.
 - ``ffcv``: a ``.beton`` file written by ``fastmim data convert`` (:mod:`fastmim.data.beton`).
+- ``fashion_mnist``: Fashion-MNIST (70,000 grey 28 x 28 photographs of clothing, 10 classes) read from its four
+  gzipped IDX files, by default where Debian's ``dataset-fashion-mnist`` package puts them. Pre-training reads the
+  train split only (minus ``data.holdout`` images kept for choosing hyper-parameters); the test split is for the
+  reported numbers (:mod:`fastmim.eval.convergence`).
 - ``synthetic``: cheap structured noise generated from the index, label 0; for throughput measurements.
 """
 
 from __future__ import annotations
 
 import functools
+import gzip
 import math
 import os
 import stat
@@ -329,6 +334,71 @@ def _rings(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
 
 
 _PATTERN_FNS = (_gratings, _shapes, _blobs, _rings)
+
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)  # fmt: skip
+_IDX_DTYPES = {0x08: np.uint8}  # the only element type Fashion-MNIST uses
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (gzipped when its name ends in .gz) as an array: magic 0, 0, dtype code, ndim, then ndim
+    big-endian uint32 sizes, then the elements. A malformed file raises FastmimError naming it."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as exc:
+        raise FastmimError(f"cannot read {path} ({exc}); reinstall the data set or fix data.path.") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise FastmimError(f"{path} is not an IDX file of uint8; reinstall the data set or fix data.path.")
+    ndim = raw[3]
+    shape = tuple(int(n) for n in np.frombuffer(raw, ">u4", ndim, 4))
+    data = np.frombuffer(raw, _IDX_DTYPES[raw[2]], offset=4 + 4 * ndim)
+    if data.size != math.prod(shape):
+        raise FastmimError(
+            f"{path} holds {data.size} values, its header says {shape}; reinstall the data set or fix data.path."
+        )
+    return data.reshape(shape).copy()  # writable, as torch.from_numpy wants
+
+
+def fashion_mnist_arrays(root: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(images uint8 [N, 28, 28], labels int64 [N]) of Fashion-MNIST's ``split`` ("train" or "t10k") under
+    ``root`` (empty = the Debian package's directory); files may be gzipped or not."""
+    directory = Path(root or FASHION_MNIST_DIR)
+    arrays = []
+    for kind in ("images-idx3", "labels-idx1"):
+        name = f"{split}-{kind}-ubyte"
+        path = next((p for p in (directory / f"{name}.gz", directory / name) if p.is_file()), None)
+        if path is None:
+            fix = "apt-get install dataset-fashion-mnist" if not root else "point data.path at the IDX files"
+            raise FastmimError(f"Fashion-MNIST file {directory / name}.gz not found; run `{fix}`.")
+        arrays.append(read_idx(path))
+    images, labels = arrays
+    if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+        raise FastmimError(f"Fashion-MNIST {split} images {images.shape} and labels {labels.shape} do not match.")
+    return images, labels.astype(np.int64)
+
+
+class FashionMNISTSource:
+    """Fashion-MNIST ``split`` as 28 x 28 RGB images (grey repeated) with their class; ``holdout`` > 0 drops the
+    last ``holdout`` images (the pre-training loader's view when a validation part is kept apart)."""
+
+    def __init__(self, root: str = "", split: str = "train", holdout: int = 0) -> None:
+        images, labels = fashion_mnist_arrays(root, split)
+        if not 0 <= holdout < len(images):
+            raise FastmimError(f"data.holdout is {holdout}; set it between 0 and {len(images) - 1}.")
+        keep = len(images) - holdout
+        self.images, self.labels = images[:keep], labels[:keep]
+        self.classes = list(FASHION_MNIST_CLASSES)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def load(self, index: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(self.images[index], "L").convert("RGB"), int(self.labels[index])
 
 
 class DemoSource:

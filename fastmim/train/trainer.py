@@ -53,9 +53,11 @@ from fastmim.train.zero import ZeroShards
 STAGES = ("data", "forward", "backward", "optimizer")
 
 
-def train(cfg: Config) -> dict[str, Any]:
+def train(cfg: Config, stop_at: int = 0) -> dict[str, Any]:
     """Pre-train per cfg; returns a summary (steps, img/s, final loss, paths, and why it stopped early, if it did).
-    The run directory is this run's alone (fastmim.train.rundir) until the summary is written."""
+    The run directory is this run's alone (fastmim.train.rundir) until the summary is written. ``stop_at > 0``
+    stops (and saves) after that optimizer step with the whole run's schedule, so that a run can go in segments
+    (each resumed with train.resume = "auto"; `fastmim bench convergence`)."""
     entered, t = time.perf_counter(), cfg.train
     dist, device = D.init_distributed(t, resolve_device(t.device))
     with lock_run_dir(dist, Path(t.out_dir)):
@@ -70,7 +72,8 @@ def train(cfg: Config) -> dict[str, Any]:
         first_step, row, streak, stopping, stalled = run.pos.step, None, 0, None, None
         failed = None  # an output that could not be written (a full disk): every rank stops, saves and reports
         with stop, contextlib.closing(log), progress, run.dist, contextlib.closing(batches):
-            while run.pos.step < run.total_steps and stopping is None and streak < t.max_nonfinite:
+            end = min(run.total_steps, stop_at) if stop_at > 0 else run.total_steps
+            while run.pos.step < end and stopping is None and streak < t.max_nonfinite:
                 first, at = run.pos.step == first_step, dataclasses.replace(run.pos)
                 try:
                     loss, losses, applied = _first_step(run, batches, clock) if first else train_step(run, batches)
@@ -79,7 +82,7 @@ def train(cfg: Config) -> dict[str, Any]:
                     break
                 run.stats.update(loss, losses, applied)
                 progress.step()
-                log_step = run.pos.step % t.log_every == 0 or run.pos.step == run.total_steps
+                log_step = run.pos.step % t.log_every == 0 or run.pos.step == end
                 if log_step:  # the logged loss is the global batch's (an all-reduce with several processes)
                     try:
                         row, streak = _log_step(run, log, progress, *D.global_mean(run.dist, loss, losses))
