@@ -401,6 +401,8 @@ def validate(cfg: Config) -> None:
         (m.decoder_dim >= 0, "model.decoder_dim must be >= 0 (0 = the model's default)"),
         (d.num_workers >= 0, "data.num_workers must be >= 0"),
         (d.num_images > 0, "data.num_images must be positive"),
+        (d.holdout >= 0, "data.holdout must be >= 0 (train images kept out of pre-training)"),
+        (d.holdout == 0 or d.source == "fashion_mnist", "data.holdout applies to data.source = 'fashion_mnist' only"),
         (0.0 < d.min_scale <= 1.0, "data.min_scale must be in (0, 1], e.g. 0.2"),
         (d.stall_warn_s > 0, "data.stall_warn_s must be positive (seconds), e.g. 60"),
         (

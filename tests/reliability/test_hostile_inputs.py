@@ -34,6 +34,7 @@ INVALID = {
     "data.path": ("/nonexistent/images", "/nonexistent/images"),  # with data.source = folder, below
     "data.num_workers": ("-1", "data.num_workers"),
     "data.num_images": ("0", "data.num_images"),
+    "data.holdout": ("-1", "data.holdout must be >= 0"),
     "data.min_scale": ("0", "data.min_scale"),
     "data.augment": ("tpu", "data.augment"),
     "data.decode": ("gpu", "data.decode = 'gpu' needs data.augment = 'gpu'"),  # with the default data.augment = cpu

@@ -121,6 +121,8 @@ def test_recipe_usr1_every_rank_saves_and_the_job_exits_0(tmp_path):
 
 
 def test_srun_task_variables_become_the_launcher_variables(monkeypatch):
+    # adopt_srun_env writes os.environ itself: a copy keeps what it sets out of later tests in this process
+    monkeypatch.setattr(os, "environ", os.environ.copy())
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     task = {"SLURM_PROCID": "9", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_TASKS": "16"}
