@@ -26,6 +26,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from fastmim.errors import FastmimError, one_line
 
@@ -160,6 +161,13 @@ def write_bytes(path: str | Path, data: bytes, overwrite: bool = True) -> Path:
     with output(path, overwrite) as tmp:
         with open(tmp, "wb") as f:
             f.write(data)
+    return Path(path)
+
+
+def write_figure(fig: Any, path: str | Path) -> Path:
+    """Save a matplotlib figure as the PNG ``path`` through :func:`output`; a failure is one :class:`OutputError`."""
+    with reported(path), output(path) as tmp:
+        fig.savefig(tmp, format="png")
     return Path(path)
 
 

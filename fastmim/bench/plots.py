@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fastmim import files
+
 
 def _pyplot():
     import matplotlib
@@ -38,7 +40,7 @@ def plot_kernel_speedups(record_path: Path) -> Path:
     ax.legend()
     fig.tight_layout()
     out = Path(record_path).with_suffix(".png")
-    fig.savefig(out)
+    files.write_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -63,6 +65,6 @@ def plot_step_breakdown(record_path: Path) -> Path:
     ax.legend(fontsize=8)
     fig.tight_layout()
     out = Path(record_path).with_suffix(".png")
-    fig.savefig(out)
+    files.write_figure(fig, out)
     plt.close(fig)
     return out

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
+from fastmim import files
 from fastmim.config import Config
 from fastmim.train.build import resolve_device
 from fastmim.train.trainer import train_step
@@ -189,8 +190,8 @@ def run_profile(cfg: Config, steps: int, warmup: int, out_dir: Path, top: int = 
     ops = prof.key_averages().table(sort_by=sort_key, row_limit=top)
     stage_text = format_table(stages, ("stage", "fwd_ms", "bwd_ms", "other_ms", "total_ms", "share"))
     header = f"{cfg.model.name} impl={cfg.model.impl} batch={t.batch_size} on {device}, {steps} profiled steps"
-    (out_dir / "stages.txt").write_text(header + "\n" + stage_text + "\n")
-    (out_dir / "ops.txt").write_text(header + "\n" + ops + "\n")
+    files.write_text(out_dir / "stages.txt", header + "\n" + stage_text + "\n")
+    files.write_text(out_dir / "ops.txt", header + "\n" + ops + "\n")
     log(header)
     log(stage_text)
     log(ops)

@@ -70,7 +70,6 @@ def plot_curves(rows: list[dict[str, Any]], png_path: Path, title: str) -> Path 
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    with files.reported(png_path), files.output(png_path) as tmp:
-        fig.savefig(tmp, format="png")
+    files.write_figure(fig, png_path)
     plt.close(fig)
     return png_path

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fastmim import files
 from fastmim.config import Config, dump_toml, load_config
 from fastmim.errors import FastmimError
 
@@ -365,7 +366,7 @@ def plot_record(record: dict[str, Any], png: Path) -> Path:
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))  # outside: no line hidden
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(png)
+    files.write_figure(fig, png)
     plt.close(fig)
     return png
 

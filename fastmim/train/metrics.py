@@ -239,7 +239,6 @@ def plot_losses(metrics_path: Path, png_path: Path, scale_names: list[str]) -> P
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with files.reported(png_path), files.output(png_path) as tmp:
-        fig.savefig(tmp, format="png")
+    files.write_figure(fig, png_path)
     plt.close(fig)
     return png_path
