@@ -2,6 +2,8 @@
 
 import os
 import struct
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -50,3 +52,17 @@ def write_hostile(directory: Path) -> None:
     y, x = np.mgrid[0:1600, 0:2400]
     huge = np.stack([x * 255 // 2400, y * 255 // 1600, (x + y) * 255 // 4000], -1).astype(np.uint8)
     Image.fromarray(huge).save(directory / "huge.jpg", quality=90)
+
+
+def start_conversion(tmp_path: Path, **popen) -> tuple[subprocess.Popen, Path]:
+    """`fastmim data convert` (one worker) of 300 random 128 px JPEGs written under ``tmp_path/src/a``, started with
+    ``popen``'s keyword arguments: writing them takes about a second (~300 img/s), long enough to signal or kill the
+    converter in the middle of it. Returns the process and its destination, ``tmp_path/out/data.beton``."""
+    rng = np.random.default_rng(0)
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    for i in range(300):
+        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(tmp_path / "src" / "a" / f"{i}.jpg")
+    dst = tmp_path / "out" / "data.beton"
+    dst.parent.mkdir()
+    argv = [sys.executable, "-m", "fastmim", "data", "convert", str(tmp_path / "src"), str(dst), "--workers", "1"]
+    return subprocess.Popen(argv, **popen), dst

@@ -4,7 +4,6 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +18,7 @@ from fastmim.data import beton as bt
 from fastmim.data import build_loader
 from fastmim.data.sources import FolderSource
 from fastmim.errors import FastmimError
-from tests.data._images import HOSTILE_CONVERTED, HOSTILE_SKIPPED
+from tests.data._images import HOSTILE_CONVERTED, HOSTILE_SKIPPED, start_conversion
 
 MAX_SIDE = 64
 
@@ -203,15 +202,8 @@ def test_stored_size_shrinks_the_longest_side_only():
 def test_sigterm_during_a_conversion_leaves_nothing_behind(tmp_path):
     """SIGTERM killed `fastmim data convert` outright and left its hidden temporary file behind. Signalled while
     writing (the temporary file exists): one line, exit 128 + 15, neither it nor the destination left."""
-    rng = np.random.default_rng(0)
-    (tmp_path / "src" / "a").mkdir(parents=True)
-    # Enough images that writing (~300 img/s here) outlasts the repeat of a signal swallowed at the writer start.
-    for i in range(300):
-        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(tmp_path / "src" / "a" / f"{i}.jpg")
-    dst = tmp_path / "out" / "data.beton"
-    dst.parent.mkdir()
-    argv = [sys.executable, "-m", "fastmim", "data", "convert", str(tmp_path / "src"), str(dst), "--workers", "1"]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Enough images that writing outlasts the repeat of a signal swallowed at the writer start.
+    proc, dst = start_conversion(tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 120
         while not list(dst.parent.glob(".data.beton.*.tmp")) and proc.poll() is None and time.monotonic() < deadline:

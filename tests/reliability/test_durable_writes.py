@@ -26,6 +26,7 @@ from fastmim.train.checkpoint import atomic_save, clean_partial_saves, write_che
 from fastmim.train.metrics import MetricsLog, plot_losses
 from fastmim.train.rundir import save_config
 from tests._trace import traced_syscalls  # noqa: F401  (the syscalls fixture)
+from tests.data._images import start_conversion
 from tests.reliability._harness import _CTX
 
 
@@ -172,17 +173,9 @@ def test_a_writer_killed_before_the_rename_leaves_the_old_file_or_none(tmp_path,
 def test_a_conversion_killed_in_the_middle_of_ffcvs_write_leaves_no_dataset(tmp_path):
     """SIGKILL to `fastmim data convert`'s process group while FFCV's writer fills the temporary file."""
     import subprocess
-    import sys
 
     pytest.importorskip("ffcv")
-    rng = np.random.default_rng(0)
-    (tmp_path / "src" / "a").mkdir(parents=True)
-    for i in range(300):  # ~1 s of writing at ~300 img/s
-        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(tmp_path / "src" / "a" / f"{i}.jpg")
-    dst = tmp_path / "out" / "data.beton"
-    dst.parent.mkdir()
-    argv = [sys.executable, "-m", "fastmim", "data", "convert", str(tmp_path / "src"), str(dst), "--workers", "1"]
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc, dst = start_conversion(tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
         while not [p for p in dst.parent.glob(".data.beton.*.tmp") if p.stat().st_size > 1 << 20]:
