@@ -13,6 +13,7 @@
     fastmim visualize CKPT --out FILE.png [--images IMG ...]       input, mask, targets, predictions
     fastmim bench step|data [--config RECIPE] [overrides] [--out DIR] [--plot]   throughput benchmarks (JSON)
     fastmim bench convergence [--config RECIPE] [overrides] [--work DIR]   time to accuracy, LocalMIM vs MAE (JSON, PNG)
+    fastmim bench ablations [--config RECIPE] [overrides] [--only LABELS]  its ablations, on held-out train images
     fastmim bench kernels --static [--arch 80,90] [--out DIR]       kernels compiled for sm_80/90 without a GPU
     fastmim profile [--config RECIPE] [overrides] [--steps N]       profiler trace + per-stage table
     fastmim data convert SRC DST.beton [--max-side N] [--quality Q | --raw] [--workers N]   image folder -> FFCV
@@ -81,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
     from fastmim.eval.convergence import add_arguments
 
     add_arguments(q)
+    q = which.add_parser("ablations", help="the convergence recipe's ablations, scored on held-out train images")
+    q.add_argument("--config", metavar="RECIPE", help="pre-training recipe (default convergence_fmnist_cpu)")
+    from fastmim.eval.ablations import add_arguments as add_ablation_arguments
+
+    add_ablation_arguments(q)
     q = which.add_parser("kernels", help="every Triton kernel at every recipe's shapes, compiled ahead of time")
     q.add_argument(
         "--static",
@@ -393,6 +399,10 @@ def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
         from fastmim.eval.convergence import main
 
         return main(args, overrides, ["fastmim", *sys.argv[1:]])
+    if args.bench == "ablations":
+        from fastmim.eval.ablations import main as ablations_main
+
+        return ablations_main(args, overrides, ["fastmim", *sys.argv[1:]])
     import torch
 
     from fastmim.bench.harness import format_table, write_record

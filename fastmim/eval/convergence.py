@@ -29,6 +29,7 @@ import argparse
 import dataclasses
 import datetime
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -246,6 +247,7 @@ def _train_segment(train: Any, cfg: Config, m: str, target: int, last: dict[str,
         "pretrain_s": (last["pretrain_s"] if last else 0.0) + seconds,
         "segment_s": seconds,
         "loss": summary["final_loss"],
+        "load_average": list(os.getloadavg()),  # 1, 5, 15 min at the segment's end: was the machine shared?
         "checkpoint": summary["checkpoint"],
         "knn": None,
         "linear": None,
@@ -300,18 +302,14 @@ def _jsonable(opts: Options) -> dict[str, Any]:
     return out
 
 
-def build_record(
-    state: State, cfgs: dict[str, Config], sets: ProbeSets, opts: Options, device: torch.device
-) -> dict[str, Any]:
+def environment(device: torch.device) -> dict[str, Any]:
+    """The record's ``git_sha``, ``machine`` and ``versions`` (shared with ``fastmim bench ablations``)."""
     import timm
     import torch
 
     from fastmim.bench.harness import device_name, git_sha
 
-    data = state.data
     return {
-        "bench": "convergence",
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "git_sha": git_sha(),
         "machine": {
             "device": device_name(device),
@@ -319,8 +317,20 @@ def build_record(
             "processor": platform.processor() or platform.machine(),
             "cpus": torch.multiprocessing.cpu_count(),
             "torch_threads": torch.get_num_threads(),
+            "load_average": list(os.getloadavg()),
         },
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__},
+    }
+
+
+def build_record(
+    state: State, cfgs: dict[str, Config], sets: ProbeSets, opts: Options, device: torch.device
+) -> dict[str, Any]:
+    data = state.data
+    return {
+        "bench": "convergence",
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        **environment(device),
         "data": sets.description,
         "options": _jsonable(opts),
         "configs": data["identity"]["configs"],
