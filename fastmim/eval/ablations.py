@@ -27,7 +27,16 @@ from typing import Any, Literal
 
 from fastmim.config import dump_toml
 from fastmim.errors import FastmimError
-from fastmim.eval.convergence import DEFAULT_RECIPE, Options, _probe, build_sets, environment, method_configs, progress
+from fastmim.eval.convergence import (
+    DEFAULT_RECIPE,
+    Options,
+    _probe,
+    build_sets,
+    environment,
+    method_configs,
+    progress,
+    same_settings,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +105,7 @@ def run_ablations(recipe: str, overrides: list[str], work: Path, opts: Options, 
     work.mkdir(parents=True, exist_ok=True)
     for label, cfg in cfgs.items():
         done = state["variants"].get(label)
-        if done and done["config"] != dump_toml(cfg):
+        if done and not same_settings(done["config"], dump_toml(cfg)):
             raise FastmimError(
                 f"{work} holds ablation {label} with other settings; rerun with those or another --work."
             )

@@ -32,6 +32,7 @@ import json
 import os
 import platform
 import time
+import tomllib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -155,6 +156,19 @@ def build_sets(cfg: Config, opts: Options) -> ProbeSets:
     return ProbeSets(probe_train, test, finetune, classes, text)
 
 
+def same_settings(a: Any, b: Any) -> bool:
+    """Whether two stored settings are equal, config texts compared as parsed TOML: a key order written by another
+    fastmim version is not another setting."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_settings(a[k], b[k]) for k in a)
+    if isinstance(a, str) and isinstance(b, str) and a != b and a.startswith("[") and b.startswith("["):
+        try:
+            return tomllib.loads(a) == tomllib.loads(b)
+        except tomllib.TOMLDecodeError:
+            return False
+    return a == b
+
+
 class State:
     """What is done so far, in ``work``/state.json (rewritten atomically after each phase)."""
 
@@ -162,7 +176,7 @@ class State:
         self.path = work / "state.json"
         if self.path.exists():
             self.data = json.loads(self.path.read_text())
-            if self.data.get("identity") != identity:
+            if not same_settings(self.data.get("identity"), identity):
                 raise FastmimError(
                     f"{work} holds a convergence run with other settings; rerun with those or choose another --work."
                 )

@@ -129,3 +129,13 @@ def test_segments_stopped_with_stop_at_train_exactly_like_one_run(tmp_path):
     assert second["steps"] == 4
     a, b = load_checkpoint(whole["checkpoint"])["model"], load_checkpoint(second["checkpoint"])["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_stored_settings_compare_as_parsed_toml_not_as_text():
+    from fastmim.eval.convergence import same_settings
+
+    old = {"configs": {"localmim": "[train]\nbatch_size = 64\nblr = 0.0015\n"}, "options": {"points": 5}}
+    reordered = {"configs": {"localmim": "[train]\nblr = 0.0015\nbatch_size = 64\n"}, "options": {"points": 5}}
+    changed = {"configs": {"localmim": "[train]\nblr = 0.003\nbatch_size = 64\n"}, "options": {"points": 5}}
+    assert same_settings(old, reordered) and not same_settings(old, changed)
+    assert not same_settings(old, {**reordered, "options": {"points": 6}})
