@@ -25,6 +25,8 @@ from fastmim.errors import FastmimError
 # `fastmim pretrain` with no --config trains this built-in recipe (configs/tiny_cpu.toml).
 DEFAULT_RECIPE = "tiny_cpu"
 DEFAULT_IMG_SIZE = 224  # model.img_size = 0: the published recipes' resolution
+# Where a data stage runs (data.augment, data.decode): in the data workers ("cpu") or on the training device ("gpu").
+Placement = Literal["cpu", "gpu"]
 
 
 def scaled_lr(lr: float, blr: float, batch: int) -> float:
@@ -100,10 +102,10 @@ class DataConfig:
     choosing hyper-parameters without the test split)."""
     min_scale: float = 0.2
     """Lower bound of RandomResizedCrop's area scale (method 5: 0.2)."""
-    augment: Literal["cpu", "gpu"] = "cpu"
+    augment: Placement = "cpu"
     """Where crops are resized, flipped and normalised: "cpu" (PIL, in the data workers) or "gpu" (workers only
     decode and crop; one fused op on the training device; same crops, same pixels up to Pillow's pass order)."""
-    decode: Literal["cpu", "gpu"] = "cpu"
+    decode: Placement = "cpu"
     """Where JPEGs are decoded: "cpu" (libjpeg-turbo in the data workers: the stored pixels exactly) or "gpu"
     (data.source = "ffcv" with JPEG storage and data.augment = "gpu": workers ship the JPEG bytes, the training
     device decodes them with nvJPEG through torchvision; pixels may differ slightly: `fastmim bench data` measures)."""
