@@ -25,6 +25,11 @@ from fastmim.errors import FastmimError
 # `fastmim pretrain` with no --config trains this built-in recipe (configs/tiny_cpu.toml).
 DEFAULT_RECIPE = "tiny_cpu"
 DEFAULT_IMG_SIZE = 224  # model.img_size = 0: the published recipes' resolution
+# Where a data stage runs (data.augment, data.decode): in the data workers ("cpu") or on the training device ("gpu").
+Placement = Literal["cpu", "gpu"]
+# The choices of every command's precision and device keys (train.*, finetune.*, linprobe.device).
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+Device = Literal["auto", "cpu", "cuda"]
 
 
 def scaled_lr(lr: float, blr: float, batch: int) -> float:
@@ -100,10 +105,10 @@ class DataConfig:
     choosing hyper-parameters without the test split)."""
     min_scale: float = 0.2
     """Lower bound of RandomResizedCrop's area scale (method 5: 0.2)."""
-    augment: Literal["cpu", "gpu"] = "cpu"
+    augment: Placement = "cpu"
     """Where crops are resized, flipped and normalised: "cpu" (PIL, in the data workers) or "gpu" (workers only
     decode and crop; one fused op on the training device; same crops, same pixels up to Pillow's pass order)."""
-    decode: Literal["cpu", "gpu"] = "cpu"
+    decode: Placement = "cpu"
     """Where JPEGs are decoded: "cpu" (libjpeg-turbo in the data workers: the stored pixels exactly) or "gpu"
     (data.source = "ffcv" with JPEG storage and data.augment = "gpu": workers ship the JPEG bytes, the training
     device decodes them with nvJPEG through torchvision; pixels may differ slightly: `fastmim bench data` measures)."""
@@ -117,7 +122,57 @@ class DataConfig:
 
 
 @dataclass
-class TrainConfig:
+class OptimizerConfig:
+    """The optimizer keys every training command shares, declared, documented and checked here once: pre-training's
+    [train], fine-tuning's [finetune] and the linear probe's [linprobe] sections inherit them (a section may give a
+    key another default, never another meaning). The learning rate warms up linearly from 0, then follows a
+    half-cycle cosine down to min_lr (fastmim.train.optim.lr_at)."""
+
+    warmup_epochs: float = 0.0
+    """Linear learning-rate warm-up length in epochs (fractions allowed)."""
+    blr: float = 2e-4
+    """Base learning rate; the peak lr is blr * effective_batch / 256 (method 5), the batch of one optimizer step."""
+    lr: float = 0.0
+    """Absolute peak learning rate; 0 = derive it from blr."""
+    min_lr: float = 1e-6
+    """Floor of the half-cycle cosine schedule."""
+    weight_decay: float = 0.05
+    """Weight decay of weight matrices, never of 1-D tensors or biases; fine-tuning also spares pos_embed, cls_token."""
+
+    def optimizer_checks(self, section: str) -> list[tuple[bool, str]]:
+        """``(ok, message)`` range checks of these keys, named as keys of config section ``section``."""
+        s = section
+        return [
+            (self.warmup_epochs >= 0, f"{s}.warmup_epochs must be >= 0 (a warm-up length in epochs)"),
+            (self.blr > 0 or self.lr > 0, f"{s}.blr (or {s}.lr) must be positive"),
+            (self.lr >= 0 and self.min_lr >= 0, f"{s}.lr and {s}.min_lr must be >= 0"),
+            (self.weight_decay >= 0, f"{s}.weight_decay must be >= 0"),
+        ]
+
+
+@dataclass
+class AdamWConfig(OptimizerConfig):
+    """The optimizer keys of the commands that train with AdamW: pre-training and fine-tuning (the linear probe uses
+    SGD or LARS)."""
+
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    clip_grad: float = 0.0
+    """Clip the global gradient norm to this value; 0 = no clipping (the published recipes)."""
+
+    def optimizer_checks(self, section: str) -> list[tuple[bool, str]]:
+        s = section
+        return [
+            *super().optimizer_checks(section),
+            (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, f"{s}.beta1 and {s}.beta2 must be in [0, 1)"),
+            (self.clip_grad >= 0, f"{s}.clip_grad must be >= 0 (0 = off)"),
+        ]
+
+
+@dataclass
+class TrainConfig(AdamWConfig):
     batch_size: int = 64
     """Images per optimizer micro-step on each process."""
     accum_steps: int = 1
@@ -126,27 +181,11 @@ class TrainConfig:
     """Stop after this many optimizer steps (overrides epochs when > 0)."""
     epochs: int = 1
     """Training length in epochs (used when train.steps is 0); also the cosine schedule's length."""
-    warmup_epochs: float = 0.0
-    """Linear learning-rate warm-up length in epochs (fractions allowed); see warmup_steps."""
     warmup_steps: int = -1
     """Warm-up length in optimizer steps; -1 = derive it from warmup_epochs."""
-    blr: float = 2e-4
-    """Base learning rate; the actual lr is blr * effective_batch / 256 (method 5)."""
-    lr: float = 0.0
-    """Absolute peak learning rate; 0 = derive it from blr."""
-    min_lr: float = 1e-6
-    """Floor of the half-cycle cosine schedule."""
-    weight_decay: float = 0.05
-    """AdamW weight decay, applied to every trainable tensor except 1-D ones and biases (method 5)."""
-    beta1: float = 0.9
-    """AdamW beta1."""
-    beta2: float = 0.95
-    """AdamW beta2."""
-    clip_grad: float = 0.0
-    """Clip the global gradient norm to this value; 0 = no clipping (the published recipes)."""
-    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    precision: Precision = "auto"
     """"bf16" (autocast), "fp16" (autocast + GradScaler), "fp32", or "auto" (bf16 on CUDA, fp32 on CPU)."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     """"auto" (CUDA when present, else CPU), "cpu" or "cuda"."""
     compile: Literal["auto", "on", "off"] = "auto"
     """torch.compile each transformer block on its own (regional compilation): "auto" (on for CUDA, off on CPU),
@@ -228,14 +267,16 @@ def _sections(cfg: Any) -> list[str]:
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """Map each field of a config dataclass to the docstring written under it in this module."""
-    tree = ast.parse(inspect.getsource(cls))
-    body = tree.body[0].body
+    """Map each field of a config dataclass, in field order, to the docstring written under it in the class that
+    declares it: ``cls`` or a base such as :class:`OptimizerConfig` (a section that only changes a shared key's
+    default restates no docstring)."""
     docs = {}
-    for prev, node in itertools.pairwise(body):
-        if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
-            docs[prev.target.id] = node.value.value
-    return docs
+    for klass in reversed(cls.__mro__[:-1]):  # bases first: object has no source
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for prev, node in itertools.pairwise(body):
+            if isinstance(prev, ast.AnnAssign) and isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+                docs[prev.target.id] = node.value.value
+    return {f.name: docs[f.name] for f in dataclasses.fields(cls)}
 
 
 def _suggest(word: str, options) -> str:
@@ -414,13 +455,12 @@ def validate(cfg: Config) -> None:
         (t.accum_steps > 0, "train.accum_steps must be positive"),
         (t.steps >= 0, "train.steps must be >= 0 (0 = use train.epochs)"),
         (t.epochs > 0 or t.steps > 0, "train.epochs must be positive when train.steps is 0"),
-        (t.warmup_epochs >= 0 and t.warmup_steps >= -1, "warm-up lengths must be >= 0"),
-        (t.blr > 0 or t.lr > 0, "train.blr (or train.lr) must be positive"),
-        (t.lr >= 0 and t.min_lr >= 0, "train.lr and train.min_lr must be >= 0"),
+        (
+            t.warmup_steps >= -1,
+            "train.warmup_steps must be >= 0 (a warm-up length in steps), or -1 (derive it from train.warmup_epochs)",
+        ),
+        *t.optimizer_checks("train"),
         (t.min_lr <= peak_lr, f"train.min_lr must not exceed the peak learning rate ({peak_lr:.3g})"),
-        (t.weight_decay >= 0, "train.weight_decay must be >= 0"),
-        (0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)"),
-        (t.clip_grad >= 0, "train.clip_grad must be >= 0 (0 = off)"),
         (t.log_every > 0, "train.log_every must be positive"),
         (t.save_every >= 0, "train.save_every must be >= 0 (0 = save at the end only)"),
         (t.keep_last >= 0, "train.keep_last must be >= 0 (0 = keep every checkpoint)"),

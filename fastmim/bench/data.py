@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from fastmim.config import Config
+from fastmim.config import Config, validate
 from fastmim.data import build_loader
 from fastmim.data.beton import BetonSource, convert_folder, ffcv_installed
 from fastmim.data.sources import FolderSource
@@ -161,6 +161,8 @@ def _levels(loader, images: int) -> torch.Tensor:
 
 def bench_row(cfg: Config, batches: int, warmup: int, reference: Config, deviation_images: int) -> dict[str, Any]:
     """Time the loader ``cfg.data`` describes and measure its pixels against ``reference``'s."""
+    for checked in (cfg, reference):  # the data keys were set here (the --sources, --augment, --decode lists)
+        validate(checked)
     t, img_size, device = cfg.train, cfg.model.resolved_img_size, bench_device(cfg)
     loader = build_loader(cfg.data, img_size, t.batch_size, t.seed, device=device)
     elapsed, cpu = _timed(loader, batches, warmup, device)

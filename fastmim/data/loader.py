@@ -45,18 +45,17 @@ import time
 import warnings
 import weakref
 from collections.abc import Iterable, Iterator
-from typing import Any, Protocol
+from typing import Any, Protocol, assert_never
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from fastmim.config import DataConfig, choices
+from fastmim.config import DataConfig, Placement
 from fastmim.data import packed
 from fastmim.data.beton import BetonSource
 from fastmim.data.packed import CropBatches, SharedRing, load_or_replace
 from fastmim.data.sources import (
-    SOURCES,
     DemoSource,
     FashionMNISTSource,
     FolderSource,
@@ -71,7 +70,6 @@ _MASK63 = (1 << 63) - 1
 # torch.multiprocessing re-raises a worker's exception in the main process with this header in the message.
 _WORKER_ERROR_HEADER = "Caught FastmimError in DataLoader worker process"
 _ERROR_PREFIX = "fastmim.errors.FastmimError: "
-PLACEMENTS: tuple[str, ...] = choices(DataConfig, "augment")  # the values data.augment declares
 # Seconds a worker gets to exit after being asked to (an idle one takes milliseconds) before it is killed.
 _WORKER_GRACE_S = 2.0
 # A watched wait for a batch (see the module docstring) checks in this often; it bounds how late a stop signal that
@@ -193,13 +191,18 @@ class MIMLoader:
         num_workers: int = 0,
         rank: int = 0,
         world_size: int = 1,
-        placement: str = "cpu",
+        placement: Placement = "cpu",
         device: str | torch.device | None = None,
-        decode: str = "cpu",
+        decode: Placement = "cpu",
     ) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside [0, world_size={world_size})")
-        _check_choices(placement, decode, source)
+        if decode == "gpu" and not getattr(source, "jpeg", False):
+            # The one check of data.decode that validate cannot make: what the .beton holds is known once it is open.
+            raise FastmimError(
+                'data.decode = "gpu" needs a .beton of JPEGs (data.source = "ffcv", converted without --raw); set '
+                'data.decode = "cpu".'
+            )
         gpu = placement == "gpu"
         self.dataset = CropBatches(source, transform, decode) if gpu else _AugmentedSource(source, transform)
         self.transform = transform
@@ -402,19 +405,6 @@ class MIMLoader:
                 )
 
 
-def _check_choices(placement: str, decode: str, source: ImageSource | None) -> None:
-    """data.augment and data.decode name known choices that go together (and, given the source, fit it)."""
-    if placement not in PLACEMENTS:
-        raise FastmimError(f"data.augment {placement!r} is unknown; set it to one of {', '.join(PLACEMENTS)}.")
-    if decode not in packed.DECODES:
-        raise FastmimError(f"data.decode {decode!r} is unknown; set it to one of {', '.join(packed.DECODES)}.")
-    if decode == "gpu" and (placement != "gpu" or (source is not None and not getattr(source, "jpeg", False))):
-        raise FastmimError(
-            'data.decode = "gpu" needs data.augment = "gpu" and a .beton of JPEGs (data.source = "ffcv", converted '
-            'without --raw); set data.decode = "cpu".'
-        )
-
-
 @contextlib.contextmanager
 def _shared_by_name() -> Iterator[None]:
     """Within the block, torch shares tensors between processes through named shared-memory files ("file_system").
@@ -493,20 +483,22 @@ def _stop_workers_at_exit() -> None:
         stop_workers(batches)
 
 
-def build_source(cfg: Any, img_size: int) -> ImageSource:
-    """Build the source named by ``cfg.source`` (reads ``cfg.path`` and ``cfg.num_images``)."""
-    if cfg.source == "folder":
-        return FolderSource(cfg.path)
-    if cfg.source == "ffcv":
-        return BetonSource(cfg.path)
-    if cfg.source == "fashion_mnist":
-        return FashionMNISTSource(cfg.path, "train", getattr(cfg, "holdout", 0))
-    if cfg.source in ("demo", "synthetic"):
-        if cfg.num_images < 1:
-            raise FastmimError(f"data.num_images is {cfg.num_images}; set it to a positive number of images.")
-        cls = DemoSource if cfg.source == "demo" else SyntheticSource
-        return cls(cfg.num_images, img_size)
-    raise FastmimError(f"data.source {cfg.source!r} is unknown; set data.source to one of {', '.join(SOURCES)}.")
+def build_source(data: DataConfig, img_size: int) -> ImageSource:
+    """The source ``data.source`` names, from ``data.path``, ``data.holdout`` or ``data.num_images``. ``data`` is a
+    section that :func:`fastmim.config.validate` accepted (a known source, a positive image count): nothing is
+    checked twice here, only what needs the files (they exist, hold images, hold enough of them)."""
+    match data.source:
+        case "folder":
+            return FolderSource(data.path)
+        case "ffcv":
+            return BetonSource(data.path)
+        case "fashion_mnist":
+            return FashionMNISTSource(data.path, "train", data.holdout)
+        case "demo":
+            return DemoSource(data.num_images, img_size)
+        case "synthetic":
+            return SyntheticSource(data.num_images, img_size)
+    assert_never(data.source)
 
 
 def _default_device() -> torch.device:
@@ -514,7 +506,7 @@ def _default_device() -> torch.device:
 
 
 def build_loader(
-    cfg: Any,
+    data: DataConfig,
     img_size: int,
     batch_size: int,
     seed: int,
@@ -522,20 +514,16 @@ def build_loader(
     world_size: int = 1,
     device: str | torch.device | None = None,
 ) -> MIMLoader:
-    """Build the pre-training loader from the ``data`` config section.
+    """The pre-training loader the ``data`` section describes, for micro-batches of ``batch_size`` (train.batch_size).
 
-    Reads ``cfg.source``, ``cfg.path``, ``cfg.num_images``, ``cfg.num_workers``, ``cfg.min_scale``,
-    ``cfg.augment`` and ``cfg.decode``; crops use scale ``(cfg.min_scale, 1.0)`` and ratio ``(3/4, 4/3)`` as in
-    method 5. ``device`` is where ``"gpu"`` augmentation runs (default: the current CUDA device, else the CPU).
+    ``data`` and ``batch_size`` come from a config that :func:`fastmim.config.validate` accepted, which owns every
+    check of their values and combinations; what is left here needs the data itself (:func:`build_source`, and
+    :class:`MIMLoader`: enough images for one batch, JPEGs for ``data.decode = "gpu"``). Crops use scale
+    ``(data.min_scale, 1.0)`` and ratio ``(3/4, 4/3)`` as in method 5. ``device`` is where ``"gpu"`` augmentation
+    runs (default: the current CUDA device, else the CPU).
     """
-    if batch_size < 1:
-        raise FastmimError(f"train.batch_size is {batch_size}; set it to a positive integer.")
-    if cfg.num_workers < 0:
-        raise FastmimError(f"data.num_workers is {cfg.num_workers}; set it to 0 (main process) or more.")
-    if not 0.0 < cfg.min_scale <= 1.0:
-        raise FastmimError(f"data.min_scale is {cfg.min_scale}; set it in (0, 1], e.g. 0.2.")
-    placement, decode = getattr(cfg, "augment", "cpu"), getattr(cfg, "decode", "cpu")
-    _check_choices(placement, decode, None)  # the source-dependent check follows in MIMLoader, once it is built
-    source = build_source(cfg, img_size)
-    transform = PretrainTransform(img_size, scale=(cfg.min_scale, 1.0))
-    return MIMLoader(source, transform, batch_size, seed, cfg.num_workers, rank, world_size, placement, device, decode)
+    source = build_source(data, img_size)
+    transform = PretrainTransform(img_size, scale=(data.min_scale, 1.0))
+    return MIMLoader(
+        source, transform, batch_size, seed, data.num_workers, rank, world_size, data.augment, device, data.decode
+    )

@@ -38,12 +38,11 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
-from fastmim.config import DataConfig, choices
+from fastmim.config import Placement
 from fastmim.data.sources import ImageSource, UnreadableImageError
 from fastmim.data.transforms import PretrainTransform
 from fastmim.errors import FastmimError, one_line
 
-DECODES: tuple[str, ...] = choices(DataConfig, "decode")  # the values data.decode declares
 PREFETCH = 2  # the DataLoader's prefetch_factor: batches in flight per worker (the ring has one slot more in all)
 # Replacements for an unreadable image are drawn from (sample seed, this salt); after this many unreadable
 # replacements in a row the data is hopeless and the run stops.
@@ -126,7 +125,7 @@ class CropBatches(Dataset):
     image's size and ``boxes[b]`` the crop inside it.
     """
 
-    def __init__(self, source: ImageSource, transform: PretrainTransform, decode: str = "cpu") -> None:
+    def __init__(self, source: ImageSource, transform: PretrainTransform, decode: Placement = "cpu") -> None:
         self.source, self.transform, self.decode = source, transform, decode
         self.ring: SharedRing | None = None  # set by the loader before its workers start
         self._scratch: tuple[np.ndarray, np.ndarray] | None = None  # this process's read and decode buffers

@@ -32,10 +32,7 @@ from typing import Protocol
 import numpy as np
 from PIL import Image, ImageDraw, UnidentifiedImageError
 
-from fastmim.config import DataConfig, choices
 from fastmim.errors import FastmimError, one_line
-
-SOURCES: tuple[str, ...] = choices(DataConfig, "source")  # the values data.source declares
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 

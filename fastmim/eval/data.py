@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from fastmim.data.sources import FolderSource
 from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fastmim.errors import FastmimError
+from fastmim.eval.config import EvalDataConfig
 
 DIGITS_VAL_EVERY = 5
 
@@ -69,8 +70,8 @@ class Splits:
     classes: list[str]
 
 
-def build_splits(data_cfg: Any, img_size: int) -> Splits:
-    """The train and val sources named by the ``data`` section."""
+def build_splits(data_cfg: EvalDataConfig, img_size: int) -> Splits:
+    """The train and val sources named by the (validated) ``data`` section; what is left to check needs the files."""
     if data_cfg.source == "digits":
         return Splits(DigitsSource("train", img_size), DigitsSource("val", img_size), [str(c) for c in range(10)])
     root = Path(data_cfg.path) if data_cfg.path else None

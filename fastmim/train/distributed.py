@@ -53,6 +53,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fastmim.config import TrainConfig
 from fastmim.errors import FastmimError
 from fastmim.train.metrics import Progress
 
@@ -139,7 +140,7 @@ def adopt_srun_env() -> None:
             )
 
 
-def init_distributed(t, device: torch.device) -> tuple[Dist, torch.device]:
+def init_distributed(t: TrainConfig, device: torch.device) -> tuple[Dist, torch.device]:
     """Join the process group the launcher set up (see the module docstring); returns this process's Dist and its
     device (``cuda:LOCAL_RANK`` on CUDA). A single process with train.dist ddp / deepspeed forms a group of one."""
     adopt_srun_env()
@@ -213,7 +214,7 @@ class ReportedByRank0(FastmimError):
     reported_by_rank0 = True
 
 
-def apply_distributed(d: Dist, model: nn.Module, optimizer: torch.optim.Optimizer, t) -> tuple[Any, Any]:
+def apply_distributed(d: Dist, model: nn.Module, optimizer: torch.optim.Optimizer, t: TrainConfig) -> tuple[Any, Any]:
     """Wrap for data parallelism; returns (the callable that runs the forward, the optimizer whose groups'
     lr the trainer sets). Unwrapped model and optimizer for a single process."""
     if d.mode == "none":
@@ -230,7 +231,7 @@ def apply_distributed(d: Dist, model: nn.Module, optimizer: torch.optim.Optimize
     return engine, ds_optimizer
 
 
-def deepspeed_config(t, world: int) -> dict[str, Any]:
+def deepspeed_config(t: TrainConfig, world: int) -> dict[str, Any]:
     """fastmim's train section as a DeepSpeed config. Not mapped: the lr schedule (fastmim sets the lr of every
     group each step) and precision (fp32 parameters; bf16 comes from fastmim's autocast)."""
     zero: dict[str, Any] = {"stage": t.zero_stage}

@@ -4,6 +4,7 @@ needs, stored bytes, and the pixel deviation from the full decode + Pillow bicub
 
 import json
 
+import pytest
 from PIL import Image
 
 from fastmim.bench import data as bench_data
@@ -78,6 +79,23 @@ def test_rows_per_source_storage_placement_and_decode(tmp_path, capsys, monkeypa
     jpeg, raw = by["ffcv", "jpeg", "gpu", "cpu"], by["ffcv", "raw", "gpu", "cpu"]
     assert jpeg["payload_bytes_per_image"] < raw["payload_bytes_per_image"] <= raw["bytes_per_image"]
     assert raw["beton"] == {"max_side": 0, "images": 12, "bytes": raw["beton"]["bytes"], "skipped": 0, "resized": 0}
+
+
+@pytest.mark.parametrize(
+    "flag,value,message",
+    [
+        ("--sources", "web", "data.source = 'web' is not one of"),
+        ("--augment", "tpu", "data.augment = 'tpu' is not one of 'cpu', 'gpu'."),
+        ("--decode", "nvjpeg", "data.decode = 'nvjpeg' is not one of 'cpu', 'gpu'."),
+    ],
+)
+def test_listed_sources_placements_and_decode_modes_are_validated(tmp_path, capsys, flag, value, message):
+    """The lists set data keys that no recipe parser saw: validate checks them before any loader is built."""
+    argv = ["bench", "data", *TINY, "--sources", "synthetic", flag, value, "--steps", "1", "--warmup", "0"]
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+    assert not list(tmp_path.iterdir())
 
 
 def test_sources_available_from_the_data_path(tmp_path, monkeypatch):

@@ -6,7 +6,6 @@ import signal
 import subprocess
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,10 +13,12 @@ import torch
 from PIL import Image
 
 from fastmim.cli import main
+from fastmim.config import DataConfig
 from fastmim.data import beton as bt
 from fastmim.data import build_loader
 from fastmim.data.sources import FolderSource
 from fastmim.errors import FastmimError
+from tests.data._config import data_config
 from tests.data._images import HOSTILE_CONVERTED, HOSTILE_SKIPPED, start_conversion
 
 MAX_SIDE = 64
@@ -31,9 +32,8 @@ def jpeg_round_trip(rgb: np.ndarray, quality: int) -> np.ndarray:
     return cv2.cvtColor(cv2.imdecode(data, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
 
 
-def _cfg(path: str, **overrides: object) -> SimpleNamespace:
-    base = {"source": "ffcv", "path": path, "num_workers": 0, "num_images": 0, "min_scale": 0.2, "augment": "cpu"}
-    return SimpleNamespace(**{**base, **overrides})
+def _cfg(path: str, **overrides: object) -> DataConfig:
+    return data_config(source="ffcv", path=path, **overrides)
 
 
 @pytest.fixture(scope="module")

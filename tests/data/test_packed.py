@@ -4,30 +4,22 @@ the device equal to decoding in the workers."""
 
 import io
 import shutil
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
+from fastmim.config import DataConfig
 from fastmim.data import PretrainTransform, build_loader
 from fastmim.data import beton as bt
 from fastmim.data.packed import CropBatches, SharedRing
 from fastmim.data.sources import DemoSource
 from fastmim.errors import FastmimError
+from tests.data._config import data_config
 
 
-def _cfg(path, **overrides) -> SimpleNamespace:
-    base = {
-        "source": "ffcv",
-        "path": str(path),
-        "num_workers": 0,
-        "num_images": 0,
-        "min_scale": 0.2,
-        "augment": "gpu",
-        "decode": "cpu",
-    }
-    return SimpleNamespace(**{**base, **overrides})
+def _cfg(path, **overrides) -> DataConfig:
+    return data_config(**{"source": "ffcv", "path": str(path), "augment": "gpu", **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -135,12 +127,14 @@ def test_an_unreadable_sample_is_replaced_as_in_the_cpu_placement(betons, tmp_pa
 
 
 def test_decode_choices_are_checked(betons):
-    with pytest.raises(FastmimError, match='data.decode = "gpu" needs data.augment = "gpu"'):
-        build_loader(_cfg(betons["jpeg"], decode="gpu", augment="cpu"), img_size=16, batch_size=4, seed=0)
-    with pytest.raises(FastmimError, match="converted without --raw"):
+    # The choice and the placement it needs are validate's to check; whether the .beton holds JPEGs, the loader's.
+    with pytest.raises(FastmimError, match="data.decode = 'gpu' needs data.augment = 'gpu' and data.source = 'ffcv'"):
+        _cfg(betons["jpeg"], decode="gpu", augment="cpu")
+    raw = r"^data\.decode = \"gpu\" needs a \.beton of JPEGs .*converted without --raw"
+    with pytest.raises(FastmimError, match=raw):
         build_loader(_cfg(betons["raw"], decode="gpu"), img_size=16, batch_size=4, seed=0, device="cpu")
-    with pytest.raises(FastmimError, match="data.decode 'nvjpeg' is unknown; set it to one of cpu, gpu"):
-        build_loader(_cfg(betons["jpeg"], decode="nvjpeg"), img_size=16, batch_size=4, seed=0)
+    with pytest.raises(FastmimError, match=r"^data\.decode = 'nvjpeg' is not one of 'cpu', 'gpu'\.$"):
+        _cfg(betons["jpeg"], decode="nvjpeg")
 
 
 @pytest.mark.gpu

@@ -4,12 +4,12 @@ import contextlib
 import os
 import signal
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from fastmim.config import DataConfig
 from fastmim.data.loader import build_source
 from fastmim.data.sources import (
     DemoSource,
@@ -20,6 +20,7 @@ from fastmim.data.sources import (
     load_rgb,
 )
 from fastmim.errors import FastmimError
+from tests.data._config import data_config
 from tests.data._images import decompression_bomb
 
 
@@ -29,9 +30,8 @@ def _save(path: Path, mode: str = "RGB", size: tuple[int, int] = (12, 10), fmt: 
     return path
 
 
-def _cfg(**overrides: object) -> SimpleNamespace:
-    base = {"source": "folder", "path": "", "num_workers": 0, "num_images": 8, "min_scale": 0.2}
-    return SimpleNamespace(**{**base, **overrides})
+def _cfg(**overrides: object) -> DataConfig:
+    return data_config(**{"source": "folder", "num_images": 8, **overrides})
 
 
 def _gray_std(img: Image.Image) -> float:
@@ -100,8 +100,9 @@ def test_loose_images_next_to_class_folders_are_an_error(tmp_path: Path) -> None
 
 
 def test_unknown_source_lists_the_valid_ones() -> None:
-    with pytest.raises(FastmimError, match="demo, folder, synthetic, ffcv"):
-        build_source(_cfg(source="imagenet"), img_size=32)
+    valid = "'demo', 'folder', 'synthetic', 'ffcv', 'fashion_mnist'"
+    with pytest.raises(FastmimError, match=f"^data.source = 'imagenet' is not one of {valid}.$"):
+        _cfg(source="imagenet")  # refused by validate, before any source is built
 
 
 @contextlib.contextmanager
@@ -276,8 +277,8 @@ def test_synthetic_images_are_cheap_deterministic_and_not_flat() -> None:
 
 
 def test_demo_needs_at_least_one_image() -> None:
-    with pytest.raises(FastmimError, match=r"data\.num_images"):
-        build_source(_cfg(source="demo", num_images=0), img_size=32)
+    with pytest.raises(FastmimError, match=r"^data\.num_images must be positive\.$"):
+        _cfg(source="demo", num_images=0)  # refused by validate, before any source is built
 
 
 def test_decode_reports_the_file_mode_and_drafts_large_jpegs(tmp_path: Path) -> None:

@@ -7,8 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from fastmim.config import AdamWConfig, OptimizerConfig, TrainConfig, field_docs
 from fastmim.errors import FastmimError
-from fastmim.eval.config import dump_toml, eval_config_from_toml, eval_reference_markdown, load_eval_config
+from fastmim.eval.config import (
+    FinetuneConfig,
+    LinprobeConfig,
+    dump_toml,
+    eval_config_from_toml,
+    eval_reference_markdown,
+    load_eval_config,
+)
 
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 
@@ -44,3 +52,37 @@ def test_import_fastmim_needs_no_eval_dependency():
     code = "import sys, fastmim, fastmim.cli; assert not {'timm', 'safetensors', 'sklearn'} & set(sys.modules)"
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def test_optimizer_keys_are_declared_documented_and_checked_once():
+    """[train], [finetune] and [linprobe] share fastmim.config's optimizer section: one docstring and one range check
+    per key, named for the section; each section keeps its own defaults."""
+    shared, adamw = field_docs(OptimizerConfig), field_docs(AdamWConfig)
+    assert set(shared) == {"warmup_epochs", "blr", "lr", "min_lr", "weight_decay"}
+    assert set(adamw) - set(shared) == {"beta1", "beta2", "clip_grad"}
+    for cls in (TrainConfig, FinetuneConfig):
+        docs = field_docs(cls)
+        assert {key: docs[key] for key in adamw} == adamw, cls
+    linprobe = field_docs(LinprobeConfig)
+    assert {key: linprobe[key] for key in shared} == shared and "beta1" not in linprobe
+    f, p = FinetuneConfig(), LinprobeConfig()
+    assert (f.warmup_epochs, f.blr, f.min_lr, f.weight_decay, f.beta2) == (5.0, 5e-4, 1e-6, 0.05, 0.999)
+    assert (p.warmup_epochs, p.blr, p.lr, p.min_lr, p.weight_decay) == (10.0, 0.1, 0.0, 0.0, 0.0)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--finetune.warmup_epochs=-1", "finetune.warmup_epochs must be >= 0 (a warm-up length in epochs)."),
+        ("--finetune.weight_decay=-0.1", "finetune.weight_decay must be >= 0."),
+        ("--finetune.beta2=1", "finetune.beta1 and finetune.beta2 must be in [0, 1)."),
+        ("--finetune.clip_grad=-1", "finetune.clip_grad must be >= 0 (0 = off)."),
+        ("--linprobe.min_lr=-1", "linprobe.lr and linprobe.min_lr must be >= 0."),
+        ("--linprobe.blr=0", "linprobe.blr (or linprobe.lr) must be positive."),
+        ("--linprobe.warmup_epochs=-2", "linprobe.warmup_epochs must be >= 0 (a warm-up length in epochs)."),
+    ],
+)
+def test_optimizer_keys_are_checked_in_every_section(override, message):
+    with pytest.raises(FastmimError) as info:
+        load_eval_config(None, [override])
+    assert str(info.value) == message
