@@ -40,7 +40,8 @@ import torch
 
 from fastmim.config import Config
 from fastmim.data import build_loader
-from fastmim.data.beton import BetonSource, convert_folder, ffcv_installed
+from fastmim.data.beton import BetonSource, ffcv_installed
+from fastmim.data.convert import convert_folder
 from fastmim.data.sources import FolderSource
 from fastmim.errors import FastmimError
 
