@@ -1,6 +1,6 @@
 """bench "attention": every attention backend on LocalMIM ViT-B's shapes, forward and forward + backward.
 
-Shapes (PERFORMANCE.md section 2): the encoder sees 1 + 49 tokens (12 heads of 64), each decoder 1 + 196 tokens
+Shapes (docs/performance.md section 2): the encoder sees 1 + 49 tokens (12 heads of 64), each decoder 1 + 196 tokens
 (8 heads of 32). Providers: eager (explicit softmax(q k^T / sqrt(d)) v, as the released code computes it), sdpa
 (torch picks), flash / cudnn / efficient / math (SDPA forced), xformers (when installed). At these short sequence
 lengths the win is avoiding materialised scores and copies, not FLOPs: measure all, keep the fastest as model.attn.

@@ -467,7 +467,7 @@ def cmd_data(args: argparse.Namespace, _: list[str]) -> int:
         written = write_imagenet_like(args.dst, args.images, args.quality)
         print(f"wrote {args.images} JPEGs to {args.dst} ({written / args.images / 1e3:.1f} KB each on average)")
         return 0
-    from fastmim.data.beton import convert_folder
+    from fastmim.data.convert import convert_folder
 
     summary = convert_folder(args.src, args.dst, args.max_side, args.quality, args.raw, args.workers)
     print("\n".join(summary.lines()))

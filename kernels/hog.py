@@ -49,12 +49,12 @@ measured on a GPU).
 Bytes moved (ViT-B, B = 256, 224 px, 9 bins, cells 4/8/16/32): image 154 MB fp32 (38.5 MB uint8) read once,
 targets 4165 cells x 27 x 4 B = 450 kB per image = 115 MB fp32 (58 MB bf16) written once: 269 MB, ~0.09 ms at
 3 TB/s. The released code makes 12 passes (4 scales x 3 colours) each zero-filling and scattering into a
-[B, 9, 224, 224] fp32 map (~28 GB, ~12.6 ms, PERFORMANCE.md): the expected speedup is >= 50x over it, and several
-x over torch.compile of ``hog_ref`` (which still materialises per-pixel one-hot maps). Compiled offline for sm_90
-(ptxas, no GPU run yet; before the per-channel stores): 136 registers at 2 warps, ~72 SASS instructions per pixel and
-channel (the 8 edge tests
-are half of them), i.e. an instruction-issue floor of ~0.13 ms at B = 256 next to the 0.09 ms memory floor: the
-kernel is as much issue- as memory-bound, and its H100 time is still to be measured (benchmarks/bench_hog.py).
+[B, 9, 224, 224] fp32 map (~28 GB, ~12.6 ms, docs/performance.md section 1): the expected speedup is >= 50x over
+it, and several x over torch.compile of ``hog_ref`` (which still materialises per-pixel one-hot maps). Compiled
+offline for sm_90 (ptxas, no GPU run yet; before the per-channel stores): 136 registers at 2 warps, ~72 SASS
+instructions per pixel and channel (the 8 edge tests are half of them), i.e. an instruction-issue floor of ~0.13 ms
+at B = 256 next to the 0.09 ms memory floor: the kernel is as much issue- as memory-bound, and its H100 time is
+still to be measured (benchmarks/bench_hog.py).
 
 Caveats: no backward (targets are no-grad). Cell sizes must be powers of two, at most 4 scales, the largest cell at
 most 64 px and at most 16 times the smallest (registers), dividing H and W; other configurations (and fp64, and

@@ -40,7 +40,8 @@ import torch
 
 from fastmim.config import Config, validate
 from fastmim.data import build_loader
-from fastmim.data.beton import BetonSource, convert_folder, ffcv_installed
+from fastmim.data.beton import BetonSource, ffcv_installed
+from fastmim.data.convert import convert_folder
 from fastmim.data.sources import FolderSource
 from fastmim.errors import FastmimError
 
@@ -60,7 +61,7 @@ DATA_COLUMNS = (
     "pixel_diff_mean",
     "pixel_diff_max",
 )
-NODE_GPUS, GPU_IMG_PER_S = 8, 13_000  # the node PERFORMANCE.md plans for: 8 GPUs at the step-rate goal
+NODE_GPUS, GPU_IMG_PER_S = 8, 13_000  # docs/performance.md section 3: 8 GPUs at the step-rate goal
 
 
 def available_sources(cfg: Config) -> list[str]:

@@ -1,4 +1,4 @@
-"""The measuring harness every fastmim benchmark uses (PERFORMANCE.md section 5, STYLE.md section 4).
+"""The measuring harness every fastmim benchmark uses (docs/performance.md section 5).
 
 - Providers: ``released`` (a literal transcription of the released code's way of computing the op, where one
   exists), ``eager`` (the ``_ref``), ``compile`` (torch.compile of the ``_ref``), ``triton`` (the kernel).
@@ -223,7 +223,8 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 def check_provider(bench: KernelBench, provider: str, case: Case, mode: str) -> float:
     """The correctness gate: max |provider - reference| over outputs (and gradients); raises CorrectnessError.
     fp32 cases: within the bench's (atol, rtol) of the reference provider. bf16 / fp16 cases: the tests' rule
-    (STYLE.md section 3), see :func:`_check_low_precision`; the value returned is then the error against fp64."""
+    (docs/performance.md section 5), see :func:`_check_low_precision`; the value returned is then the error against
+    fp64."""
     inputs = case.make()
     if case.dtype in LOW_PRECISION:
         return _check_low_precision(bench, provider, inputs, mode)

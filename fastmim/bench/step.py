@@ -98,8 +98,8 @@ def build_bench_run(cfg: Config, impl: str, device: torch.device) -> Run:
 
 def device_batches(run: Run, fixed: bool = False) -> Iterator[torch.Tensor]:
     """Batches on the device, as the trainer reads them (:func:`fastmim.train.trainer.input_stream`); ``fixed``:
-    the first batch, reused every step (measures the step without input loading, as PERFORMANCE.md's step figures
-    do)."""
+    the first batch, reused every step (measures the step without input loading, as docs/performance.md's step
+    figures do)."""
     if fixed:
         images, _ = next(run.loader.iterate(0))
         yield from itertools.repeat(images.to(run.device))

@@ -10,7 +10,8 @@ DataLoader worker) gets the same image for the same index.
 - ``folder``: an ImageFolder tree (``root/<class>/**/<image>``, labels = sorted class folders) or a flat folder of
   images (all label 0). A file that cannot be decoded raises :class:`UnreadableImageError`; the loader replaces
   that sample and counts it.
-- ``ffcv``: a ``.beton`` file written by ``fastmim data convert`` (:mod:`fastmim.data.beton`).
+- ``ffcv``: a ``.beton`` file written by ``fastmim data convert`` (:mod:`fastmim.data.convert`), read by
+  :mod:`fastmim.data.beton`.
 - ``fashion_mnist``: Fashion-MNIST (70,000 grey 28 x 28 photographs of clothing, 10 classes) read from its four
   gzipped IDX files, by default where Debian's ``dataset-fashion-mnist`` package puts them. Pre-training reads the
   train split only (minus ``data.holdout`` images kept for choosing hyper-parameters); the test split is for the

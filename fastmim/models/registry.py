@@ -1,12 +1,15 @@
 """Model registry: ``@register_model`` entrypoints, ``create_model(name, impl=..., **overrides)``, ``list_models()``.
 
-Entrypoint names follow the architecture (timm style). Sizes: ViT-Ti 192/12/3 (a CPU-friendly debug size),
-ViT-S 384/12/6, ViT-B 768/12/12, ViT-L 1024/24/16, all patch 16 (method 2.1). The Swin entrypoints live in swin.py.
+Every shipped entrypoint is defined here, at the end of this module. Names follow the architecture (timm style);
+a name is registered once (a second definition of it is an error that names both). Sizes (width / depth / heads):
+ViT-Ti 192/12/3 (a CPU-friendly debug size), ViT-S 384/12/6, ViT-B 768/12/12, ViT-L 1024/24/16, all patch 16
+(method 2.1); Swin-T 96, Swin-B 128, Swin-L 192 wide (method 4), patch 4, and a CPU debug Swin 32 wide.
 """
 
 from __future__ import annotations
 
 import difflib
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -16,14 +19,27 @@ from fastmim.config import ModelConfig
 from fastmim.errors import FastmimError
 from fastmim.models.localmim import LocalMIMViT
 from fastmim.models.mae import MAEViT
+from fastmim.models.swin import LocalMIMSwin
 from fastmim.models.vit import set_attention_backend
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-    _REGISTRY[fn.__name__] = fn
+    """Register ``fn`` under its name; raises ValueError if another definition already holds that name."""
+    name = fn.__name__
+    if name in _REGISTRY:
+        first = _definition(_REGISTRY[name])
+        raise ValueError(f"model '{name}' is registered twice: {first} and {_definition(fn)}; rename one of them.")
+    _REGISTRY[name] = fn
     return fn
+
+
+def _definition(fn: Callable[..., nn.Module]) -> str:
+    """Where ``fn`` is defined: ``module.qualname (file:line)``."""
+    code = getattr(inspect.unwrap(fn), "__code__", None)
+    where = f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""
+    return f"{fn.__module__}.{fn.__qualname__}{where}"
 
 
 def list_models() -> list[str]:
@@ -119,3 +135,32 @@ def mae_vit_base_patch16(**kw: Any) -> MAEViT:
 def mae_vit_large_patch16(**kw: Any) -> MAEViT:
     """ViT-L/16 MAE with the 8-block 512-wide decoder."""
     return MAEViT(**{**_vit(24, 1024, 16), **kw})
+
+
+@register_model
+def localmim_swin_nano_patch4_window4(**kw: Any) -> LocalMIMSwin:
+    """The CPU debug size (32 wide, depths 2, 2, 2, 2, not a Swin of the literature), window 4: at 64 px the maps of
+    16, 8, 4, 2 tokens split into whole windows, so it exports to timm exactly."""
+    return LocalMIMSwin(**{"embed_dim": 32, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 4, 8), "window_size": 4, **kw})
+
+
+@register_model
+def localmim_swin_tiny_patch4_window7(**kw: Any) -> LocalMIMSwin:
+    """Swin-T (96 wide, depths 2, 2, 6, 2), window 7; not a published LocalMIM recipe."""
+    return LocalMIMSwin(**{"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24), **kw})
+
+
+@register_model
+def localmim_swin_base_patch4_window7(**kw: Any) -> LocalMIMSwin:
+    """Swin-B (128 wide, depths 2, 2, 18, 2), window 7, HOG with 18 bins and the frozen Sobel bias (method 4, 5)."""
+    return LocalMIMSwin(
+        **{"embed_dim": 128, "depths": (2, 2, 18, 2), "num_heads": (4, 8, 16, 32), "window_size": 7, **kw}
+    )
+
+
+@register_model
+def localmim_swin_large_patch4_window14(**kw: Any) -> LocalMIMSwin:
+    """Swin-L (192 wide, depths 2, 2, 18, 2), window 14, HOG with 18 bins and the frozen Sobel bias (method 4, 5)."""
+    return LocalMIMSwin(
+        **{"embed_dim": 192, "depths": (2, 2, 18, 2), "num_heads": (6, 12, 24, 48), "window_size": 14, **kw}
+    )

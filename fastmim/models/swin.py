@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -48,7 +48,6 @@ from fastmim.masking import scale_weights
 from fastmim.models.base import MaskedImageModel, MIMOutput, masked_mse, recon_loss_ops
 from fastmim.models.decoder import MaskedDecoder
 from fastmim.models.fast_heads import CellSelection, ScatteredPredictions
-from fastmim.models.registry import register_model
 from fastmim.models.swin_encoder import SparseSwinEncoder
 from fastmim.models.vit import LN_EPS, init_weights, sincos_pos_embed
 from fastmim.targets import make_target
@@ -221,33 +220,3 @@ class LocalMIMSwin(MaskedImageModel):
         losses = list(ops.recon_loss(compact, targets, mask, sel.idx, sel.gidx, u, self.tokens_per_unit).unbind())
         preds = ScatteredPredictions(compact, sel, u, self.tokens_per_unit)
         return MIMOutput(sum(losses), losses, mask, preds, targets)
-
-
-SWIN_BASE = {"embed_dim": 128, "depths": (2, 2, 18, 2), "num_heads": (4, 8, 16, 32)}
-
-
-@register_model
-def localmim_swin_nano_patch4_window4(**kw: Any) -> LocalMIMSwin:
-    """The CPU debug size (32 wide, depths 2, 2, 2, 2, not a Swin of the literature), window 4: at 64 px the maps of
-    16, 8, 4, 2 tokens split into whole windows, so it exports to timm exactly."""
-    return LocalMIMSwin(**{"embed_dim": 32, "depths": (2, 2, 2, 2), "num_heads": (1, 2, 4, 8), "window_size": 4, **kw})
-
-
-@register_model
-def localmim_swin_tiny_patch4_window7(**kw: Any) -> LocalMIMSwin:
-    """Swin-T (96 wide, depths 2, 2, 6, 2), window 7; not a published LocalMIM recipe."""
-    return LocalMIMSwin(**{"embed_dim": 96, "depths": (2, 2, 6, 2), "num_heads": (3, 6, 12, 24), **kw})
-
-
-@register_model
-def localmim_swin_base_patch4_window7(**kw: Any) -> LocalMIMSwin:
-    """Swin-B (128 wide, depths 2, 2, 18, 2), window 7, HOG with 18 bins and the frozen Sobel bias (method 4, 5)."""
-    return LocalMIMSwin(**{**SWIN_BASE, "window_size": 7, **kw})
-
-
-@register_model
-def localmim_swin_large_patch4_window14(**kw: Any) -> LocalMIMSwin:
-    """Swin-L (192 wide, depths 2, 2, 18, 2), window 14, HOG with 18 bins and the frozen Sobel bias (method 4, 5)."""
-    return LocalMIMSwin(
-        **{"embed_dim": 192, "depths": (2, 2, 18, 2), "num_heads": (6, 12, 24, 48), "window_size": 14, **kw}
-    )

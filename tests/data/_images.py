@@ -18,6 +18,7 @@ HOSTILE_SKIPPED = {
     "bomb.png": "too large: over PIL's decompression-bomb limit",
 }
 HOSTILE_CONVERTED = {"gray.png": "grayscale", "cmyk.jpg": "CMYK", "deep.png": "16-bit", "alpha.png": "alpha"}
+CONVERTED_MAX_SIDE = 64  # the longest side of the hostile folder's images once converted (conftest's `converted`)
 
 
 def decompression_bomb(path: Path, side: int = 30000) -> None:

@@ -1,11 +1,12 @@
-"""Fixtures for the data tests: an image folder holding every hostile kind, and the reference device resize."""
+"""Fixtures for the data tests: an image folder holding every hostile kind, that folder converted to a .beton, and
+the reference device resize."""
 
 from pathlib import Path
 
 import pytest
 
 from fastmim.data.sources import DemoSource
-from tests.data._images import write_hostile
+from tests.data._images import CONVERTED_MAX_SIDE, write_hostile
 
 
 @pytest.fixture(scope="session")
@@ -20,6 +21,25 @@ def hostile_folder(tmp_path_factory) -> Path:
         image.save(folder / (f"{i:02d}.jpg" if i < 6 else f"{i:02d}.png"), quality=95)
     write_hostile(root / "c")
     return root
+
+
+@pytest.fixture(scope="session")
+def converted(hostile_folder, tmp_path_factory):
+    """``hostile_folder`` written by `fastmim data convert` (JPEG quality 95, longest side CONVERTED_MAX_SIDE): the
+    conversion's summary and the .beton (read by test_beton.py, the conversion checked by test_convert.py)."""
+    from fastmim.data.convert import convert_folder
+
+    dst = tmp_path_factory.mktemp("beton") / "hostile.beton"
+    summary = convert_folder(
+        str(hostile_folder),
+        str(dst),
+        max_side=CONVERTED_MAX_SIDE,
+        quality=95,
+        workers=2,
+        progress=False,
+        log=lambda _: None,
+    )
+    return summary, dst
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import torch
 from fastmim.config import DataConfig
 from fastmim.data import PretrainTransform, build_loader
 from fastmim.data import beton as bt
+from fastmim.data.convert import convert_folder
 from fastmim.data.packed import CropBatches, SharedRing
 from fastmim.data.sources import DemoSource
 from fastmim.errors import FastmimError
@@ -35,7 +36,7 @@ def betons(tmp_path_factory):
     out = {}
     for kind in ("jpeg", "raw"):
         out[kind] = root / f"{kind}.beton"
-        bt.convert_folder(str(folder), str(out[kind]), raw=kind == "raw", workers=1, progress=False, log=lambda _: None)
+        convert_folder(str(folder), str(out[kind]), raw=kind == "raw", workers=1, progress=False, log=lambda _: None)
     return out
 
 

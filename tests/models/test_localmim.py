@@ -28,7 +28,7 @@ def test_published_sizes():
         large = create_model("localmim_vit_large_patch16")
         mae = create_model("mae_vit_base_patch16")
     count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)  # noqa: E731
-    assert round(count(base) / 1e6, 1) == 89.9  # PERFORMANCE.md section 1
+    assert round(count(base) / 1e6, 1) == 89.9  # docs/performance.md section 1
     assert round(count(mae) / 1e6, 1) == 111.7
     assert large.taps == [1, 3, 21, 23] and base.taps == [1, 3, 9, 11]
     assert large.target.nbins == 18 and large.target.bias is not None and base.target.bias is None

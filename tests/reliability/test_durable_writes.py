@@ -64,7 +64,7 @@ def _visualize_grid(root: Path) -> None:
 
 
 def _beton(root: Path) -> None:
-    from fastmim.data.beton import convert_folder
+    from fastmim.data.convert import convert_folder
 
     convert_folder(str(root / "src"), str(root / "data.beton"), workers=1, progress=False, log=lambda _: None)
 
