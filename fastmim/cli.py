@@ -293,7 +293,7 @@ def cmd_list_models(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_import_checkpoint(args: argparse.Namespace, extra: list[str]) -> int:
     from fastmim.models.released import import_released
-    from fastmim.train.checkpoint import atomic_save
+    from fastmim.train.checkpoint_files import atomic_save
     from fastmim.weights import WEIGHTS_FORMAT, load_released_file
 
     out = fresh_output(args.out, "--out")
@@ -307,7 +307,7 @@ def cmd_import_checkpoint(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_export_released(args: argparse.Namespace, extra: list[str]) -> int:
     from fastmim.models.released import export_released_state_dict
-    from fastmim.train.checkpoint import atomic_save
+    from fastmim.train.checkpoint_files import atomic_save
     from fastmim.weights import load_fastmim_weights
 
     out = fresh_output(args.out, "--out")

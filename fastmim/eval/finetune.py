@@ -37,7 +37,7 @@ from fastmim.eval.common import check_fresh_run_dir, plot_curves, resolve_device
 from fastmim.eval.config import EvalConfig
 from fastmim.eval.data import LabelledImages, build_splits, eval_transform, train_transform
 from fastmim.train.build import amp_dtype
-from fastmim.train.checkpoint import atomic_save
+from fastmim.train.checkpoint_files import atomic_save
 from fastmim.train.metrics import MetricsLog, read_metrics
 from fastmim.train.optim import lr_at
 from fastmim.train.rundir import hold_run_dir

@@ -3,7 +3,7 @@
 ``load()`` continues the run train.resume names, restoring the model, optimizer, loss scaler, RNG, data position
 and skipped-step count into it, or refuses to start a fresh run over another run's history. ``save(step,
 last=...)`` writes a checkpoint when the schedule says so (every train.save_every steps, and once at the last step),
-then rotates (train.keep_last, keeping the best). The files are atomic and verified (fastmim.train.checkpoint).
+then rotates (train.keep_last, keeping the best). The files are atomic and verified (fastmim.train.checkpoint_files).
 
 Where the model and optimizer state go is a strategy the checkpointer is given: :class:`FullState` (one process or
 DDP: all of it in the checkpoint file) or :class:`fastmim.train.zero.ZeroShards` (DeepSpeed ZeRO: shards beside
@@ -31,7 +31,7 @@ from fastmim.config import config_from_toml, dump_toml
 from fastmim.errors import FastmimError
 from fastmim.train import distributed as D
 from fastmim.train.build import Position, Run
-from fastmim.train.checkpoint import (
+from fastmim.train.checkpoint_files import (
     FORMAT,
     VERSION,
     CorruptCheckpoint,

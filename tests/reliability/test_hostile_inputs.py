@@ -13,7 +13,7 @@ from fastmim.config import Config, key_types, load_config, to_dict, validate
 from fastmim.errors import FastmimError
 from fastmim.models import create_model
 from fastmim.train import train
-from fastmim.train.checkpoint import checkpoint_path, load_checkpoint, write_checkpoint
+from fastmim.train.checkpoint_files import checkpoint_path, load_checkpoint, write_checkpoint
 from fastmim.weights import WEIGHTS_FORMAT
 from tests.reliability._harness import FAST, config, pretrain_args, run
 

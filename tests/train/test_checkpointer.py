@@ -10,7 +10,7 @@ import torch
 from fastmim.config import load_config
 from fastmim.errors import FastmimError
 from fastmim.train.build import build_run
-from fastmim.train.checkpoint import checkpoints, load_checkpoint
+from fastmim.train.checkpoint_files import checkpoints, load_checkpoint
 from fastmim.train.checkpointer import Checkpointer, FullState
 from fastmim.train.trainer import train_step
 
