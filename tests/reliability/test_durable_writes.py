@@ -44,7 +44,7 @@ def _images(root: Path) -> Path:
 
 def _weights_file(root: Path) -> None:
     from fastmim.models import create_model
-    from fastmim.weights import WEIGHTS_FORMAT
+    from fastmim.train.checkpoint_files import WEIGHTS_FORMAT
 
     name = "localmim_vit_tiny_patch16"
     model = create_model(name, img_size=32, decoder_dim=32)
