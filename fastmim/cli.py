@@ -299,13 +299,12 @@ def cmd_list_models(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_import_checkpoint(args: argparse.Namespace, extra: list[str]) -> int:
     from fastmim.models.released import import_released
-    from fastmim.train.checkpoint import atomic_save
-    from fastmim.weights import WEIGHTS_FORMAT, load_released_file
+    from fastmim.train.checkpoint_files import write_weights
+    from fastmim.weights import load_released_file
 
     out = fresh_output(args.out, "--out")
     model = import_released(load_released_file(args.src), args.model)
-    state = {"format": WEIGHTS_FORMAT, "model_name": args.model, "model": model.state_dict()}
-    atomic_save(state, out, overwrite=False)
+    write_weights(model, out)
     n = sum(p.numel() for p in model.parameters())
     print(f"imported {args.src} as {args.model} ({n / 1e6:.1f} M parameters) -> {out}")
     return 0
@@ -313,13 +312,12 @@ def cmd_import_checkpoint(args: argparse.Namespace, extra: list[str]) -> int:
 
 def cmd_export_released(args: argparse.Namespace, extra: list[str]) -> int:
     from fastmim.models.released import export_released_state_dict
-    from fastmim.train.checkpoint import atomic_save
-    from fastmim.weights import load_fastmim_weights
+    from fastmim.train.checkpoint_files import ModelFile, atomic_save
 
     out = fresh_output(args.out, "--out")
-    name, state_dict = load_fastmim_weights(args.src)
-    atomic_save({"model": export_released_state_dict(state_dict, name)}, out, overwrite=False)
-    print(f"exported {args.src} ({name}) in the released layout -> {out}")
+    file = ModelFile.read(args.src)
+    atomic_save({"model": export_released_state_dict(file.state, file.name)}, out, overwrite=False)
+    print(f"exported {args.src} ({file.name}) in the released layout -> {out}")
     return 0
 
 

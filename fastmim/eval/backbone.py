@@ -22,10 +22,8 @@ from torch import Tensor, nn
 from fastmim.errors import FastmimError
 from fastmim.masking import Masking
 from fastmim.models import create_model
-from fastmim.weights import WEIGHTS_FORMAT, checked_weights, model_for_weights, safe_load
+from fastmim.train.checkpoint_files import FINETUNE_FORMAT, FINETUNE_VERSION, MODEL_FORMATS, ModelFile, load_file
 
-FINETUNE_FORMAT = "fastmim-finetune"
-FINETUNE_VERSION = 1
 _ENCODER = "encoder."
 # Keys a classifier may lack when it starts from a pre-trained encoder: the fine-tuning head is new.
 HEAD_KEYS = ("fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias")
@@ -90,24 +88,13 @@ def load_backbone(pretrained: str, name: str = "", img_size: int = 0, seed: int 
     if not pretrained:
         torch.manual_seed(seed)
         return backbone_from_model(create_model(name, img_size=img_size or 224), name)
-    obj = safe_load(pretrained)
-    fmt = obj.get("format") if isinstance(obj, dict) else None
-    if fmt == FINETUNE_FORMAT:
-        try:
-            return Backbone(obj["model_name"], dict(obj["vit_kwargs"]), obj["model"], pretrained, list(obj["classes"]))
-        except (KeyError, TypeError, ValueError):
-            raise FastmimError(
-                f"'{pretrained}' is not a complete fine-tuned checkpoint; give one written by fastmim."
-            ) from None
-    if fmt not in (WEIGHTS_FORMAT, "fastmim-checkpoint"):
-        raise FastmimError(
-            f"'{pretrained}' is not a fastmim checkpoint or weights file; import released weights with "
-            "`fastmim import-checkpoint` first."
-        )
-    model_name, sd = checked_weights(obj, pretrained)
-    timm_name(model_name)  # refuses non-ViT models with a clear message
-    skeleton = model_for_weights(model_name, sd, meta=True)  # shapes only; weights that do not fit are refused
-    return Backbone(model_name, vit_kwargs(skeleton.encoder), encoder_state_to_timm(sd), pretrained)
+    obj = load_file(pretrained, (*MODEL_FORMATS, FINETUNE_FORMAT))
+    if obj["format"] == FINETUNE_FORMAT:
+        return Backbone(obj["model_name"], dict(obj["vit_kwargs"]), obj["model"], pretrained, list(obj["classes"]))
+    file = ModelFile.of(obj, pretrained)
+    timm_name(file.name)  # refuses non-ViT models with a clear message
+    skeleton = file.build(meta=True)  # shapes only; weights that do not fit are refused
+    return Backbone(file.name, vit_kwargs(skeleton.encoder), encoder_state_to_timm(file.state), pretrained)
 
 
 def build_vit(backbone: Backbone, num_classes: int, drop_path: float = 0.0, img_size: int = 0) -> nn.Module:

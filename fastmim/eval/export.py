@@ -24,7 +24,7 @@ from torch import nn
 
 from fastmim import files
 from fastmim.errors import FastmimError
-from fastmim.eval.backbone import FINETUNE_FORMAT, load_backbone
+from fastmim.eval.backbone import load_backbone
 
 FORMATS = ("timm",)
 
@@ -79,4 +79,4 @@ def load_timm(path: str | Path, **overrides: Any) -> nn.Module:
     return model
 
 
-__all__ = ["FINETUNE_FORMAT", "FORMATS", "export_timm", "load_timm", "timm_state"]
+__all__ = ["FORMATS", "export_timm", "load_timm", "timm_state"]

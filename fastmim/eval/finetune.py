@@ -7,7 +7,8 @@ decay: parameter layer ids are 0 for patch_embed / cls_token / pos_embed, i + 1 
 biases, pos_embed and cls_token. Learning rate per iteration: linear warm-up then half-cycle cosine. Augmentation
 and regularisation come from timm: RandAugment, random erasing, mixup / cutmix with label smoothing (soft-target
 cross-entropy), drop-path. Every epoch ends with a top-1 / top-5 evaluation on the val split; ``checkpoint-last.pt``
-is rewritten (atomically) every epoch and ``checkpoint-best.pt`` when top-1 improves.
+is rewritten every epoch and ``checkpoint-best.pt`` when top-1 improves, atomically and with a record that verifies
+them on resume (fastmim.train.checkpoint_files).
 
 Randomness is seeded per epoch from ``finetune.seed`` (data order, augmentation, mixup), so ``resume=auto``
 continues at the next epoch boundary.
@@ -37,11 +38,10 @@ from fastmim.eval.common import check_fresh_run_dir, plot_curves, resolve_device
 from fastmim.eval.config import EvalConfig
 from fastmim.eval.data import LabelledImages, build_splits, eval_transform, train_transform
 from fastmim.train.build import amp_dtype
-from fastmim.train.checkpoint import atomic_save
+from fastmim.train.checkpoint_files import FINETUNE_FORMAT, load_file, write_checkpoint
 from fastmim.train.metrics import MetricsLog, read_metrics
 from fastmim.train.optim import lr_at
 from fastmim.train.rundir import hold_run_dir
-from fastmim.weights import safe_load
 
 NO_DECAY_NAMES = ("pos_embed", "cls_token")
 
@@ -181,7 +181,10 @@ def build_finetune(cfg: EvalConfig) -> FinetuneRun:
 
 
 def _restore(run: FinetuneRun, path: Path) -> None:
-    ckpt = safe_load(path)
+    """Continue from ``path``, verified as a pre-training checkpoint is on resume (fastmim.train.checkpoint_files)."""
+    ckpt = load_file(path, (FINETUNE_FORMAT,))
+    if "optimizer" not in ckpt:
+        raise FastmimError(f"{path} holds no optimizer state to continue from; give the run's checkpoint-last.pt.")
     if ckpt["model"].keys() != run.model.state_dict().keys() or ckpt["classes"] != run.classes:
         raise FastmimError(f"{path} is for another model or class list; resume with the run's own config.")
     run.model.load_state_dict(ckpt["model"])
@@ -276,14 +279,19 @@ def _save(run: FinetuneRun, row: dict[str, Any]) -> None:
     }
     if row["acc1"] > run.best_acc1:
         run.best_acc1 = row["acc1"]
-        atomic_save(finetune_state(run.backbone, run.model, run.classes, extra), run.out_dir / "checkpoint-best.pt")
+        _write(finetune_state(run.backbone, run.model, run.classes, extra), run.out_dir / "checkpoint-best.pt")
     state = {
         **extra,
         "optimizer": run.optimizer.state_dict(),
         "scaler": run.scaler.state_dict(),
         "best_acc1": run.best_acc1,
     }
-    atomic_save(finetune_state(run.backbone, run.model, run.classes, state), run.out_dir / "checkpoint-last.pt")
+    _write(finetune_state(run.backbone, run.model, run.classes, state), run.out_dir / "checkpoint-last.pt")
+
+
+def _write(state: dict[str, Any], path: Path) -> None:
+    """Rewrite ``path`` atomically with a record that verifies it on resume (fastmim.train.checkpoint_files)."""
+    write_checkpoint(state, path, then="continue with --finetune.resume=auto")
 
 
 def finetune(cfg: EvalConfig) -> dict[str, Any]:

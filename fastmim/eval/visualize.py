@@ -23,14 +23,13 @@ from torch import Tensor, nn
 from torchvision.transforms import InterpolationMode
 
 from fastmim import files
-from fastmim.config import config_from_toml
 from fastmim.data.sources import DemoSource, load_rgb
 from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
 from fastmim.errors import FastmimError
 from fastmim.eval.backbone import timm_name
 from fastmim.masking import scale_weights
 from fastmim.targets import HOGTarget
-from fastmim.weights import WEIGHTS_FORMAT, checked_weights, model_for_weights, safe_load
+from fastmim.train.checkpoint_files import ModelFile
 
 HOG_STYLES = ("glyphs", "bins")
 MAX_ROWS = 64  # demo images per grid: one row each, already a very tall picture
@@ -38,20 +37,13 @@ GLYPH_PX = 9  # pixels per cell side in glyph panels: enough for a readable line
 
 
 def load_pretraining_model(src: str) -> tuple[str, nn.Module]:
-    """A LocalMIM / MAE model from a pre-training checkpoint or fastmim weights file (mask ratio from its config)."""
-    obj = safe_load(src)
-    if not isinstance(obj, dict) or obj.get("format") not in (WEIGHTS_FORMAT, "fastmim-checkpoint"):
-        raise FastmimError(
-            f"'{src}' is not a pre-training checkpoint or fastmim weights file; visualize needs the decoders."
-        )
-    name, sd = checked_weights(obj, src)
-    timm_name(name)  # the ViT models only: refuses others with a clear message
-    overrides = {}
-    if "config" in obj:
-        overrides["mask_ratio"] = config_from_toml(obj["config"], f"checkpoint {src}").model.mask_ratio
-    model = model_for_weights(name, sd, **overrides)  # the sizes the weights imply; weights that do not fit refused
-    model.load_state_dict(sd, strict=True)
-    return name, model.eval()
+    """A LocalMIM / MAE model (with its decoders) from a pre-training checkpoint or fastmim weights file, rebuilt
+    from the arguments the file stores, mask ratio included."""
+    file = ModelFile.read(src)
+    timm_name(file.name)  # the ViT models only: refuses others with a clear message
+    model = file.build()  # weights that do not fit are refused
+    model.load_state_dict(file.state, strict=True)
+    return file.name, model.eval()
 
 
 def glyph_stamps(nbins: int, size: int = GLYPH_PX) -> np.ndarray:

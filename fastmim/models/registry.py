@@ -48,15 +48,21 @@ def list_models() -> list[str]:
 
 def create_model(name: str, impl: str = "reference", **overrides: Any) -> nn.Module:
     """Build a registered model with ``impl`` "reference" or "fast" (fastmim.models.base: the one place a model's
-    impl is set); ``overrides`` replace constructor defaults (e.g. img_size=64, nbins=18)."""
+    impl is set); ``overrides`` replace constructor defaults (e.g. img_size=64, nbins=18).
+
+    The model keeps what it was built from as ``model.model_args`` = {"name", "kwargs": overrides}: every fastmim
+    checkpoint and weights file stores it, and readers rebuild the model from it (fastmim.train.checkpoint_files).
+    ``impl`` is left out: it picks how the same weights are computed, not what they are."""
     if name not in _REGISTRY:
         close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
         hint = f"did you mean '{close[0]}'?" if close else "see `fastmim list-models`."
         raise FastmimError(f"unknown model '{name}'; {hint}")
     try:
-        return _REGISTRY[name](impl=impl, **overrides)
+        model = _REGISTRY[name](impl=impl, **overrides)
     except (TypeError, ValueError) as e:
         raise FastmimError(f"cannot build {name} with {overrides}: {e}.") from None
+    model.model_args = {"name": name, "kwargs": dict(overrides)}
+    return model
 
 
 def model_from_config(mcfg: ModelConfig) -> nn.Module:

@@ -113,8 +113,10 @@ def _has_hog(fastmim_sd: dict[str, Tensor]) -> bool:
     return fastmim_sd["decoders.2.head.proj.weight"].shape[0] != 3 * patch * patch
 
 
-def _infer_overrides(sd: dict[str, Tensor], name: str) -> dict[str, Any]:
-    """Constructor overrides that the released shapes imply (image size, decoder width, bins, bias, target)."""
+def infer_overrides(sd: dict[str, Tensor], name: str) -> dict[str, Any]:
+    """Constructor overrides that the shapes of released weights (fastmim names) imply: image size, decoder width,
+    bins, bias, target. For the authors' files, which store no arguments; fastmim's own files store theirs
+    (fastmim.train.checkpoint_files), except those of format version 1, which are read through this too."""
     if name_is_swin(name):
         return infer_swin_overrides(sd)
     patch = sd["encoder.patch_embed.proj.weight"].shape[-1]
@@ -142,7 +144,7 @@ def import_released(state_dict: dict[str, Tensor], name: str, impl: str = "refer
     """
     converted = convert_released_state_dict(state_dict, name)
     try:
-        model = create_model(name, impl=impl, **{**_infer_overrides(converted, name), **overrides})
+        model = create_model(name, impl=impl, **{**infer_overrides(converted, name), **overrides})
     except KeyError as e:
         raise FastmimError(f"the checkpoint lacks {e} : it is not a released {name} checkpoint.") from None
     load_checked(model, converted, name)

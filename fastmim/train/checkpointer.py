@@ -1,9 +1,10 @@
-"""A run's checkpoints, owned by one object: :class:`Checkpointer`.
+"""A run's save / resume policy, owned by one object: :class:`Checkpointer`.
 
 ``load()`` continues the run train.resume names, restoring the model, optimizer, loss scaler, RNG, data position
 and skipped-step count into it, or refuses to start a fresh run over another run's history. ``save(step,
 last=...)`` writes a checkpoint when the schedule says so (every train.save_every steps, and once at the last step),
-then rotates (train.keep_last, keeping the best). The files are atomic and verified (fastmim.train.checkpoint).
+then rotates (train.keep_last, keeping the best). The files, their format and its checks are the file layer's
+(fastmim.train.checkpoint_files): atomic and verified.
 
 Where the model and optimizer state go is a strategy the checkpointer is given: :class:`FullState` (one process or
 DDP: all of it in the checkpoint file) or :class:`fastmim.train.zero.ZeroShards` (DeepSpeed ZeRO: shards beside
@@ -31,15 +32,15 @@ from fastmim.config import config_from_toml, dump_toml
 from fastmim.errors import FastmimError
 from fastmim.train import distributed as D
 from fastmim.train.build import Position, Run
-from fastmim.train.checkpoint import (
-    FORMAT,
-    VERSION,
+from fastmim.train.checkpoint_files import (
+    CHECKPOINT_FORMAT,
     CorruptCheckpoint,
     best_checkpoint,
     checkpoint_path,
     checkpoints,
     clean_partial_saves,
     load_checkpoint,
+    model_header,
     prune,
     quarantine,
     rng_state,
@@ -123,9 +124,7 @@ class Checkpointer:
         run, path = self.run, checkpoint_path(self.out_dir, step)
         optimizer = self.strategy.optimizer_state(path, run.optimizer)  # ZeRO: every rank writes its shards first
         state = {
-            "format": FORMAT,
-            "version": VERSION,
-            "model_name": run.cfg.model.name,
+            **model_header(CHECKPOINT_FORMAT, run.model),
             "model": self.strategy.model_state(run.model),
             "optimizer": optimizer,
             "scaler": run.scaler.state_dict(),

@@ -24,7 +24,7 @@ from typing import Any
 
 from fastmim import files
 from fastmim.errors import FastmimError, one_line
-from fastmim.train.checkpoint import latest_checkpoint
+from fastmim.train.checkpoint_files import latest_checkpoint
 from fastmim.train.distributed import Dist, on_main
 from fastmim.train.metrics import warn
 

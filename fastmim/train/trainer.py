@@ -40,7 +40,7 @@ from fastmim.errors import STOP_SIGNALS, FastmimError, Interrupted
 from fastmim.files import OutputError
 from fastmim.train import distributed as D
 from fastmim.train.build import Run, build_run, resolve_device, scale_names
-from fastmim.train.checkpoint import CHECKPOINTS_INTACT, RESUME
+from fastmim.train.checkpoint_files import CHECKPOINTS_INTACT, RESUME
 from fastmim.train.checkpointer import Checkpointer, FullState
 from fastmim.train.metrics import MetricsLog, Progress, StepClock, peak_memory_gib, plot_losses, warn
 from fastmim.train.optim import lr_at

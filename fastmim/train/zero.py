@@ -31,7 +31,7 @@ from fastmim.config import config_from_toml
 from fastmim.errors import FastmimError
 from fastmim.files import OutputError
 from fastmim.train.build import build_adamw, build_model
-from fastmim.train.checkpoint import (
+from fastmim.train.checkpoint_files import (
     CHECKPOINTS_INTACT,
     RESUME,
     CorruptCheckpoint,

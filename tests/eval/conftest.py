@@ -5,7 +5,7 @@ import torch
 
 from fastmim.eval.data import DigitsSource
 from fastmim.models import create_model
-from fastmim.weights import WEIGHTS_FORMAT
+from fastmim.train.checkpoint_files import write_weights
 
 TINY = "localmim_vit_tiny_patch16"
 
@@ -16,7 +16,7 @@ def tiny_weights(tmp_path_factory):
     torch.manual_seed(123)
     model = create_model(TINY, img_size=32, decoder_dim=32)
     path = tmp_path_factory.mktemp("weights") / "tiny.pt"
-    torch.save({"format": WEIGHTS_FORMAT, "model_name": TINY, "model": model.state_dict()}, path)
+    write_weights(model, path)
     return path
 
 

@@ -115,7 +115,7 @@ def test_random_baseline_is_the_pretraining_starting_point():
 def test_segments_stopped_with_stop_at_train_exactly_like_one_run(tmp_path):
     """train(cfg, stop_at) keeps the whole run's schedule: 2 + 2 resumed steps = 4 steps in one go, bit for bit."""
     from fastmim.train import train
-    from fastmim.train.checkpoint import load_checkpoint
+    from fastmim.train.checkpoint_files import load_checkpoint
 
     def cfg(name):
         fast = ["--model.img_size=32", "--model.decoder_dim=16", "--data.num_images=16", "--train.batch_size=4"]

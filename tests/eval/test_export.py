@@ -12,7 +12,7 @@ from fastmim.cli import main
 from fastmim.eval.backbone import backbone_from_model, build_vit, encode_all, finetune_state, load_backbone
 from fastmim.eval.export import export_timm, load_timm
 from fastmim.models import create_model
-from fastmim.weights import WEIGHTS_FORMAT
+from fastmim.train.checkpoint_files import WEIGHTS_FORMAT
 from tests.eval.conftest import TINY
 
 

@@ -8,7 +8,7 @@ from fastmim.cli import main
 from fastmim.eval.visualize import GLYPH_PX, glyph_stamps, hog_bin_maps, hog_glyphs, pixel_image, visualize
 from fastmim.models import create_model
 from fastmim.targets import HOGTarget, PixelTarget
-from fastmim.weights import WEIGHTS_FORMAT
+from fastmim.train.checkpoint_files import WEIGHTS_FORMAT
 
 
 def test_glyph_orientation_follows_the_edge():

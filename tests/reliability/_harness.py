@@ -27,7 +27,7 @@ import fastmim.cli
 from fastmim.config import load_config
 from fastmim.models import register_model
 from fastmim.models.localmim import LocalMIMViT
-from fastmim.train import checkpoint, trainer
+from fastmim.train import checkpoint_files, trainer
 from fastmim.train.metrics import read_metrics
 
 
@@ -77,7 +77,7 @@ def _crash_at(point: str, n: int, signals: tuple[int, ...] = (signal.SIGKILL,)) 
                 os.kill(os.getpid(), signum)
 
     if point == "mid-write":
-        write = checkpoint._HashingWriter.write
+        write = checkpoint_files._HashingWriter.write
 
         class Signalling:
             def __init__(self, f) -> None:
@@ -98,7 +98,7 @@ def _crash_at(point: str, n: int, signals: tuple[int, ...] = (signal.SIGKILL,)) 
             finally:
                 self.f = real
 
-        checkpoint._HashingWriter.write = patched_write
+        checkpoint_files._HashingWriter.write = patched_write
         return
     if point == "mid-prune":
         unlink = Path.unlink
@@ -211,7 +211,7 @@ class RunResult:
 
     def __init__(self, out_dir):
         self.rows = [(r["step"], r["loss"], r["losses"]) for r in read_metrics(out_dir / "metrics.jsonl")]
-        ckpt = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(out_dir))
+        ckpt = checkpoint_files.load_checkpoint(checkpoint_files.latest_checkpoint(out_dir))
         self.step, self.model, self.optimizer = ckpt["step"], ckpt["model"], ckpt["optimizer"]
 
 

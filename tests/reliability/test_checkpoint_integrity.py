@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from fastmim.errors import FastmimError
-from fastmim.train import checkpoint, train
-from fastmim.train.checkpoint import (
+from fastmim.train import checkpoint_files, train
+from fastmim.train.checkpoint_files import (
     best_checkpoint,
     checkpoint_path,
     checkpoints,
@@ -122,13 +122,13 @@ class _FillingDisk:
 def test_disk_full_during_a_save_leaves_the_previous_checkpoint_intact(tmp_path, reference_constant_lr, monkeypatch):
     """The second checkpoint's file runs out of space 64 KiB in."""
     out = tmp_path / "run"
-    init, saves = checkpoint._HashingWriter.__init__, []
+    init, saves = checkpoint_files._HashingWriter.__init__, []
 
     def on_filling_disk(self, f):
         saves.append(f)
         init(self, _FillingDisk(f, 64 << 10) if len(saves) == 2 else f)
 
-    monkeypatch.setattr(checkpoint._HashingWriter, "__init__", on_filling_disk)
+    monkeypatch.setattr(checkpoint_files._HashingWriter, "__init__", on_filling_disk)
     with pytest.raises(FastmimError, match=r"No space left on device.*previous checkpoints are intact: free disk"):
         train(config(out, f"--train.steps={STEPS}", *SAVING))
     monkeypatch.undo()

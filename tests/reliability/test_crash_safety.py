@@ -11,7 +11,7 @@ import signal
 
 import pytest
 
-from fastmim.train.checkpoint import checkpoints, read_record
+from fastmim.train.checkpoint_files import checkpoints, read_record
 from tests.reliability._harness import STEPS, Proc, assert_same_run, pretrain_args, run, wait_for_rows
 
 # Checkpoints at steps 2, 4, 6, 8; two kept (plus the best): the second save's rotation deletes nothing, so the

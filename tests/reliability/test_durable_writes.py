@@ -22,7 +22,7 @@ from fastmim import files
 from fastmim.bench.harness import write_record
 from fastmim.data.imagenet_like import write_imagenet_like
 from fastmim.eval.common import write_json
-from fastmim.train.checkpoint import atomic_save, clean_partial_saves, write_checkpoint
+from fastmim.train.checkpoint_files import atomic_save, clean_partial_saves, write_checkpoint
 from fastmim.train.metrics import MetricsLog, plot_losses
 from fastmim.train.rundir import save_config
 from tests._trace import traced_syscalls  # noqa: F401  (the syscalls fixture)
@@ -44,7 +44,7 @@ def _images(root: Path) -> Path:
 
 def _weights_file(root: Path) -> None:
     from fastmim.models import create_model
-    from fastmim.weights import WEIGHTS_FORMAT
+    from fastmim.train.checkpoint_files import WEIGHTS_FORMAT
 
     name = "localmim_vit_tiny_patch16"
     model = create_model(name, img_size=32, decoder_dim=32)

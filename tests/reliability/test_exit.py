@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fastmim.train.checkpoint import checkpoints
+from fastmim.train.checkpoint_files import checkpoints
 
 # The tiny recipe's ViT at 32 px with 16-wide decoders: a step takes milliseconds; two data workers.
 ARGS = [

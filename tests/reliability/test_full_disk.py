@@ -20,7 +20,7 @@ import pytest
 
 from fastmim.errors import FastmimError
 from fastmim.train import metrics, train
-from fastmim.train.checkpoint import checkpoint_path, checkpoints, verify_checkpoint
+from fastmim.train.checkpoint_files import checkpoint_path, checkpoints, verify_checkpoint
 from fastmim.train.metrics import read_metrics
 from tests.reliability._harness import STEPS, Proc, RunResult, _equal, config, pretrain_args, run
 

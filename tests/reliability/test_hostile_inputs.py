@@ -13,8 +13,7 @@ from fastmim.config import Config, key_types, load_config, to_dict, validate
 from fastmim.errors import FastmimError
 from fastmim.models import create_model
 from fastmim.train import train
-from fastmim.train.checkpoint import checkpoint_path, load_checkpoint, write_checkpoint
-from fastmim.weights import WEIGHTS_FORMAT
+from fastmim.train.checkpoint_files import WEIGHTS_FORMAT, checkpoint_path, load_checkpoint, write_checkpoint
 from tests.reliability._harness import FAST, config, pretrain_args, run
 
 # For every key: an invalid value and what the one-line error says (ranges and combinations; types are below).
@@ -156,7 +155,7 @@ def test_checkpoint_with_code_is_refused_and_never_run(tmp_path, trained, where)
 def test_foreign_and_tampered_checkpoints_are_refused_by_name(tmp_path, trained):
     good = trained
     cases = {
-        "version": ({**good, "version": 2}, "has checkpoint version 2; this fastmim reads version 1"),
+        "version": ({**good, "version": 3}, "has checkpoint version 3; this fastmim reads versions 1 to 2"),
         "weights": ({"format": "fastmim-weights", "model_name": "x", "model": good["model"]}, "weights file"),
         "released": ({"model": good["model"], "epoch": 3}, "not a fastmim checkpoint.*import-checkpoint"),
         "step": ({**good, "step": "3"}, "lacks a valid 'step'"),

@@ -12,7 +12,7 @@ import torch
 from fastmim.errors import FastmimError
 from fastmim.models import model_from_config
 from fastmim.train import build, trainer
-from fastmim.train.checkpoint import checkpoint_path, load_checkpoint
+from fastmim.train.checkpoint_files import checkpoint_path, load_checkpoint
 from fastmim.train.metrics import StepStats
 from fastmim.train.optim import param_groups
 from fastmim.train.trainer import build_run, train, train_step

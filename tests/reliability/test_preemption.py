@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from fastmim.errors import STOP_SIGNALS
-from fastmim.train.checkpoint import checkpoints, load_checkpoint, read_record
+from fastmim.train.checkpoint_files import checkpoints, load_checkpoint, read_record
 from tests.reliability._harness import STEPS, Proc, assert_same_run, pretrain_args, run, wait_for_rows
 
 

@@ -11,7 +11,7 @@ import pytest
 from fastmim.config import dump_toml
 from fastmim.errors import FastmimError
 from fastmim.train import train
-from fastmim.train.checkpoint import checkpoint_path, checkpoints
+from fastmim.train.checkpoint_files import checkpoint_path, checkpoints
 from fastmim.train.metrics import read_metrics
 from fastmim.train.rundir import hold_run_dir
 from tests.reliability._harness import Proc, config, pretrain_args, run

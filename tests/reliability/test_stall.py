@@ -13,7 +13,7 @@ import pytest
 
 from fastmim.errors import FastmimError
 from fastmim.train import train, trainer
-from fastmim.train.checkpoint import checkpoints, load_checkpoint
+from fastmim.train.checkpoint_files import checkpoints, load_checkpoint
 from fastmim.train.metrics import read_metrics
 from fastmim.train.stall import StallWatch
 from tests.reliability._harness import STEPS, Proc, RunResult, assert_same_run, config, pretrain_args, run

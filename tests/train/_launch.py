@@ -35,7 +35,7 @@ import torch
 
 import fastmim.cli
 import fastmim.train.trainer
-from fastmim.train.checkpoint import file_digest, load_checkpoint, write_checkpoint
+from fastmim.train.checkpoint_files import file_digest, load_checkpoint, write_checkpoint
 
 
 def free_port() -> int:

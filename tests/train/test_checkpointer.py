@@ -10,7 +10,7 @@ import torch
 from fastmim.config import load_config
 from fastmim.errors import FastmimError
 from fastmim.train.build import build_run
-from fastmim.train.checkpoint import checkpoints, load_checkpoint
+from fastmim.train.checkpoint_files import checkpoints, load_checkpoint, write_checkpoint
 from fastmim.train.checkpointer import Checkpointer, FullState
 from fastmim.train.trainer import train_step
 
@@ -122,3 +122,23 @@ def test_a_resume_trains_with_the_configs_adamw_settings(saved_run, tmp_path, ca
     assert (decayed["weight_decay"], exempt["weight_decay"]) == (0.1, 0.0)
     assert decayed["betas"] == exempt["betas"] == (0.9, 0.9)
     assert "train.beta2 0.95 -> 0.9" in warnings[0]
+
+
+def test_a_version_1_checkpoint_still_resumes(saved_run, tmp_path, capsys):
+    """A checkpoint in the layout fastmim wrote before it stored the model's arguments (version 1, no model_args;
+    rewritten here from a current one) resumes as before, and a new save stores the arguments."""
+    shutil.copytree(saved_run, tmp_path / "run")
+    path = tmp_path / "run" / "checkpoint-0000002.pt"
+    ckpt = load_checkpoint(path)
+    assert ckpt["version"] == 2 and ckpt["model_args"]["kwargs"] == {
+        "img_size": 32,
+        "mask_ratio": 0.75,
+        "decoder_dim": 32,
+    }
+    old = {key: value for key, value in ckpt.items() if key != "model_args"}
+    write_checkpoint({**old, "version": 1}, path)
+    again, loader = _run(tmp_path / "run", "--train.resume=auto")
+    assert loader.load() == path and again.pos.step == 2
+    assert all(torch.equal(a, b) for a, b in zip(ckpt["model"].values(), again.model.state_dict().values()))
+    _train(again, 1)
+    assert load_checkpoint(loader.save(3, last=True))["model_args"] == ckpt["model_args"]

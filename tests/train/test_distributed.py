@@ -22,7 +22,7 @@ import torch
 
 from fastmim.config import load_config
 from fastmim.errors import FastmimError
-from fastmim.train.checkpoint import load_checkpoint, read_record, write_checkpoint
+from fastmim.train.checkpoint_files import load_checkpoint, read_record, write_checkpoint
 from fastmim.train.distributed import deepspeed_config, resolve_mode
 from fastmim.train.metrics import read_metrics
 from fastmim.train.trainer import train

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from fastmim.errors import FastmimError
-from fastmim.train.checkpoint import checkpoints, load_checkpoint
+from fastmim.train.checkpoint_files import checkpoints, load_checkpoint
 from fastmim.train.distributed import adopt_srun_env, launched_by_srun
 from fastmim.train.metrics import read_metrics
 

@@ -9,7 +9,7 @@ import torch
 from fastmim.config import load_config
 from fastmim.errors import FastmimError
 from fastmim.train import build, trainer
-from fastmim.train.checkpoint import latest_checkpoint, load_checkpoint
+from fastmim.train.checkpoint_files import latest_checkpoint, load_checkpoint
 from fastmim.train.rundir import LOCK_NAME
 from fastmim.train.trainer import build_run, train, train_step
 

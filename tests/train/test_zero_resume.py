@@ -25,7 +25,7 @@ from subprocess import PIPE
 import pytest
 import torch
 
-from fastmim.train.checkpoint import load_checkpoint
+from fastmim.train.checkpoint_files import load_checkpoint
 from fastmim.train.metrics import read_metrics
 from tests.train.test_distributed import ENV, FAST, HERE, RTOL, _optimizer_shards
 
