@@ -203,12 +203,26 @@ else
 fi
 BENCH_STEP=("$PY" -m fastmim bench step --data.source=synthetic --data.num_workers=0 --fixed-batch --out "$WORK"
             --plot "${STEP[@]}")
-# Kernel providers: stage 1 every one but torch.compile's; stage 2 torch.compile's beside eager and triton.
-declare -A EAGER_PROVIDERS=([hog]=released,eager,triton [recon_loss]=eager,triton [gather]=eager,triton
-                            [decoders]=separate,grouped [attention]=eager,sdpa,flash,cudnn,efficient,math)
-declare -A COMPILE_PROVIDERS=([hog]=eager,compile,triton [recon_loss]=eager,compile,triton,fast_compile
-                              [gather]=eager,compile,triton [decoders]=separate,grouped,separate_compile,grouped_compile)
-[ "$SMOKE" = 1 ] && COMPILE_PROVIDERS=([hog]=eager [recon_loss]=eager [gather]=eager [decoders]=separate,grouped)
+# The kernel benchmarks (benchmarks/bench_<op>.py) and each one's providers per stage, from the benchmarks themselves
+# (fastmim.bench.suite): stage 1 every provider but torch.compile's; stage 2 torch.compile's beside the others.
+declare -A EAGER_PROVIDERS=() COMPILE_PROVIDERS=()
+KERNEL_OPS=()
+kernel_plan() {
+  local plan op first second
+  plan="$("$PY" -m fastmim.bench.suite benchmarks $([ "$SMOKE" = 1 ] && echo --smoke) 2>> "$OUT_DIR/suite.log")" || {
+    log "FAILED: the kernel benchmarks' providers (python -m fastmim.bench.suite): no kernel benchmark runs"
+    failed+=("kernel benchmark plan")
+    status=1
+    return 0
+  }
+  while read -r op first second; do
+    [ -n "$op" ] || continue
+    KERNEL_OPS+=("$op")
+    EAGER_PROVIDERS[$op]=$first
+    COMPILE_PROVIDERS[$op]=$second
+  done <<< "$plan"
+  log "kernel benchmarks: ${KERNEL_OPS[*]}"
+}
 
 log "output in $OUT_DIR; records in $WORK; stages ${GPU_SUITE_STAGES:-1,2,3}; budget ${BUDGET}s; smoke $SMOKE"
 commit="$(git rev-parse HEAD 2> /dev/null || echo "${FASTMIM_GIT_COMMIT:-}")"
@@ -225,10 +239,11 @@ print('fastmim', fastmim.__version__, 'torch', torch.__version__, 'cuda', torch.
 assert torch.cuda.is_available() or '$SMOKE' == '1', 'no CUDA device'
 " 2>&1 | tee -a "$OUT_DIR/suite.log"
 (( PIPESTATUS[0] == 0 )) || { log "fastmim does not import, or there is no GPU: nothing measured"; exit 1; }
+kernel_plan
 
 if want 1; then
   step "bench step localmim ViT-B" 180 suite.log "${BENCH_STEP[@]}" "${VIT_B[@]}" --impls "$VIT_B_IMPLS"
-  for op in hog recon_loss gather decoders attention; do
+  for op in "${KERNEL_OPS[@]}"; do
     step "bench_$op" 25 suite.log "$PY" "benchmarks/bench_$op.py" --out "$WORK" "${KERNEL[@]}" \
       --providers "${EAGER_PROVIDERS[$op]}"
   done
@@ -240,7 +255,8 @@ if want 1; then
 fi
 
 if want 2; then
-  for op in hog recon_loss gather decoders; do
+  for op in "${KERNEL_OPS[@]}"; do
+    [ "${COMPILE_PROVIDERS[$op]}" = - ] && continue  # no torch.compile provider
     step "bench_$op (torch.compile providers)" 90 suite.log "$PY" "benchmarks/bench_$op.py" --out "$WORK" --plot \
       "${KERNEL[@]}" --providers "${COMPILE_PROVIDERS[$op]}"
   done

@@ -9,7 +9,6 @@ of the harness runs before each kernel benchmark.
 
 from __future__ import annotations
 
-import importlib.util
 import itertools
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 
 from fastmim.bench.harness import _timed_fn, check_provider, refusal
 from fastmim.bench.step import build_bench_run, device_batches
+from fastmim.bench.suite import kernel_bench_scripts, load_make_bench
 from fastmim.config import load_config
 from fastmim.train.trainer import train_step
 
@@ -26,11 +26,8 @@ HERE = Path(__file__).parent
 
 
 def _kernel_benches():
-    for path in sorted(HERE.glob("bench_*.py")):
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        bench = module.make_bench(DEVICE, quick=DEVICE.type == "cpu")
+    for path in kernel_bench_scripts(HERE):
+        bench = load_make_bench(path)(DEVICE, DEVICE.type == "cpu")
         for provider, case, mode in itertools.product(bench.providers, bench.cases[:1], bench.modes):
             yield pytest.param(bench, provider, case, mode, id=f"{bench.name}-{provider}-{mode}")
 

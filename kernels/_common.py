@@ -7,18 +7,22 @@ that makes a launcher a torch.library op.
   kernel module is imported (not when a kernel runs), and triton.language's own jit helpers (``tl.zeros``,
   ``tl.sum``) when triton is first imported: both must be interpreted, so TRITON_INTERPRET=1 must be set before
   triton is imported (tests do this). Fixed at the first import of a kernel module, which imports this one first.
-- ``use_kernel(x)``: a kernel can run on ``x``: CUDA with triton, or CPU with the kernels built for the interpreter.
+- ``use_kernel(x)``: a kernel can run on ``x``: CUDA with triton, or CPU with the kernels built for the interpreter
+  (or any tensor while launches are recorded).
 - ``autotune_configs``: an autotune list that collapses to one config under the interpreter.
 - ``kernel_op`` and ``wrap_triton``: a launcher (check, allocate, launch) registered as a custom op whose fake
   implementation is the launcher itself, so that no output shape or dtype is written twice (below).
+- ``record_launches``: the launches a computation makes, recorded instead of run, on fake tensors and without a GPU
+  (what ``fastmim bench kernels --static`` compiles: every launch of a training step, with no list kept by hand).
 """
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import types
-from collections.abc import Callable, Sequence
-from typing import Any, get_type_hints
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple, get_type_hints
 
 import torch
 from torch import Tensor
@@ -37,8 +41,9 @@ INTERPRETED = interpreter_enabled() and tl is not None and not isinstance(tl.zer
 
 
 def use_kernel(x: Tensor) -> bool:
-    """Whether a kernel can run on ``x``: CUDA with triton, or CPU with the kernels built for the interpreter."""
-    return can_run_on(x) and (x.is_cuda or INTERPRETED)
+    """Whether a kernel can run on ``x``: CUDA with triton, or CPU with the kernels built for the interpreter; within
+    :func:`record_launches`, any tensor (its launches are recorded, never run)."""
+    return _recorded is not None or (can_run_on(x) and (x.is_cuda or INTERPRETED))
 
 
 def autotune_configs(
@@ -72,7 +77,9 @@ class _Launcher:
 
     def __getitem__(self, grid: Any) -> Callable[..., None]:
         def launch(**arguments: Any) -> None:
-            if not any(isinstance(a, Tensor) and traced(a) for a in arguments.values()):
+            if _recorded is not None:
+                _recorded.append(KernelLaunch(self.kernel, grid, arguments))
+            elif not any(isinstance(a, Tensor) and traced(a) for a in arguments.values()):
                 self.kernel[grid](**arguments)
             elif not INTERPRETED:
                 torch.library.wrap_triton(self.kernel)[grid](**arguments)
@@ -82,9 +89,10 @@ class _Launcher:
 
 def wrap_triton(kernel: Any) -> _Launcher:
     """``wrap_triton(kernel)[grid](name=value, ...)`` launches ``kernel`` from a launcher that is also an op (keyword
-    arguments only, so that no launch depends on counting positions). On real or meta tensors the kernel runs (or
-    static analysis catches the launch); on fake tensors torch.library.wrap_triton records the launch in the graph
-    torch is tracing, and under the interpreter, whose kernels no graph can hold, nothing happens. Named as torch's
+    arguments only, so that no launch depends on counting positions). Within :func:`record_launches` the launch is
+    recorded and nothing runs; otherwise on real tensors the kernel runs, on fake tensors torch.library.wrap_triton
+    records the launch in the graph torch is tracing, and under the interpreter, whose kernels no graph can hold,
+    nothing happens. Every launch goes through it, so that :func:`record_launches` sees it. Named as torch's
     function on purpose: torch.library.triton_op finds an op's kernels by that name in its source (its compile cache
     is keyed on their code)."""
     return _Launcher(kernel)
@@ -123,3 +131,35 @@ def kernel_op(
 
         op.register_autograd(grads, setup_context=setup)
     return op
+
+
+# ----------------------------------------------------------------------------------------------- recording launches
+
+
+class KernelLaunch(NamedTuple):
+    """One launch as a launcher made it: ``kernel`` (a JITFunction, or an Autotuner around one), ``grid`` (a tuple,
+    or a function of the launch's meta-parameters) and ``arguments`` by name (tensors as the launcher passed them:
+    fake ones carry only shapes, strides and dtypes)."""
+
+    kernel: Any
+    grid: Any
+    arguments: dict[str, Any]
+
+
+_recorded: list[KernelLaunch] | None = None  # the launches recorded so far, within record_launches()
+
+
+@contextlib.contextmanager
+def record_launches() -> Iterator[list[KernelLaunch]]:
+    """Within the block, every op takes its kernel path on any tensor (``use_kernel``) and every launch through
+    :func:`wrap_triton` is appended to the yielded list instead of running. Run a computation on fake tensors
+    (``torch._subclasses.FakeTensorMode``) inside it to learn, without a GPU, which kernels a CUDA run of it launches
+    with which arguments: the launchers' own checks, allocations, block sizes and grids decide them, as on a GPU."""
+    global _recorded
+    if _recorded is not None:
+        raise RuntimeError("record_launches() is already recording: blocks do not nest")
+    _recorded = []
+    try:
+        yield _recorded
+    finally:
+        _recorded = None

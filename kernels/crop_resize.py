@@ -39,7 +39,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._common import autotune_configs, tl, triton
+from ._common import autotune_configs, tl, triton, wrap_triton
 from ._common import use_kernel as _use_kernel  # a module global, so that tests can turn the kernel path off
 
 PRECISION_BITS = 22  # Pillow's fixed point for 8-bit images: 32 bits - 8 (pixel) - 2 (overshoot of the filter)
@@ -280,7 +280,7 @@ def _launch(
     layout = to_device_async(layout, data.device)
     t = torch.empty(b, rows, size, 3, dtype=torch.uint8, device=data.device)
     flip8 = to_device_async(flips.to(torch.uint8), data.device)
-    _resize_rows_kernel[lambda meta: (b, triton.cdiv(rows * size * 3, meta["BLOCK"]))](
+    wrap_triton(_resize_rows_kernel)[lambda meta: (b, triton.cdiv(rows * size * 3, meta["BLOCK"]))](
         img_ptr=data,
         layout_ptr=layout,
         top_ptr=top.contiguous(),
@@ -293,7 +293,7 @@ def _launch(
         TAPS=kx.shape[-1],
         COL_STRIDE=col_stride,
     )
-    _resize_cols_kernel[lambda meta: (b, triton.cdiv(3 * size * size, meta["BLOCK"]))](
+    wrap_triton(_resize_cols_kernel)[lambda meta: (b, triton.cdiv(3 * size * size, meta["BLOCK"]))](
         t_ptr=t,
         y0_ptr=y0.contiguous(),
         ky_ptr=ky.contiguous(),

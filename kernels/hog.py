@@ -397,7 +397,7 @@ def hog_fwd(
             "on the image's device; got "
             f"{img.dtype}, out {out_dtype}, cells {list(cell_sizes)}: use hog() or hog_ref for this configuration"
         )
-    if not (_use_kernel(img) or img.is_meta):  # meta: shapes only, a launch traced for its static report
+    if not _use_kernel(img):
         raise ValueError(
             f"no Triton kernel can run on a {img.device.type} tensor here: use CUDA, or set TRITON_INTERPRET=1 before "
             "triton is imported"

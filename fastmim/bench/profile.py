@@ -1,12 +1,13 @@
 """``fastmim profile``: a torch.profiler trace of a few training steps and a per-stage time table.
 
 The profiled steps are the trainer's own (:func:`fastmim.train.trainer.train_step` on the run its builder makes).
-Stages are marked without touching the model: forward hooks open a ``stage::<name>`` profiler range around the
-modules of each stage (patch embed, encoder blocks, decoders, heads, targets); the rest of the model's forward
-(masking, loss) falls in "loss + masking"; the step's data and optimizer stages get their own ranges (through its
-``stage`` hook). Every profiled op is charged to the innermost stage range above it. Backward ops carry the sequence
-number of the forward op that created them, so each is charged to that forward op's stage (shown in the "bwd"
-column).
+Stages are profiler ranges (``fastmim.models.base.stage_range``): forward hooks open one around the modules of each
+stage (patch embed, encoder blocks, decoders, heads, targets); the parts of the model that run as functions (impl
+"fast": the fused patch embed, the grouped decoders, the heads with the fused loss) open their own; the rest of the
+model's forward (masking, loss) falls in "loss + masking"; the step's data and optimizer stages get their own ranges
+(through its ``stage`` hook). Every profiled op is charged to the innermost stage range above it. Backward ops carry
+the sequence number of the forward op that created them, so each is charged to that forward op's stage (shown in the
+"bwd" column).
 
 Outputs: ``<out>/trace.json`` (open in chrome://tracing or Perfetto), ``<out>/stages.txt`` and ``<out>/ops.txt``
 (top ops by self time), and the same two tables on stdout. Times are device self-times on CUDA, CPU self-times on CPU.
@@ -22,10 +23,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.profiler import ProfilerActivity, profile, record_function
+from torch.profiler import ProfilerActivity, profile
 
 from fastmim import files
 from fastmim.config import Config
+from fastmim.models.base import STAGE_RANGE, stage_range
 from fastmim.train.build import resolve_device
 from fastmim.train.trainer import train_step
 
@@ -41,8 +43,8 @@ STAGE_PREFIXES = (
     ("decoders", ("decoder", "decoders")),
 )
 OTHER = "loss + masking"
-# The profiler range of each stage of the training step; its backward needs none (see stage_table).
-STEP_RANGES = {"data": "stage::data", "forward": f"stage::{OTHER}", "optimizer": "stage::optimizer"}
+# The stage of each part of the training step (its ranges); its backward needs none (see stage_table).
+STEP_STAGES = {"data": "data", "forward": OTHER, "optimizer": "optimizer"}
 
 
 def stage_of(name: str) -> str | None:
@@ -56,12 +58,12 @@ def stage_of(name: str) -> str | None:
 
 @contextlib.contextmanager
 def stage_hooks(model: nn.Module) -> Iterator[None]:
-    """Forward hooks that wrap each stage's outermost modules in a ``stage::<name>`` record_function range."""
+    """Forward hooks that wrap each stage's outermost modules in the stage's profiler range."""
     handles = []
 
     def opener(stage: str):
         def pre(module: nn.Module, args: Any) -> None:
-            module._fastmim_range = record_function(f"stage::{stage}")
+            module._fastmim_range = stage_range(stage)
             module._fastmim_range.__enter__()
 
         return pre
@@ -86,38 +88,6 @@ def stage_hooks(model: nn.Module) -> Iterator[None]:
             h.remove()
 
 
-# Parts of the model that run as functions rather than modules: (module, function name, stage).
-FAST_PATH_FUNCTIONS = (
-    ("fastmim.models.vit", "visible_tokens", "patch embed"),  # patch embed + gather (fused under impl "fast")
-    ("fastmim.models.localmim", "decode_grouped", "decoders"),  # fused decoder input, grouped decoder blocks
-    ("fastmim.models.localmim", "heads_and_loss", "heads"),  # heads on the masked cells + the fused loss kernel
-)
-
-
-@contextlib.contextmanager
-def function_ranges(functions=FAST_PATH_FUNCTIONS) -> Iterator[None]:
-    """While profiling, wrap the fast path's functions in ``stage::<name>`` ranges, as the hooks do for modules
-    (the model calls them through module attributes, so replacing the attribute reaches every call)."""
-    import importlib
-
-    saved = []
-    for module_name, name, stage in functions:
-        module = importlib.import_module(module_name)
-        original = getattr(module, name)
-
-        def ranged(*args, _fn=original, _stage=stage, **kwargs):
-            with record_function(f"stage::{_stage}"):
-                return _fn(*args, **kwargs)
-
-        saved.append((module, name, original))
-        setattr(module, name, ranged)
-    try:
-        yield
-    finally:
-        for module, name, original in saved:
-            setattr(module, name, original)
-
-
 def _enclosing(event, prefix: str):
     while event is not None and not event.name.startswith(prefix):
         event = event.cpu_parent
@@ -132,19 +102,19 @@ def stage_table(events, use_device: bool) -> list[dict[str, Any]]:
     seq_stage: dict[int, str] = {}
     for e in sorted(events, key=lambda e: e.time_range.start):
         if e.sequence_nr >= 0 and not e.name.startswith("autograd::engine"):
-            marker = _enclosing(e, "stage::")
+            marker = _enclosing(e, STAGE_RANGE)
             if marker is not None:
-                seq_stage[e.sequence_nr] = marker.name.removeprefix("stage::")
+                seq_stage[e.sequence_nr] = marker.name.removeprefix(STAGE_RANGE)
     totals: dict[str, dict[str, float]] = defaultdict(lambda: {"fwd": 0.0, "bwd": 0.0, "other": 0.0})
     for e in events:
-        if e.name.startswith("stage::") or e.name.startswith("ProfilerStep"):
+        if e.name.startswith((STAGE_RANGE, "ProfilerStep")):
             continue
         backward = _enclosing(e, "autograd::engine::evaluate_function")
         if backward is not None:
             totals[seq_stage.get(backward.sequence_nr, "backward (unattributed)")]["bwd"] += time_of(e)
             continue
-        marker = _enclosing(e, "stage::")
-        stage = marker.name.removeprefix("stage::") if marker is not None else "unattributed"
+        marker = _enclosing(e, STAGE_RANGE)
+        stage = marker.name.removeprefix(STAGE_RANGE) if marker is not None else "unattributed"
         kind = "other" if stage in ("data", "optimizer", "unattributed") else "fwd"
         totals[stage][kind] += time_of(e)
     total = sum(sum(v.values()) for v in totals.values()) or 1.0
@@ -163,7 +133,7 @@ def stage_table(events, use_device: bool) -> list[dict[str, Any]]:
 
 
 def _step_range(stage: str) -> contextlib.AbstractContextManager:
-    return record_function(STEP_RANGES[stage]) if stage in STEP_RANGES else contextlib.nullcontext()
+    return stage_range(STEP_STAGES[stage]) if stage in STEP_STAGES else contextlib.nullcontext()
 
 
 def run_profile(cfg: Config, steps: int, warmup: int, out_dir: Path, top: int = 25, log=print) -> dict[str, Any]:
@@ -174,10 +144,7 @@ def run_profile(cfg: Config, steps: int, warmup: int, out_dir: Path, top: int = 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     t = cfg.train
     schedule = torch.profiler.schedule(wait=0, warmup=warmup, active=steps, repeat=1)
-    ranges = contextlib.ExitStack()
-    ranges.enter_context(stage_hooks(run.model))
-    ranges.enter_context(function_ranges())
-    with ranges, profile(activities=activities, schedule=schedule, acc_events=True) as prof:
+    with stage_hooks(run.model), profile(activities=activities, schedule=schedule, acc_events=True) as prof:
         for _ in range(warmup + steps):
             train_step(run, batches, stage=_step_range)
             prof.step()

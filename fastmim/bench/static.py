@@ -1,23 +1,25 @@
 """Static kernel report: every Triton kernel fastmim launches, compiled ahead of time for sm_80 and sm_90 on a
 machine without a GPU (``fastmim bench kernels --static``).
 
-What is compiled. Each shipped pre-training recipe (plus ViT-S on the ViT-B recipe) is turned into the kernel
-launches its ``model.impl = "fast"`` training step makes under bf16 autocast (HOG targets, encoder gather, decoder
-scatter, the fused loss, forward and backward) and those of ``data.augment = "gpu"`` (crop-resize of an
-ImageNet-like padded batch: stored images up to 500 px, crops up to 410 x 500). The launchers themselves run, on
-meta tensors of the real shapes and dtypes, so their block sizes and argument values are the ones a GPU run uses;
-the launch is caught before it reaches a driver. An autotuned kernel contributes every config its autotuner keeps
+What is compiled. For each shipped pre-training recipe (plus ViT-S on the ViT-B recipe), the launches its training
+step makes with ``model.impl = "fast"``: the recipe's model runs one forward and backward on fake tensors of the
+recipe's batch and image size, under the recipe's GPU autocast, inside ``fastmim.kernels._common.record_launches``,
+which records every kernel launch (kernel, grid, arguments) instead of running it. So the model's own code decides
+which kernels run and the launchers' own code their block sizes and arguments, as on a GPU: no list of launches
+is kept here, and a new kernel in the step is in the report without an edit. Also compiled: the launches of
+``data.augment = "gpu"`` (the loader's crop-resize of ImageNet-like images: stored images up to 500 px, crops up
+to 410 x 500, for both ``data.decode`` layouts). An autotuned kernel contributes every config its autotuner keeps
 after pruning. Identical specialisations (same kernel, argument types, constexprs, divisibility attributes and
 config) are compiled once and list every recipe that reaches them.
 
-How. Triton's own binder (``create_function_from_signature`` + ``JITFunction._pack_args``) turns the caught
-arguments into the signature, constexprs and attributes of that launch, and ``triton.compile`` builds it for
-``GPUTarget("cuda", arch, 32)`` down to a cubin with the ptxas shipped inside the triton wheel. Triton reads
-registers and spills from the CUDA driver only, so they come from ``cuobjdump --dump-resource-usage`` on the cubin
-(also shipped with triton): REG = registers per thread; STACK = the stack frame per thread, which in these kernels
-(no local arrays, no calls) holds only spilled registers, reported as spill bytes. Shared memory per block = the
-cubin's static shared memory + the dynamic amount Triton launches with (its scratch for reductions and layout
-conversions).
+How. Triton's own binder (``create_function_from_signature`` + ``JITFunction._pack_args``) turns the recorded
+arguments (tensors as meta tensors of their layout) into the signature, constexprs and attributes of that launch,
+and ``triton.compile`` builds it for ``GPUTarget("cuda", arch, 32)`` down to a cubin with the ptxas shipped inside
+the triton wheel. Triton reads registers and spills from the CUDA driver only, so they come from ``cuobjdump
+--dump-resource-usage`` on the cubin (also shipped with triton): REG = registers per thread; STACK = the stack
+frame per thread, which in these kernels (no local arrays, no calls) holds only spilled registers, reported as
+spill bytes. Shared memory per block = the cubin's static shared memory + the dynamic amount Triton launches with
+(its scratch for reductions and layout conversions).
 
 Occupancy estimate (the CUDA occupancy rules, identical for sm_80 and sm_90 except shared memory): 65,536 registers
 per SM allocated per warp in units of 256 (a warp of r registers per thread takes ceil(32 r / 256) * 256), warps
@@ -35,7 +37,6 @@ when triton is imported, so ``run_in_subprocess`` starts ``python -m fastmim.ben
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import os
 import re
@@ -44,11 +45,15 @@ import sys
 import tempfile
 import time
 import tomllib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from fastmim.config import Config
+    from fastmim.kernels._common import KernelLaunch
 
 ARCHS = (80, 90)
 EXTRA_MODELS = {"vit_small": ("vit_base_1600", ["--model.name=localmim_vit_small_patch16"])}  # no recipe of its own
@@ -104,125 +109,94 @@ def resident_warps(arch: int, registers: int, shared_bytes: int, num_warps: int)
     return blocks * num_warps
 
 
-# ----------------------------------------------------------------------------------------------- catching launches
+# ----------------------------------------------------------------------------------------------- recipes -> launches
 
 
 @dataclass
 class Launch:
-    """One kernel launch as a launcher made it: the JITFunction, its arguments, and the configs it may run with
-    (one for a plain kernel; the autotuner's pruned list for an autotuned one)."""
+    """One distinct launch: the JITFunction, its arguments by name (tensors as meta tensors of the shapes, strides,
+    dtypes and storage offsets the launcher passed), its grid, and the configs it may run with (one for a plain
+    kernel; the autotuner's pruned list for an autotuned one)."""
 
     fn: Any
-    args: tuple
     kwargs: dict[str, Any]
+    grid: Any
     configs: list[dict[str, Any]]
     recipes: list[str] = field(default_factory=list)
 
 
-@contextlib.contextmanager
-def catch_launches() -> Iterator[list[Launch]]:
-    """Within the block, ``kernel[grid](...)`` records a Launch instead of compiling and launching."""
+def _as_meta(value: Any) -> Any:
+    """A tensor argument as a meta tensor of its layout (its address then is its storage offset in bytes, so
+    Triton's alignment specialisation sees a GPU allocation's); anything else as it is."""
+    if not isinstance(value, torch.Tensor):
+        return value
+    extent = value.storage_offset() + 1 + sum((n - 1) * s for n, s in zip(value.shape, value.stride()))
+    base = torch.empty(extent, dtype=value.dtype, device="meta")
+    return base.as_strided(value.shape, value.stride(), value.storage_offset())
+
+
+def as_launch(recorded: KernelLaunch) -> Launch:
+    """A launch recorded by ``fastmim.kernels._common.record_launches`` as this report compiles it."""
     from triton.runtime.autotuner import Autotuner
-    from triton.runtime.jit import JITFunction
 
-    launches: list[Launch] = []
-
-    def jit_run(self, *args, grid, warmup, **kwargs):
-        launches.append(Launch(self, args, kwargs, [{}]))
-
-    def autotuned_run(self, *args, grid=None, warmup=False, **kwargs):
-        self.nargs = dict(zip(self.arg_names, args))  # what prune_configs reads, as Autotuner.run sets it
-        configs = [c.all_kwargs() for c in self.prune_configs(kwargs)]
-        launches.append(Launch(self.fn, args, kwargs, configs))
-
-    saved = JITFunction.run, Autotuner.run
-    JITFunction.run, Autotuner.run = jit_run, autotuned_run
-    try:
-        yield launches
-    finally:
-        JITFunction.run, Autotuner.run = saved
+    kwargs = {name: _as_meta(v) for name, v in recorded.arguments.items()}
+    kernel = recorded.kernel
+    if not isinstance(kernel, Autotuner):
+        return Launch(kernel, kwargs, recorded.grid, [{}])
+    kernel.nargs = kwargs  # what prune_configs reads, as Autotuner.run sets it
+    return Launch(kernel.fn, kwargs, recorded.grid, [c.all_kwargs() for c in kernel.prune_configs(kwargs)])
 
 
-# ----------------------------------------------------------------------------------------------- recipes -> launches
+def step_launches(cfg: Config) -> list[KernelLaunch]:
+    """The launches of one training step of ``cfg``'s model (forward and backward, as the recipe's ``model.impl``
+    computes them) at the recipe's batch and image size, recorded on fake tensors (no memory, no GPU): the model's
+    own code decides which kernels run with which arguments. The autocast is the recipe's on a GPU, with CPU
+    autocast standing in for CUDA's (fake tensors live on the CPU; CUDA's autocast refuses to start without a GPU):
+    the ops whose outputs reach a kernel, matmuls and linear layers, give the autocast dtype under both."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
 
+    from fastmim.kernels._common import record_launches
+    from fastmim.models.registry import model_from_config
+    from fastmim.train.build import amp_dtype
 
-def _meta(*shape: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, device="meta")
-
-
-def _index(*shape: int) -> torch.Tensor:
-    return _meta(*shape, dtype=torch.int64)
-
-
-MATMUL = torch.bfloat16  # the recipes' autocast dtype: what the patch-embed, decoder-embed and head matmuls produce
-
-
-def _launch_hog(model, batch: int, side: int) -> None:
-    from fastmim.kernels import hog
-    from fastmim.targets import HOGTarget
-
-    if isinstance(model.target, HOGTarget):
-        bias = None if model.target.bias is None else _meta(len(model.cell_sizes), 2)
-        hog.hog_fwd(_meta(batch, 3, side, side), model.cell_sizes, model.target.nbins, bias)
-
-
-def _launch_vit(model, b: int, side: int) -> None:
-    """LocalMIM ViT, impl fast: HOG targets, encoder input, decoder input of the 4 grouped decoders, fused loss."""
-    from fastmim.kernels import masked_gather, recon_loss
-    from fastmim.masking import num_kept
-
-    _launch_hog(model, b, side)
-    grid, length = model.encoder.grid, model.encoder.num_patches
-    keep = num_kept(length, model.mask_ratio)
-    weight = model.encoder.patch_embed.proj.weight
-    d, kp, p = weight.shape[0], weight[0].numel(), weight.shape[-1]
-    imgs = _meta(b, 3, side, side)
-    _, patches = masked_gather.encoder_input_fwd(
-        imgs, _index(b, keep), _meta(d, kp, dtype=MATMUL), _meta(d), _meta(1 + length, d), _meta(d), p
-    )
-    masked_gather.encoder_input_bwd(_meta(b, 1 + keep, d), patches)
-    g, c = len(model.decoders), model.decoders[0].mask_token.shape[-1]
-    masked_gather.decoder_input_fwd(
-        _meta(g, b, 1 + keep, c, dtype=MATMUL), _index(b, length), _meta(g, c), _meta(g, 1 + length, c)
-    )
-    masked_gather.decoder_input_bwd(_meta(g, b, 1 + length, c), _index(b, length), keep, MATMUL)
-    n, n_grp = length - keep, min((grid // 2) ** 2, length - keep)  # fastmim.models.fast_heads.select_cells
-    _launch_loss(recon_loss.SUBS, model.target.out_dims, b, grid, n, n_grp)
-
-
-def _launch_swin(model, batch: int, side: int) -> None:
-    """LocalMIM-Swin, impl fast: HOG targets (HOG recipes) and the fused loss on the masked units' cells."""
-    from fastmim.models.swin import num_masked_units
-
-    _launch_hog(model, batch, side)
-    units = model.encoder.units_per_side
-    n = num_masked_units(units * units, model.mask_ratio, model.mask_rule)
-    _launch_loss(model.tokens_per_unit, model.target.out_dims, batch, units, n, 0)
-
-
-def _launch_loss(subs: Sequence[int], channels: Sequence[int], b: int, grid: int, n: int, n_grp: int) -> None:
-    from fastmim.kernels import recon_loss
-
-    shapes = [recon_loss.compact_shape(s, b, n, n_grp) for s in subs]
-    preds = [_meta(*s, c, dtype=MATMUL) for s, c in zip(shapes, channels)]
-    cells = [(grid * s) ** 2 if s else (grid // 2) ** 2 for s in subs]
-    targets = [_meta(b, m, c) for m, c in zip(cells, channels)]
-    mask = _meta(b, grid * grid)
-    _, res = recon_loss.recon_loss_fwd(preds, targets, mask, _index(b, n), _index(b, n_grp), grid, True, subs)
-    recon_loss.recon_loss_bwd(res, _meta(4), mask, [p.numel() for p in preds], list(channels), subs)
+    side, batch = cfg.model.resolved_img_size, cfg.train.batch_size
+    with torch.device("meta"):
+        model = model_from_config(cfg.model)  # no initialisation: values are never read
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model.to_empty(device="cpu")
+        images = torch.empty(batch, 3, side, side)
+    noise = torch.rand(batch, model.num_patches)  # a real host tensor: the masks (host-planned for Swin) are real
+    amp = amp_dtype(cfg.train.precision, torch.device("cuda"))
+    with record_launches() as launches, torch.autocast("cpu", dtype=amp, enabled=amp is not None):
+        model(images, noise).loss.backward()
+    return launches
 
 
 # ImageNet-like crops for data.augment=gpu: stored images up to 500 px (most ImageNet images are 500 px on the long
-# side), RandomResizedCrop boxes (top, left, height, width) padded into one batch; the largest sets the tap count.
+# side), RandomResizedCrop boxes (top, left, height, width) inside them; the largest sets the tap count.
+IMAGE_SIDE = 500
 CROP_BOXES = ((0, 0, 375, 500), (0, 0, 333, 250), (0, 0, 180, 201), (0, 0, 410, 337))
 
 
-def _launch_crop_resize(size: int, batch: int) -> None:
-    from fastmim.kernels import crop_resize
+def augment_launches(size: int, batch: int) -> list[KernelLaunch]:
+    """The launches of data.augment=gpu's batch finish (``MIMLoader.finish``: ``crop_resize_packed``) on a batch of
+    ImageNet-like images as the data workers pack them: each crop's own pixels, channels last (data.decode=cpu), or
+    each whole decoded image, channels first, with its box (data.decode=gpu)."""
+    from fastmim.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+    from fastmim.kernels._common import record_launches
+    from fastmim.kernels.crop_resize import crop_resize_packed
 
     boxes = torch.tensor(CROP_BOXES * math.ceil(batch / len(CROP_BOXES)))[:batch]
-    images = _meta(batch, 500, 500, 3, dtype=torch.uint8)
-    crop_resize.crop_resize_fwd(images, boxes, torch.zeros(batch, dtype=torch.bool), size, (0.5,) * 3, (0.25,) * 3)
+    flips = torch.zeros(batch, dtype=torch.bool)
+    crops = torch.cat([torch.zeros_like(boxes[:, 2:]), boxes[:, 2:]], dim=1)
+    images = torch.tensor([[IMAGE_SIDE, IMAGE_SIDE]]).expand(batch, 2)
+    with record_launches() as launches:
+        for shapes, inside, channels_last in ((boxes[:, 2:], crops, True), (images, boxes, False)):
+            sizes = shapes.prod(1) * 3
+            offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)[:-1]])
+            pixels = torch.empty(int(sizes.sum()), dtype=torch.uint8, device="meta")
+            crop_resize_packed(pixels, offsets, shapes, inside, flips, size, IMAGENET_MEAN, IMAGENET_STD, channels_last)
+    return launches
 
 
 def recipe_targets() -> dict[str, tuple[str, list[str]]]:
@@ -239,7 +213,6 @@ def recipe_targets() -> dict[str, tuple[str, list[str]]]:
 def recipe_launches(labels: Sequence[str]) -> list[Launch]:
     """The distinct launches (with every recipe that reaches each) of the named recipe targets."""
     from fastmim.config import load_config
-    from fastmim.models.registry import model_from_config, name_is_localmim, name_is_swin
 
     targets = recipe_targets()
     unknown = sorted(set(labels) - set(targets))
@@ -249,18 +222,11 @@ def recipe_launches(labels: Sequence[str]) -> list[Launch]:
     for label in labels:
         recipe, overrides = targets[label]
         cfg = load_config(recipe, [*overrides, "--model.impl=fast", "--model.attn=sdpa"])
-        with torch.device("meta"):
-            model = model_from_config(cfg.model)
-        side, batch = cfg.model.resolved_img_size, cfg.train.batch_size
-        with catch_launches() as caught:
-            if name_is_swin(cfg.model.name):
-                _launch_swin(model, batch, side)
-            elif name_is_localmim(cfg.model.name):
-                _launch_vit(model, batch, side)
-            _launch_crop_resize(side, batch)  # every model: data.augment=gpu
-        for launch in caught:
-            key = specialisation_key(launch)
-            distinct.setdefault(key, launch).recipes.append(label)
+        recorded = step_launches(cfg) + augment_launches(cfg.model.resolved_img_size, cfg.train.batch_size)
+        for launch in map(as_launch, recorded):
+            reached = distinct.setdefault(specialisation_key(launch), launch).recipes
+            if label not in reached:  # a recipe may make the same launch twice
+                reached.append(label)
     return list(distinct.values())
 
 
@@ -277,7 +243,7 @@ def _specialise(launch: Launch, config: dict[str, Any], arch: int):
     backend = make_backend(target)
     kwargs = {**launch.kwargs, **config}
     binder = create_function_from_signature(launch.fn.signature, launch.fn.params, backend)
-    bound, specialization, options = binder(*launch.args, **kwargs)
+    bound, specialization, options = binder(**kwargs)
     options, signature, constexprs, attrs = launch.fn._pack_args(backend, kwargs, bound, specialization, options)
     return target, signature, constexprs, attrs, options
 

@@ -12,6 +12,7 @@ only with the fused loss. Setting ``model.impl`` sets it on all of them: it is t
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -75,6 +76,20 @@ def make_masking(imgs: Tensor, num_patches: int, mask_ratio: float, noise: Tenso
     elif noise.shape != (imgs.shape[0], num_patches):
         raise ValueError(f"noise must have shape [B, L] = {[imgs.shape[0], num_patches]}, got {list(noise.shape)}")
     return random_masking(noise.to(imgs.device), mask_ratio)
+
+
+# The profiler ranges that name the stages of a training step: `fastmim profile` charges every op (and its backward) to
+# the innermost one around it. Modules are put in their stage from outside (fastmim.bench.profile's forward hooks);
+# the parts of a step that run as functions mark their stage themselves, with stage_range.
+STAGE_RANGE = "stage::"
+
+
+def stage_range(stage: str) -> contextlib.AbstractContextManager:
+    """The profiler range of one stage of the step (``stage::<stage>``); none under torch.compile, which drops such
+    ranges from its graphs anyway."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch.profiler.record_function(STAGE_RANGE + stage)
 
 
 # Kernel modules are imported when first used, not with fastmim: importing one imports triton, which decides once

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmim.models.base import recon_loss_ops
+from fastmim.models.base import recon_loss_ops, stage_range
 from fastmim.models.decoder import ScaleHead
 from fastmim.models.vit import LN_EPS
 
@@ -149,7 +149,8 @@ def heads_and_loss(
     """The four heads at the cells that reach the loss and the fused masked MSE (``fastmim.kernels.recon_loss``,
     its reference where no kernel can run): (predictions, per-scale losses), equal to ScaleHead + masked_mse with
     scale_weights up to float rounding. tokens[k] [B, L, C]; targets[k] [B, N_k, out_k]; mask [B, L]."""
-    sel = select_cells(mask, grid, num_masked)
-    compact = [predict_cells(head, x, sel) for head, x in zip(heads, tokens)]
-    losses = recon_loss_ops().recon_loss(compact, list(targets), mask, sel.idx, sel.gidx, grid)
-    return ScatteredPredictions(compact, sel, grid), list(losses.unbind())
+    with stage_range("heads"):  # the heads and the fused loss
+        sel = select_cells(mask, grid, num_masked)
+        compact = [predict_cells(head, x, sel) for head, x in zip(heads, tokens)]
+        losses = recon_loss_ops().recon_loss(compact, list(targets), mask, sel.idx, sel.gidx, grid)
+        return ScatteredPredictions(compact, sel, grid), list(losses.unbind())

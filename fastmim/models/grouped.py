@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastmim.models.base import stage_range
 from fastmim.models.decoder import MaskedDecoder, decoder_input
 from fastmim.models.vit import Block, multi_head_attention
 
@@ -53,11 +54,13 @@ def decode_grouped(
     """``[decoders[k](norms[k](feats[k]), ids_restore) for k ...]`` (each [B, L, C]) as one grouped computation;
     feats[k] [B, 1 + K, D]. ``block``: the model's GroupedBlock (compiled or not)."""
     _check_groupable(decoders)
-    x = decoder_input(decoders, torch.stack([d.embed(n(f)) for d, n, f in zip(decoders, norms, feats)]), ids_restore)
-    for i in range(len(decoders[0].blocks)):
-        x = block([d.blocks[i] for d in decoders], x)
-    # The final norms stay per decoder: each reads its contiguous x[g] once, no stacked affine pass.
-    return [d.norm(x[g])[:, 1:] for g, d in enumerate(decoders)]
+    with stage_range("decoders"):
+        y = torch.stack([d.embed(n(f)) for d, n, f in zip(decoders, norms, feats)])
+        x = decoder_input(decoders, y, ids_restore)
+        for i in range(len(decoders[0].blocks)):
+            x = block([d.blocks[i] for d in decoders], x)
+        # The final norms stay per decoder: each reads its contiguous x[g] once, no stacked affine pass.
+        return [d.norm(x[g])[:, 1:] for g, d in enumerate(decoders)]
 
 
 def _check_groupable(decoders: Sequence[MaskedDecoder]) -> None:

@@ -19,7 +19,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fastmim.config import ModelConfig, choices
 from fastmim.masking import Masking
-from fastmim.models.base import masked_gather_ops
+from fastmim.models.base import masked_gather_ops, stage_range
 
 LN_EPS = 1e-6
 
@@ -232,4 +232,5 @@ def visible_tokens(encoder: MaskedViTEncoder, imgs: Tensor, ids_keep: Tensor) ->
     ops = masked_gather_ops()
     op = ops.encoder_input if encoder.impl == "fast" else ops.encoder_input_ref
     proj = encoder.patch_embed.proj
-    return op(imgs, ids_keep, proj.weight, proj.bias, encoder.pos_embed, encoder.cls_token)
+    with stage_range("patch embed"):  # patch embed + gather, fused under impl "fast"
+        return op(imgs, ids_keep, proj.weight, proj.bias, encoder.pos_embed, encoder.cls_token)

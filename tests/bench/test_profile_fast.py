@@ -1,18 +1,23 @@
 """`fastmim profile` attributes the fast path's function-level stages (not only modules) to their stages."""
 
-from fastmim.bench.profile import FAST_PATH_FUNCTIONS, function_ranges
+import torch
+from torch.profiler import ProfilerActivity, profile
+
 from fastmim.cli import main
-from fastmim.models import vit
+from fastmim.config import load_config
+from fastmim.models.base import STAGE_RANGE
+from fastmim.models.registry import model_from_config
 
 TINY = ["--model.img_size=32", "--model.decoder_dim=32", "--data.num_images=16", "--train.batch_size=4"]
 
 
-def test_function_ranges_wrap_and_restore():
-    original = vit.visible_tokens
-    with function_ranges():
-        assert vit.visible_tokens is not original
-    assert vit.visible_tokens is original
-    assert {stage for *_, stage in FAST_PATH_FUNCTIONS} == {"patch embed", "decoders", "heads"}
+def test_the_fast_path_opens_the_ranges_of_its_function_stages_itself():
+    """No hooks and no patching: the parts of impl "fast" that run as functions mark their stages in the model."""
+    model = model_from_config(load_config(None, [*TINY, "--model.impl=fast"]).model)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model(torch.randn(2, 3, 32, 32)).loss.backward()
+    ranges = {e.name.removeprefix(STAGE_RANGE) for e in prof.events() if e.name.startswith(STAGE_RANGE)}
+    assert ranges == {"patch embed", "decoders", "heads"}
 
 
 def test_fast_impl_profile_charges_the_fused_ops_to_their_stages(tmp_path):

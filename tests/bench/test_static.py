@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from fastmim.bench.static import SM_LIMITS, resident_warps
+from fastmim.bench.static import SM_LIMITS, resident_warps, step_launches
 from fastmim.cli import main
+from fastmim.config import load_config
 
 # The 224 px pre-training recipes (vit_base_100 / swin_large_800 compile to the same launches as vit_base_1600 /
 # swin_base_hog_400 and cost nothing extra); the CPU debug recipe and ViT-S (no recipe of its own) are slow.
@@ -84,8 +85,38 @@ def test_every_kernel_at_the_recipes_shapes_compiles_without_spills(tmp_path, tr
     loss = [r for r in rows if r["kernel"] == "_recon_loss_fwd_kernel" and r["arch"] == "sm_90"]
     assert len({r["recipes"] for r in loss}) == 4  # ViT-B, ViT-L, Swin HOG, Swin pixel
     assert all(r["registers"] <= 128 and r["warps_per_sm"] >= 16 for r in loss), loss
+    # MAE's 512-wide decoder input, which no hand-kept list of launches had
+    mae = {r["kernel"] for r in rows if "mae_vit_base_1600" in r["recipes"].split(",") and "512" in r["config"]}
+    assert mae == {"_decoder_input_fwd_kernel", "_decoder_input_bwd_kernel"}
     table = capfd.readouterr().out
     assert "warps_per_sm" in table and "_hog_fwd_kernel" in table
+
+
+def _name(kernel) -> str:
+    while hasattr(kernel, "fn"):  # Autotuner -> JITFunction -> the Python function
+        kernel = kernel.fn
+    return kernel.__name__
+
+
+@pytest.mark.parametrize(
+    "recipe, kernels",
+    [
+        (
+            "mae_vit_base_1600",
+            ["_patch_gather", "_encoder_epilogue", "_decoder_input_fwd", "_decoder_input_bwd", "_encoder_input_bwd"],
+        ),
+        ("swin_base_hog_400", ["_hog_fwd", "_recon_loss_fwd", "_recon_loss_bwd"]),
+    ],
+)
+def test_the_report_takes_its_launches_from_the_models_training_step(recipe, kernels):
+    """The launches are the model's own, forward then backward, recorded on fake tensors at the recipe's shapes."""
+    cfg = load_config(recipe, ["--model.impl=fast", "--model.attn=sdpa", "--train.batch_size=2"])
+    launches = step_launches(cfg)
+    assert [_name(launch.kernel) for launch in launches] == [f"{k}_kernel" for k in kernels]
+    if recipe.startswith("mae"):  # the decoder input of MAE's 512-wide decoder, its image at 224 px
+        assert launches[2].arguments["C"] == 512 and launches[0].arguments["img_ptr"].shape == (2, 3, 224, 224)
+    else:  # Swin-B: 49 units, 37 masked by the released rule; targets and predictions of its 18-bin HOG
+        assert launches[1].arguments["n_sel"] == 37 and launches[1].arguments["C0"] == 54
 
 
 @pytest.mark.slow

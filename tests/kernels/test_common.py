@@ -48,6 +48,24 @@ def test_a_launcher_on_fake_tensors_allocates_its_outputs_and_runs_no_kernel():
         assert (f.shape, f.dtype, f.device) == (r.shape, r.dtype, r.device)
 
 
+def test_recorded_launches_run_nothing_and_carry_what_a_launch_passes():
+    """Within record_launches every op takes its kernel path, also where no kernel could run (a fake tensor), and
+    each launch is recorded, not run: what fastmim bench kernels --static compiles."""
+    mask = torch.tensor([[0.0, 1, 0, 1], [1, 0, 1, 0]])
+    idx, gidx = torch.tensor([[1, 3], [0, 2]]), torch.tensor([[0], [0]])
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        preds = [mode.from_tensor(torch.randn(*s, 3)).requires_grad_() for s in ((2, 2, 16), (2, 2, 4), (2, 2), (2, 1))]
+    targets = [torch.randn(2, n, 3) for n in (64, 16, 4, 1)]
+    with _common.record_launches() as launches:
+        assert _common.use_kernel(torch.zeros(1, device="meta"))
+        rl.recon_loss(preds, targets, mask, idx, gidx, 2).sum().backward()
+    assert [launch.kernel.fn.__name__ for launch in launches] == ["_recon_loss_fwd_kernel", "_recon_loss_bwd_kernel"]
+    fwd = launches[0].arguments
+    assert fwd["n_sel"] == 2 and fwd["p0"].shape == (2, 2, 16, 3) and _common.traced(fwd["p0"])
+    assert fwd["BLOCK_C"] == 4 and launches[0].grid == (fwd["end2"] + 1,)
+    assert not _common.use_kernel(torch.zeros(1, device="meta"))  # recording ends with the block
+
+
 TRACED_OPS = r"""
 import json, torch, triton
 from triton.backends.compiler import GPUTarget
