@@ -165,7 +165,8 @@ def write_checkpoint(state: dict[str, Any], path: str | Path, loss: float | None
         tmp, digest = _write_temp(state, path)
         try:
             record = {"format": RECORD_FORMAT, **digest, "step": state.get("step"), "loss": _finite_or_none(loss)}
-            if path.exists() and (replaced := read_record(path)) is not None:
+            if path.exists():  # a file written before records (or copied without one) is hashed once, here
+                replaced = read_record(path) or file_digest(path)
                 record["previous"] = {"size": replaced["size"], "sha256": replaced["sha256"]}
             files.write_text(record_path(path), json.dumps(record) + "\n")
             files.publish(tmp, path)
@@ -336,8 +337,13 @@ def _check_model_args(obj: dict[str, Any], path: Path) -> None:
 
 
 def _plain(item: tuple[Any, Any]) -> bool:
-    """A create_model keyword argument as a file stores it: a name and a number, string, bool or None."""
-    return isinstance(item[0], str) and (item[1] is None or isinstance(item[1], (bool, int, float, str)))
+    """A create_model keyword argument as a file stores it: a name and a number, string, bool or None, or a tuple
+    or list of those (Swin's per-stage depths and head counts)."""
+    scalar = (bool, int, float, str)
+    value = item[1]
+    if isinstance(value, (tuple, list)):
+        return isinstance(item[0], str) and all(isinstance(v, scalar) for v in value)
+    return isinstance(item[0], str) and (value is None or isinstance(value, scalar))
 
 
 def _check_finetune(obj: dict[str, Any], path: Path) -> None:

@@ -59,7 +59,7 @@ def test_stored_arguments_are_checked(tmp_path):
     cases = {
         "missing": ({}, "lacks a valid 'model_args' entry"),
         "other-name": ({"model_args": {"name": "mae_vit_tiny_patch16", "kwargs": {}}}, "names two models"),
-        "not-plain": ({"model_args": {"name": TINY, "kwargs": {"img_size": [32]}}}, "lacks a valid 'model_args'"),
+        "not-plain": ({"model_args": {"name": TINY, "kwargs": {"img_size": {"px": 32}}}}, "lacks a valid 'model_args'"),
         "newer": ({"version": 3}, "has checkpoint version 3; this fastmim reads versions 1 to 2"),
     }
     for name, (entries, message) in cases.items():
@@ -109,3 +109,15 @@ def test_a_rewritten_file_verifies_as_the_new_or_the_replaced_one(tmp_path):
     write_checkpoint({**_finetune(3.0), "epoch": "0"}, path)
     with pytest.raises(FastmimError, match="lacks a valid 'epoch' entry; give a fine-tuned checkpoint"):
         load_file(path, (FINETUNE_FORMAT,))
+
+
+def test_a_file_written_before_records_is_replaced_safely(tmp_path):
+    """A checkpoint-last.pt written before records existed (no .json): its first rewrite still records it as
+    ``previous``, so a kill between that record and the rename leaves a file that verifies."""
+    path = tmp_path / "checkpoint-last.pt"
+    write_checkpoint(_finetune(1.0), path)
+    old = path.read_bytes()
+    path.with_name(path.name + ".json").unlink()  # as an earlier fastmim left it
+    write_checkpoint(_finetune(2.0), path)
+    path.write_bytes(old)  # the record written, the rename not done
+    assert load_file(path, (FINETUNE_FORMAT,))["best_acc1"] == 1.0
