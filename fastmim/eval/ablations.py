@@ -92,9 +92,12 @@ def variant_config(recipe: str, overrides: list[str], work: Path, holdout: int, 
 
 def run_ablations(recipe: str, overrides: list[str], work: Path, opts: Options, only: str = "") -> dict[str, Any]:
     """Every selected variant not yet in ``work``/state.json (module doc); returns the record."""
+    from fastmim.bench.harness import git_sha
     from fastmim.eval.backbone import load_backbone
     from fastmim.eval.common import resolve_device, write_json
     from fastmim.train import train
+
+    sha = git_sha()  # the code that runs; the tree may change while the ablations run
 
     if opts.holdout < 1:
         raise FastmimError("ablations choose hyper-parameters, so they score held-out train images: give --holdout N.")
@@ -150,6 +153,7 @@ def run_ablations(recipe: str, overrides: list[str], work: Path, opts: Options, 
             "pretrain_s": seconds,
             "loss": summary["final_loss"],
             "load_average": list(os.getloadavg()),
+            "git_sha": sha,
             "config": dump_toml(cfg),
         }
         row.update(_probe(sets, load_backbone(summary["checkpoint"]), size, device, opts, cfg.data.num_workers))
@@ -160,7 +164,7 @@ def run_ablations(recipe: str, overrides: list[str], work: Path, opts: Options, 
     return {
         "bench": "convergence_ablations",
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        **environment(device),
+        **environment(device, sha),
         "data": {f"{size} px": s.description for size, s in sets_by_size.items()},
         "options": dataclasses.asdict(opts) | {"linprobe": list(opts.linprobe), "only": only},
         "baselines": state["baselines"],

@@ -208,15 +208,21 @@ def _probe(sets: ProbeSets, backbone: Any, size: int, device: torch.device, opts
 
 def run_bench(recipe: str, overrides: list[str], work: Path, opts: Options) -> dict[str, Any]:
     """Every phase not yet in ``work``/state.json (module doc); returns the record."""
+    from fastmim.bench.harness import git_sha
     from fastmim.eval.backbone import load_backbone
     from fastmim.eval.common import resolve_device
     from fastmim.train import train
 
+    sha = git_sha()
     cfgs = method_configs(recipe, overrides, work, opts.holdout)
     cfg = cfgs["localmim"]
     size, t = cfg.model.resolved_img_size, cfg.train
     identity = {"configs": {m: dump_toml(c) for m, c in cfgs.items()}, "options": _jsonable(opts)}
     state = State(work, identity)
+    shas = state.data.setdefault("git_shas", [])
+    if not shas or shas[-1] != sha:
+        shas.append(sha)
+        state.save()
     device = resolve_device(t.device, "train.device")
     sets = build_sets(cfg, opts)
     progress(sets.description)
@@ -316,15 +322,16 @@ def _jsonable(opts: Options) -> dict[str, Any]:
     return out
 
 
-def environment(device: torch.device) -> dict[str, Any]:
-    """The record's ``git_sha``, ``machine`` and ``versions`` (shared with ``fastmim bench ablations``)."""
+def environment(device: torch.device, sha: str) -> dict[str, Any]:
+    """The record's ``git_sha`` (``sha``: the commit when the command started, whose code ran; the tree may change
+    while a long bench runs), ``machine`` and ``versions`` (shared with ``fastmim bench ablations``)."""
     import timm
     import torch
 
-    from fastmim.bench.harness import device_name, git_sha
+    from fastmim.bench.harness import device_name
 
     return {
-        "git_sha": git_sha(),
+        "git_sha": sha,
         "machine": {
             "device": device_name(device),
             "platform": platform.platform(),
@@ -344,7 +351,8 @@ def build_record(
     return {
         "bench": "convergence",
         "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        **environment(device),
+        **environment(device, data["git_shas"][-1]),
+        "git_shas": data["git_shas"],  # one per invocation that ran phases of this --work, in order
         "data": sets.description,
         "options": _jsonable(opts),
         "configs": data["identity"]["configs"],

@@ -49,6 +49,7 @@ def test_ablations_score_held_out_train_images_and_continue(tmp_path, monkeypatc
     assert set(record["baselines"]) == {"random@32", "pixels@32"}
     for r in record["variants"]:
         assert 0 <= r["knn"] <= 100 and 0 <= r["linear"] <= 100 and r["pretrain_s"] > 0
+        assert r["git_sha"] == record["git_sha"]
     assert "localmim-pixel" not in capsys.readouterr().out
     # A rerun trains nothing already done.
     calls = []

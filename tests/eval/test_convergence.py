@@ -38,6 +38,7 @@ def test_bench_convergence_writes_a_complete_record_and_continues_where_it_stopp
     assert path.with_suffix(".png").stat().st_size > 0
     record = json.loads(path.read_text())
     assert record["command"].startswith("fastmim bench convergence") and record["git_sha"]
+    assert record["git_shas"] == [record["git_sha"]]  # the commit when it started, once per invocation
     assert {"machine", "versions", "configs", "points", "baselines", "finetune", "eval_seconds"} <= set(record)
     assert "probes fit on 24 train images, scored on 8 (test split)" in record["data"]
     for m in METHODS:
